@@ -1,0 +1,362 @@
+//! Writing and reading the image file: header, page data, metadata, checksums.
+
+use crate::records::Image;
+use stasis_sys::mem::LocalMapping;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+pub const IMAGE_FILE: &str = "stasis.img";
+pub const MAGIC: &[u8; 8] = b"STASISIM";
+pub const FORMAT_VERSION: u32 = 1;
+/// The header occupies the whole first page; page data starts page-aligned after it.
+pub const HEADER_PAGE: u64 = 4096;
+const HEADER_USED: usize = 72;
+const HASH_AT: usize = 64;
+pub const PAGE_BLOCK: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image directory {0} is missing")]
+    DirMissing(PathBuf),
+    #[error("no complete image in {0}: {IMAGE_FILE} is missing (an interrupted dump leaves none)")]
+    NoImage(PathBuf),
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: io::Error },
+    #[error("{0} is not a stasis image (bad magic)")]
+    BadMagic(PathBuf),
+    #[error("{path} has unsupported format version {found} (this stasis reads version {FORMAT_VERSION})")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path} is truncated: {size} bytes, the header says {expected}")]
+    Truncated { path: PathBuf, size: u64, expected: u64 },
+    #[error("{path} is corrupt: checksum mismatch in {what}")]
+    Checksum { path: PathBuf, what: String },
+    #[error("{path} is corrupt: {what}")]
+    Malformed { path: PathBuf, what: String },
+}
+
+/// The fixed header, outside the payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub pages_offset: u64,
+    pub pages_len: u64,
+    pub meta_offset: u64,
+    pub meta_len: u64,
+    pub meta_hash: u64,
+}
+
+impl Header {
+    /// Encodes the whole header page, its hash at bytes 64..72 covering the rest.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_PAGE as usize];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
+        b[12..16].copy_from_slice(&(HEADER_USED as u32).to_le_bytes());
+        // 16..24: flags, zero in version 1.
+        b[24..32].copy_from_slice(&self.pages_offset.to_le_bytes());
+        b[32..40].copy_from_slice(&self.pages_len.to_le_bytes());
+        b[40..48].copy_from_slice(&self.meta_offset.to_le_bytes());
+        b[48..56].copy_from_slice(&self.meta_len.to_le_bytes());
+        b[56..64].copy_from_slice(&self.meta_hash.to_le_bytes());
+        let h = header_hash(&b);
+        b[HASH_AT..HASH_AT + 8].copy_from_slice(&h.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a header page. The version is checked before the hash so that an
+    /// image from another format version is reported as such, not as corrupt.
+    pub fn decode(path: &Path, b: &[u8]) -> Result<Header, ImageError> {
+        if b.len() < HEADER_PAGE as usize {
+            return Err(ImageError::Truncated {
+                path: path.into(),
+                size: b.len() as u64,
+                expected: HEADER_PAGE,
+            });
+        }
+        if &b[0..8] != MAGIC {
+            return Err(ImageError::BadMagic(path.into()));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+        let stored_hash = u64_at(HASH_AT);
+        let hash_ok = stored_hash == header_hash(b);
+        let version = u32_at(8);
+        if version != FORMAT_VERSION {
+            // A flipped bit in the version field itself is corruption, not a new format.
+            return Err(if hash_ok {
+                ImageError::Version { path: path.into(), found: version }
+            } else {
+                ImageError::Checksum { path: path.into(), what: "the header".into() }
+            });
+        }
+        if !hash_ok {
+            return Err(ImageError::Checksum { path: path.into(), what: "the header".into() });
+        }
+        let h = Header {
+            version,
+            pages_offset: u64_at(24),
+            pages_len: u64_at(32),
+            meta_offset: u64_at(40),
+            meta_len: u64_at(48),
+            meta_hash: u64_at(56),
+        };
+        let consistent = h.pages_offset == HEADER_PAGE
+            && h.pages_offset.checked_add(h.pages_len) == Some(h.meta_offset)
+            && h.meta_offset.checked_add(h.meta_len).is_some();
+        if !consistent {
+            return Err(ImageError::Malformed { path: path.into(), what: "section offsets".into() });
+        }
+        Ok(h)
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.meta_offset + self.meta_len
+    }
+}
+
+fn header_hash(page: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&page[..HASH_AT]);
+    h.update(&page[HASH_AT + 8..HEADER_PAGE as usize]);
+    h.digest()
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// Makes sure `dir` exists as a directory only its owner can enter (0700).
+pub fn prepare_dir(dir: &Path) -> Result<(), ImageError> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            if m.mode() & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io_err("chmod 0700", dir))?;
+            }
+            Ok(())
+        }
+        Ok(_) => Err(ImageError::Io {
+            op: "use as image directory",
+            path: dir.into(),
+            source: io::Error::from_raw_os_error(libc::ENOTDIR),
+        }),
+        Err(_) => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err("create directory", dir)),
+    }
+}
+
+/// Streams an image into a temporary file and renames it into place on [`finish`].
+/// Dropped unfinished, it removes the temporary file.
+///
+/// [`finish`]: ImageWriter::finish
+pub struct ImageWriter {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    dir: PathBuf,
+    pages_len: u64,
+    block: Xxh3,
+    block_fill: u64,
+    hashes: Vec<u64>,
+    done: bool,
+}
+
+impl ImageWriter {
+    pub fn create(dir: &Path) -> Result<ImageWriter, ImageError> {
+        prepare_dir(dir)?;
+        let tmp = dir.join(format!(".{IMAGE_FILE}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        let mut w = ImageWriter {
+            file,
+            dest: dir.join(IMAGE_FILE),
+            dir: dir.to_path_buf(),
+            tmp,
+            pages_len: 0,
+            block: Xxh3::new(),
+            block_fill: 0,
+            hashes: Vec::new(),
+            done: false,
+        };
+        // A placeholder header page: a file renamed without its real header cannot exist,
+        // but a zero page also fails the magic check should anything read the partial file.
+        w.file.write_all(&[0u8; HEADER_PAGE as usize]).map_err(io_err("write", &w.tmp))?;
+        Ok(w)
+    }
+
+    /// Where the next page bytes will land, relative to the start of page data.
+    pub fn pages_len(&self) -> u64 {
+        self.pages_len
+    }
+
+    /// Appends page data.
+    pub fn write_pages(&mut self, mut data: &[u8]) -> Result<(), ImageError> {
+        self.file.write_all(data).map_err(io_err("write", &self.tmp))?;
+        self.pages_len += data.len() as u64;
+        while !data.is_empty() {
+            let take = ((PAGE_BLOCK - self.block_fill) as usize).min(data.len());
+            self.block.update(&data[..take]);
+            self.block_fill += take as u64;
+            data = &data[take..];
+            if self.block_fill == PAGE_BLOCK {
+                self.hashes.push(self.block.digest());
+                self.block.reset();
+                self.block_fill = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the metadata and header, syncs, and renames the file into place. Returns
+    /// the image's total size in bytes.
+    pub fn finish(mut self, meta: &mut Image) -> Result<u64, ImageError> {
+        if self.block_fill > 0 {
+            self.hashes.push(self.block.digest());
+        }
+        meta.page_block_size = PAGE_BLOCK;
+        meta.page_block_hashes = std::mem::take(&mut self.hashes);
+        let mut enc = Vec::new();
+        ciborium::into_writer(meta, &mut enc).map_err(|e| ImageError::Io {
+            op: "encode metadata for",
+            path: self.tmp.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        self.file.write_all(&enc).map_err(io_err("write", &self.tmp))?;
+        let header = Header {
+            version: FORMAT_VERSION,
+            pages_offset: HEADER_PAGE,
+            pages_len: self.pages_len,
+            meta_offset: HEADER_PAGE + self.pages_len,
+            meta_len: enc.len() as u64,
+            meta_hash: xxh3_64(&enc),
+        };
+        self.file.write_all_at(&header.encode(), 0).map_err(io_err("write", &self.tmp))?;
+        self.file.sync_all().map_err(io_err("fsync", &self.tmp))?;
+        std::fs::rename(&self.tmp, &self.dest).map_err(io_err("rename", &self.tmp))?;
+        self.done = true;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(header.file_len())
+    }
+}
+
+impl Drop for ImageWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// An image whose header and metadata have been read and checked.
+pub struct ImageReader {
+    pub path: PathBuf,
+    pub file: File,
+    pub header: Header,
+    pub image: Image,
+}
+
+impl ImageReader {
+    /// Opens `dir/stasis.img`, checking header, size and metadata (not yet page data:
+    /// see [`ImageReader::verify_pages`]).
+    pub fn open(dir: &Path) -> Result<ImageReader, ImageError> {
+        if !dir.is_dir() {
+            return Err(ImageError::DirMissing(dir.into()));
+        }
+        let path = dir.join(IMAGE_FILE);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ImageError::NoImage(dir.into()))
+            }
+            Err(e) => return Err(ImageError::Io { op: "open", path, source: e }),
+        };
+        let size = file.metadata().map_err(io_err("stat", &path))?.len();
+        let mut page = Vec::with_capacity(HEADER_PAGE as usize);
+        (&mut file).take(HEADER_PAGE).read_to_end(&mut page).map_err(io_err("read", &path))?;
+        let header = Header::decode(&path, &page)?;
+        if size < header.file_len() {
+            return Err(ImageError::Truncated { path, size, expected: header.file_len() });
+        }
+        if size > header.file_len() {
+            return Err(ImageError::Malformed {
+                path,
+                what: format!("{size} bytes, the header says {}", header.file_len()),
+            });
+        }
+        let mut meta = vec![0u8; header.meta_len as usize];
+        file.read_exact_at(&mut meta, header.meta_offset).map_err(io_err("read", &path))?;
+        if xxh3_64(&meta) != header.meta_hash {
+            return Err(ImageError::Checksum { path, what: "the metadata".into() });
+        }
+        let image: Image = ciborium::from_reader(&meta[..]).map_err(|e| ImageError::Malformed {
+            path: path.clone(),
+            what: format!("metadata does not decode: {e}"),
+        })?;
+        let expected_blocks = header.pages_len.div_ceil(PAGE_BLOCK.max(1));
+        if image.page_block_size != PAGE_BLOCK
+            || image.page_block_hashes.len() as u64 != expected_blocks
+        {
+            return Err(ImageError::Malformed { path, what: "page block table".into() });
+        }
+        Ok(ImageReader { path, file, header, image })
+    }
+
+    /// Checks every page-data block against its hash, reading through a shared mapping of
+    /// the file (no copy) with up to `threads` threads.
+    pub fn verify_pages(&self, threads: usize) -> Result<(), ImageError> {
+        let len = self.header.pages_len;
+        if len == 0 {
+            return Ok(());
+        }
+        let map = LocalMapping::file_readonly(&self.file, self.header.pages_offset, len as usize, true)
+            .map_err(|e| io_err("mmap", &self.path)(e.into()))?;
+        let data = map.as_slice();
+        let hashes = &self.image.page_block_hashes;
+        let nblocks = hashes.len();
+        let threads = threads.clamp(1, nblocks);
+        let per = nblocks.div_ceil(threads);
+        let bad = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    s.spawn(move || {
+                        (t * per..((t + 1) * per).min(nblocks)).find(|&i| {
+                            let start = i * PAGE_BLOCK as usize;
+                            let end = (start + PAGE_BLOCK as usize).min(data.len());
+                            xxh3_64(&data[start..end]) != hashes[i]
+                        })
+                    })
+                })
+                .collect();
+            workers.into_iter().filter_map(|w| w.join().ok().flatten()).min()
+        });
+        match bad {
+            None => Ok(()),
+            Some(i) => Err(ImageError::Checksum {
+                path: self.path.clone(),
+                what: format!(
+                    "page data block {i} (file offset {:#x})",
+                    self.header.pages_offset + i as u64 * PAGE_BLOCK
+                ),
+            }),
+        }
+    }
+
+    /// Absolute file offset of a page-data offset.
+    pub fn page_file_offset(&self, data_offset: u64) -> u64 {
+        self.header.pages_offset + data_offset
+    }
+}

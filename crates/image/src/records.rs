@@ -1,0 +1,273 @@
+//! The metadata records of an image. New fields must be `#[serde(default)]` so that older
+//! images keep decoding; removing or retyping a field needs a new format version.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything an image holds apart from the page data itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Image {
+    pub stasis_version: String,
+    pub created_unix_ms: u64,
+    pub host: HostInfo,
+    pub root_pid: i32,
+    /// The tree was dumped with `--shell-job`: terminals and an outside session are
+    /// expected and are replaced by the restorer's own on restore.
+    pub shell_job: bool,
+    pub processes: Vec<ProcessRecord>,
+    /// Filled by the writer: page data is hashed in blocks of this many bytes.
+    pub page_block_size: u64,
+    pub page_block_hashes: Vec<u64>,
+}
+
+/// What restore needs to decide whether this machine can honour the image.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+pub struct HostInfo {
+    pub kernel_release: String,
+    pub machine: String,
+    pub cpu_model: String,
+    /// XCR0 of the dumping CPU: the XSAVE components register state may use.
+    pub xcr0: u64,
+    pub xsave_size: u32,
+    pub page_size: u64,
+    /// The kernel's special mappings ([vvar], [vvar_vclock], [vdso]) in address order,
+    /// with sizes, and a hash of the vDSO text.
+    pub vdso_layout: Vec<SpecialMapping>,
+    pub vdso_hash: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SpecialMapping {
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ProcessRecord {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub comm: String,
+    pub creds: Creds,
+    #[serde(with = "serde_bytes")]
+    pub cwd: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub root: Vec<u8>,
+    pub umask: u32,
+    pub rlimits: Vec<Rlimit>,
+    pub sigactions: Vec<SigAction>,
+    /// Signals pending for the whole process (raw `siginfo_t`).
+    pub shared_pending: Vec<SigInfo>,
+    pub mm: MmRecord,
+    pub fds: Vec<FdRecord>,
+    pub threads: Vec<ThreadRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Creds {
+    /// real, effective, saved, filesystem
+    pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub groups: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// One signal's disposition, in the kernel's x86-64 `struct sigaction` terms.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigAction {
+    pub sig: i32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// A raw 128-byte `siginfo_t`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigInfo(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl SigInfo {
+    pub fn signo(&self) -> i32 {
+        i32::from_le_bytes(self.0[0..4].try_into().unwrap_or([0; 4]))
+    }
+    pub fn code(&self) -> i32 {
+        i32::from_le_bytes(self.0[8..12].try_into().unwrap_or([0; 4]))
+    }
+}
+
+/// A file as it was seen at dump time, so restore can tell when it changed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileRef {
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    pub dev: u64,
+    pub ino: u64,
+    pub mode: u32,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl FileRef {
+    pub fn display(&self) -> String {
+        String::from_utf8_lossy(&self.path).into_owned()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MmRecord {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: Vec<u64>,
+    pub exe: FileRef,
+    /// `arch_prctl(ARCH_GET_XCOMP_PERM)`: dynamically enabled XSAVE features (AMX).
+    pub xcomp_perm: u64,
+    pub vmas: Vec<Vma>,
+}
+
+/// Protection bits, as in `PROT_*`.
+pub const PROT_READ: u32 = 1;
+pub const PROT_WRITE: u32 = 2;
+pub const PROT_EXEC: u32 = 4;
+
+/// Flags of a mapping beyond its protection (from smaps `VmFlags`).
+pub mod vmflags {
+    pub const GROWSDOWN: u64 = 1 << 0;
+    pub const DONTFORK: u64 = 1 << 1;
+    pub const WIPEONFORK: u64 = 1 << 2;
+    pub const DONTDUMP: u64 = 1 << 3;
+    pub const HUGEPAGE: u64 = 1 << 4;
+    pub const NOHUGEPAGE: u64 = 1 << 5;
+    pub const MAYWRITE: u64 = 1 << 6;
+    pub const LOCKED: u64 = 1 << 7;
+    pub const MERGEABLE: u64 = 1 << 8;
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub prot: u32,
+    pub shared: bool,
+    pub flags: u64,
+    pub backing: VmaBacking,
+    /// Offset into the backing file, in bytes.
+    pub file_offset: u64,
+    /// Saved pages, in address order; their bytes follow one another in the page data,
+    /// starting at `data_offset`.
+    pub pages: Vec<PageRun>,
+    pub data_offset: u64,
+    /// Guard regions (`MADV_GUARD_INSTALL`) inside the mapping.
+    pub guards: Vec<PageRun>,
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+    pub fn data_len(&self) -> u64 {
+        self.pages.iter().map(|r| r.len()).sum()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub enum VmaBacking {
+    Anonymous,
+    File(FileRef),
+    /// A mapping the kernel provides ([vdso], [vvar], [vvar_vclock]); never saved, moved.
+    Special(String),
+}
+
+/// `npages` pages starting at `addr`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageRun {
+    pub addr: u64,
+    pub npages: u64,
+}
+
+impl PageRun {
+    pub fn len(&self) -> u64 {
+        self.npages * 4096
+    }
+    pub fn is_empty(&self) -> bool {
+        self.npages == 0
+    }
+    pub fn end(&self) -> u64 {
+        self.addr + self.len()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FdRecord {
+    pub fd: i32,
+    pub cloexec: bool,
+    pub kind: FdKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub enum FdKind {
+    /// A regular file or directory, reopened by path at its offset with its flags.
+    File { file: FileRef, flags: i32, pos: u64 },
+    /// A stateless character device such as /dev/null, reopened by path.
+    CharDevice { #[serde(with = "serde_bytes")] path: Vec<u8>, rdev: u64, flags: i32 },
+    /// A terminal; with --shell-job it becomes the restorer's terminal.
+    Terminal { #[serde(with = "serde_bytes")] path: Vec<u8>, rdev: u64, flags: i32 },
+}
+
+impl FdKind {
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            FdKind::File { .. } => "file",
+            FdKind::CharDevice { .. } => "chardev",
+            FdKind::Terminal { .. } => "tty",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ThreadRecord {
+    pub tid: i32,
+    pub comm: String,
+    /// `user_regs_struct` in kernel order (27 values, see stasis-sys `UserRegs::NAMES`).
+    pub regs: Vec<u64>,
+    /// The `NT_X86_XSTATE` regset: the thread's XSAVE area.
+    #[serde(with = "serde_bytes")]
+    pub xstate: Vec<u8>,
+    pub sigmask: u64,
+    pub pending: Vec<SigInfo>,
+    pub rseq: Option<Rseq>,
+    pub robust_list: (u64, u64),
+    pub clear_child_tid: u64,
+    pub altstack: AltStack,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rseq {
+    pub addr: u64,
+    pub len: u32,
+    pub sig: u32,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct AltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}

@@ -1,0 +1,285 @@
+//! Process-level system calls: creating tasks with chosen PIDs, descriptors of other
+//! processes, signals, sessions, and the per-process settings a restore child applies to
+//! itself before the restorer takes over.
+
+use crate::types::{cvt, Errno, Pid, RemoteFd, SysResult};
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+fn cstr(p: &Path) -> SysResult<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| Errno(libc::EINVAL))
+}
+
+fn syscall6(nr: libc::c_long, a: [u64; 6]) -> SysResult<libc::c_long> {
+    // SAFETY: only used below with system calls whose pointer arguments (if any) point to
+    // live, correctly sized buffers owned by the caller for the duration of the call.
+    cvt(unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) })
+}
+
+/// `pidfd_open(2)`.
+pub fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {
+    let fd = syscall6(libc::SYS_pidfd_open, [pid.0 as u64, 0, 0, 0, 0, 0])?;
+    // SAFETY: the kernel just returned this new descriptor; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `pidfd_getfd(2)`: our own duplicate of descriptor `fd` of the process behind `pidfd`.
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: RemoteFd) -> SysResult<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let r = syscall6(libc::SYS_pidfd_getfd, [pidfd.as_raw_fd() as u64, fd.0 as u64, 0, 0, 0, 0])?;
+    // SAFETY: the kernel just returned this new descriptor; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+const KCMP_FILE: u64 = 0;
+
+/// `kcmp(pid1, pid2, KCMP_FILE, fd1, fd2) == 0`: do two descriptors share one open file
+/// description?
+pub fn kcmp_same_file(p1: Pid, fd1: RemoteFd, p2: Pid, fd2: RemoteFd) -> SysResult<bool> {
+    let r = syscall6(
+        libc::SYS_kcmp,
+        [p1.0 as u64, p2.0 as u64, KCMP_FILE, fd1.0 as u64, fd2.0 as u64, 0],
+    )?;
+    Ok(r == 0)
+}
+
+/// `get_robust_list(tid)`: (head address, length).
+pub fn get_robust_list(tid: Pid) -> SysResult<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: u64 = 0;
+    syscall6(
+        libc::SYS_get_robust_list,
+        [tid.0 as u64, &mut head as *mut u64 as u64, &mut len as *mut u64 as u64, 0, 0, 0],
+    )?;
+    Ok((head, len))
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Who we are after [`fork_with_pid`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forked {
+    Child,
+    Parent(Pid),
+}
+
+/// `clone3` without `CLONE_VM` (a fork) whose child gets PID `pid` (`set_tid`), or any
+/// PID when `pid` is `None`. Refused with `EBUSY` unless the calling process has exactly
+/// one thread, because a forked copy of a multi-threaded process may inherit locks held
+/// by threads that do not exist in the child.
+pub fn fork_with_pid(pid: Option<Pid>) -> SysResult<Forked> {
+    let threads = std::fs::read_dir("/proc/self/task").map_err(|_| Errno(libc::EIO))?.count();
+    if threads != 1 {
+        return Err(Errno(libc::EBUSY));
+    }
+    let tid: libc::pid_t = pid.map(|p| p.0).unwrap_or(0);
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: if pid.is_some() { &tid as *const libc::pid_t as u64 } else { 0 },
+        set_tid_size: pid.is_some() as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without CLONE_VM duplicates the (single-threaded, checked above)
+    // process like fork(); `args` and `tid` are live for the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
+    };
+    match r {
+        -1 => Err(Errno::last()),
+        0 => Ok(Forked::Child),
+        p => Ok(Forked::Parent(Pid(p as i32))),
+    }
+}
+
+pub fn getpid() -> Pid {
+    Pid(std::process::id() as i32)
+}
+
+pub fn getppid() -> Pid {
+    // SAFETY: getppid has no arguments and cannot fail.
+    Pid(unsafe { libc::getppid() })
+}
+
+/// `kill(2)`.
+pub fn kill(pid: Pid, sig: i32) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::kill(pid.0, sig) } as libc::c_long).map(drop)
+}
+
+/// `setsid(2)`.
+pub fn setsid() -> SysResult<Pid> {
+    // SAFETY: no arguments.
+    cvt(unsafe { libc::setsid() } as libc::c_long).map(|p| Pid(p as i32))
+}
+
+/// `setpgid(pid, pgid)`.
+pub fn setpgid(pid: Pid, pgid: Pid) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::setpgid(pid.0, pgid.0) } as libc::c_long).map(drop)
+}
+
+/// `chroot(2)`.
+pub fn chroot(path: &Path) -> SysResult<()> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call.
+    cvt(unsafe { libc::chroot(c.as_ptr()) } as libc::c_long).map(drop)
+}
+
+/// `umask(2)`; returns the previous mask.
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: plain integer argument; cannot fail.
+    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+}
+
+/// `open(2)` with exact flags (the caller decides O_APPEND, O_NONBLOCK, O_CLOEXEC, ...).
+pub fn open(path: &Path, flags: i32, mode: u32) -> SysResult<OwnedFd> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call.
+    let fd = cvt(unsafe { libc::open(c.as_ptr(), flags, mode as libc::c_uint) } as libc::c_long)?;
+    // SAFETY: the kernel just returned this new descriptor; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `lseek(fd, off, SEEK_SET)`.
+pub fn seek_to(fd: RawFd, off: u64) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::lseek(fd, off as i64, libc::SEEK_SET) } as libc::c_long).map(drop)
+}
+
+/// `dup3(old, new, flags)`, placing a descriptor at an exact number in our own table.
+pub fn dup3(old: RawFd, new: RawFd, flags: i32) -> SysResult<()> {
+    // SAFETY: plain integer arguments; the caller owns the number `new` afterwards.
+    cvt(unsafe { libc::dup3(old, new, flags) } as libc::c_long).map(drop)
+}
+
+/// `fcntl(fd, F_DUPFD_CLOEXEC, min)`: a duplicate numbered at least `min`.
+pub fn dup_at_least(fd: RawFd, min: RawFd) -> SysResult<RawFd> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) } as libc::c_long).map(|f| f as RawFd)
+}
+
+/// `close_range(first, last, 0)`.
+pub fn close_range(first: u32, last: u32) -> SysResult<()> {
+    syscall6(libc::SYS_close_range, [first as u64, last as u64, 0, 0, 0, 0]).map(drop)
+}
+
+/// `prctl(PR_SET_NAME)`: the calling thread's comm.
+pub fn set_comm(name: &[u8]) -> SysResult<()> {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name[..n]);
+    // SAFETY: `buf` is a NUL-terminated 16-byte buffer, as PR_SET_NAME expects.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) } as libc::c_long).map(drop)
+}
+
+/// `prctl(PR_SET_PDEATHSIG, sig)`.
+pub fn set_pdeathsig(sig: i32) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong) } as libc::c_long)
+        .map(drop)
+}
+
+/// `prctl(PR_SET_CHILD_SUBREAPER, 1)`.
+pub fn set_child_subreaper() -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) } as libc::c_long)
+        .map(drop)
+}
+
+/// The kernel's `struct sigaction` for `rt_sigaction(2)` on x86-64 (not glibc's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelSigaction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// `rt_sigaction(sig, act, NULL, 8)` for the calling process. The handler address is not
+/// dereferenced by the kernel, so it may be an address of the process being restored.
+pub fn set_sigaction(sig: i32, act: &KernelSigaction) -> SysResult<()> {
+    syscall6(
+        libc::SYS_rt_sigaction,
+        [sig as u64, act as *const KernelSigaction as u64, 0, 8, 0, 0],
+    )
+    .map(drop)
+}
+
+/// `rt_sigprocmask(SIG_SETMASK, &mask, NULL, 8)` for the calling thread.
+pub fn set_own_sigmask(mask: u64) -> SysResult<()> {
+    syscall6(
+        libc::SYS_rt_sigprocmask,
+        [libc::SIG_SETMASK as u64, &mask as *const u64 as u64, 0, 8, 0, 0],
+    )
+    .map(drop)
+}
+
+/// `_exit(2)`: leave at once, running no destructors or atexit handlers (a restore child
+/// must not flush the restorer's buffers).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and touches no Rust state.
+    unsafe { libc::_exit(code) }
+}
+
+/// `uname(2)`: (release, machine).
+pub fn uname() -> (String, String) {
+    // SAFETY: utsname is plain old data; zeroed is a valid value.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid out buffer.
+    unsafe { libc::uname(&mut u) };
+    let s = |f: &[libc::c_char]| {
+        let b: Vec<u8> = f.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        String::from_utf8_lossy(&b).into_owned()
+    };
+    (s(&u.release), s(&u.machine))
+}
+
+/// `prlimit(0, resource, NULL, &old)` for the calling process: (soft, hard).
+pub fn own_rlimit(resource: u32) -> SysResult<(u64, u64)> {
+    let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `old` is a valid out buffer.
+    cvt(unsafe { libc::prlimit64(0, resource as _, std::ptr::null(), &mut old) } as libc::c_long)?;
+    Ok((old.rlim_cur, old.rlim_max))
+}
+
+/// `mkfifo(3)`.
+pub fn mkfifo(path: &Path, mode: u32) -> SysResult<()> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call.
+    cvt(unsafe { libc::mkfifo(c.as_ptr(), mode) } as libc::c_long).map(drop)
+}
+
+/// `isatty(3)`.
+pub fn isatty(fd: RawFd) -> bool {
+    // SAFETY: plain integer argument.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+/// `tcsetpgrp(fd, pgrp)`.
+pub fn tcsetpgrp(fd: RawFd, pgrp: Pid) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::tcsetpgrp(fd, pgrp.0) } as libc::c_long).map(drop)
+}
+
+/// `ioctl(fd, TIOCSCTTY, 0)`: make the terminal our controlling terminal.
+pub fn set_controlling_tty(fd: RawFd) -> SysResult<()> {
+    // SAFETY: TIOCSCTTY takes an integer argument.
+    cvt(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) } as libc::c_long).map(drop)
+}
