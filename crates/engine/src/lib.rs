@@ -1,1 +1,30 @@
-//! placeholder
+//! The stasis engine: checkpoint a running process into an image and bring it back.
+//!
+//! ```text
+//! dump:    seize (freeze) -> collect (read state) -> write image (atomic) -> release
+//! restore: read + validate image -> plan -> create task with its PID -> task rebuilds its
+//!          non-memory state -> restorer injects the address space, threads, registers ->
+//!          resume
+//! ```
+//! One module per kind of state (`mm`, `files`, `signals`, `task`, `threads`), each with
+//! its dump half and its restore half side by side.
+
+pub mod check;
+pub mod dump;
+pub mod error;
+pub mod files;
+pub mod freeze;
+pub mod host;
+pub mod inject;
+pub mod mm;
+pub mod parasite;
+pub mod procfs;
+pub mod restore;
+pub mod signals;
+pub mod task;
+pub mod threads;
+
+pub use dump::{dump, DumpOptions, DumpStats};
+pub use error::Error;
+pub use restore::{restore, RestoreOptions, RestoreStats, Restored};
+pub use stasis_sys::Pid;

@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod mem;
 pub mod pagemap;
+pub mod probe;
 pub mod proc;
 pub mod ptrace;
 pub mod types;

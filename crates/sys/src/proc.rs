@@ -283,3 +283,11 @@ pub fn set_controlling_tty(fd: RawFd) -> SysResult<()> {
     // SAFETY: TIOCSCTTY takes an integer argument.
     cvt(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) } as libc::c_long).map(drop)
 }
+
+/// `lseek(fd, off, SEEK_DATA)` (or `SEEK_HOLE` with `hole`); `None` past the last data.
+pub fn seek_data(fd: RawFd, off: u64, hole: bool) -> Option<u64> {
+    let whence = if hole { libc::SEEK_HOLE } else { libc::SEEK_DATA };
+    // SAFETY: plain integer arguments.
+    let r = unsafe { libc::lseek(fd, off as i64, whence) };
+    (r >= 0).then_some(r as u64)
+}

@@ -128,6 +128,11 @@ pub fn single_step(tid: Pid, sig: i32) -> SysResult<()> {
     ptrace(libc::PTRACE_SINGLESTEP, tid, 0, sig as u64).map(drop)
 }
 
+/// `PTRACE_SYSCALL`: resume until the next system-call entry or exit stop.
+pub fn syscall(tid: Pid, sig: i32) -> SysResult<()> {
+    ptrace(libc::PTRACE_SYSCALL, tid, 0, sig as u64).map(drop)
+}
+
 /// `PTRACE_GETEVENTMSG`.
 pub fn event_msg(tid: Pid) -> SysResult<u64> {
     let mut v: u64 = 0;

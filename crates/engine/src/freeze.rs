@@ -1,0 +1,156 @@
+//! Freezing a process: every thread seized and interrupted into a ptrace stop.
+//!
+//! [`Frozen`] is a guard: dropped without an explicit [`Frozen::kill`], it puts back the
+//! registers it was given (so an injected call interrupted by an error cannot leave a
+//! thread pointing at the wrong instruction) and detaches, and the process runs on as if
+//! nothing happened. If the dumper itself dies, the kernel detaches the threads and they
+//! resume on their own.
+
+use crate::error::{Error, Result};
+use crate::inject::restart_fixup;
+use crate::procfs;
+use stasis_sys::ptrace::{self, UserRegs, WaitStatus};
+use stasis_sys::Pid;
+use std::collections::BTreeMap;
+
+/// A thread in a ptrace stop, with the registers it had when it stopped.
+pub struct FrozenThread {
+    pub tid: Pid,
+    pub regs: UserRegs,
+    pub sigmask: u64,
+    /// System calls were injected: the thread now sits at a syscall-exit stop, where the
+    /// kernel no longer restarts the call it was interrupted in (see inject::restart_fixup).
+    pub injected: bool,
+}
+
+impl FrozenThread {
+    fn put_back(&self) -> stasis_sys::SysResult<()> {
+        if self.injected {
+            ptrace::set_regs(self.tid, &restart_fixup(&self.regs, true))?;
+        }
+        ptrace::set_sigmask(self.tid, self.sigmask)?;
+        ptrace::detach(self.tid, 0)
+    }
+}
+
+pub struct Frozen {
+    pub pid: Pid,
+    pub threads: Vec<FrozenThread>,
+    done: bool,
+}
+
+fn list_tasks(pid: Pid) -> Result<Vec<Pid>> {
+    let path = format!("/proc/{pid}/task");
+    let rd = std::fs::read_dir(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NoSuchProcess(pid),
+        _ => Error::Proc { pid, path: path.clone().into(), source: e },
+    })?;
+    let mut v: Vec<Pid> = rd
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok().map(Pid))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Waits for a seized thread to report its interrupt stop. A signal that arrives first is
+/// passed back to the thread (so it is not lost) and we wait again.
+fn wait_for_stop(pid: Pid, tid: Pid) -> Result<()> {
+    loop {
+        match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
+            WaitStatus::Stopped(_, _, ptrace::PTRACE_EVENT_STOP) => return Ok(()),
+            WaitStatus::Stopped(_, sig, _) => {
+                ptrace::cont(tid, sig).map_err(Error::sys(pid, "PTRACE_CONT"))?;
+            }
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                return Err(Error::TargetDied { pid, what: format!("thread {tid} exited while freezing") })
+            }
+            WaitStatus::StillAlive => {}
+        }
+    }
+}
+
+impl Frozen {
+    /// Seizes and stops every thread of `pid`, re-reading the thread list until a pass
+    /// finds no thread it has not stopped (threads started meanwhile cannot escape).
+    pub fn freeze(pid: Pid) -> Result<Frozen> {
+        let mut fr = Frozen { pid, threads: Vec::new(), done: false };
+        let mut seen: BTreeMap<Pid, ()> = BTreeMap::new();
+        loop {
+            let tids = list_tasks(pid)?;
+            let new: Vec<Pid> = tids.into_iter().filter(|t| !seen.contains_key(t)).collect();
+            if new.is_empty() {
+                break;
+            }
+            for tid in new {
+                if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
+                    if e.0 == libc::ESRCH {
+                        continue; // exited meanwhile
+                    }
+                    if e.0 == libc::EPERM {
+                        let st = read_status(pid)?;
+                        if st.tracer_pid != 0 {
+                            return Err(Error::AlreadyTraced { pid, tracer: st.tracer_pid });
+                        }
+                    }
+                    return Err(Error::Sys { pid, op: "PTRACE_SEIZE", errno: e });
+                }
+                seen.insert(tid, ());
+                ptrace::interrupt(tid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
+                wait_for_stop(pid, tid)?;
+                let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
+                let sigmask = ptrace::get_sigmask(tid).map_err(Error::sys(pid, "PTRACE_GETSIGMASK"))?;
+                fr.threads.push(FrozenThread { tid, regs, sigmask, injected: false });
+            }
+        }
+        if fr.threads.is_empty() {
+            return Err(Error::NoSuchProcess(pid));
+        }
+        // The thread-group leader first: code below treats threads[0] as the main thread.
+        fr.threads.sort_by_key(|t| (t.tid != pid, t.tid));
+        Ok(fr)
+    }
+
+    /// Kills the frozen process and waits until it is gone from our side.
+    pub fn kill(mut self) -> Result<()> {
+        self.done = true;
+        stasis_sys::proc::kill(self.pid, libc::SIGKILL).map_err(Error::sys(self.pid, "kill"))?;
+        for t in &self.threads {
+            // As tracer we see each thread's exit first; consuming it lets the real parent
+            // reap the process.
+            let _ = ptrace::waitpid(t.tid, libc::__WALL);
+        }
+        Ok(())
+    }
+
+    /// Puts back every thread's registers and signal mask and lets the process run on.
+    pub fn release(mut self) -> Result<()> {
+        self.done = true;
+        let mut first_err = None;
+        for t in &self.threads {
+            if let Err(e) = t.put_back() {
+                first_err.get_or_insert(Error::Sys { pid: self.pid, op: "PTRACE_DETACH", errno: e });
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.done {
+            for t in &self.threads {
+                let _ = t.put_back();
+            }
+        }
+    }
+}
+
+pub fn read_status(pid: Pid) -> Result<procfs::Status> {
+    let (path, text) = procfs::read_text(pid, "status")?;
+    procfs::parse_status(&text).map_err(|what| Error::ProcParse { pid, path, what })
+}
+
+pub fn read_stat(pid: Pid) -> Result<procfs::Stat> {
+    let (path, text) = procfs::read_text(pid, "stat")?;
+    procfs::parse_stat(&text).map_err(|what| Error::ProcParse { pid, path, what })
+}

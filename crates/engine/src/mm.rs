@@ -1,0 +1,658 @@
+//! Memory mappings: which ones exist, which pages hold data, and how to build them again.
+//!
+//! Dump: /proc/PID/smaps gives the mappings; PAGEMAP_SCAN tells which pages exist.
+//! Private mappings save their anonymous pages only (never-touched pages, zero-page
+//! mappings and file pages that were never written come back by themselves); shared file
+//! mappings save nothing (their data is the file); shared anonymous memory saves the pages
+//! its shmem file holds. Page bytes are read with large process_vm_readv calls, falling
+//! back to /proc/PID/mem for pages the program itself cannot read (PROT_NONE).
+//!
+//! Restore (in the restorer, driving the stopped child by injected calls): move the
+//! child's vDSO block aside, unmap everything else the child had, move the vDSO block to
+//! its saved place, map every saved mapping writable where data must go, preadv the pages
+//! from the image file, then set final protections, madvise flags and guard regions.
+
+use crate::error::{Error, Result};
+use crate::inject::Injector;
+use crate::procfs::{self, MapEntry};
+use stasis_image::{vmflags, FileRef, ImageWriter, PageRun, Vma, VmaBacking, PROT_EXEC, PROT_READ, PROT_WRITE};
+use stasis_sys::mem::{process_vm_readv, LocalMapping, RemoteRange};
+use stasis_sys::pagemap::{self, ScanQuery};
+use stasis_sys::{Pid, PAGE_SIZE};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+/// Kernel-provided mappings that are moved, never saved.
+pub const VDSO_NAMES: [&str; 3] = ["[vvar]", "[vvar_vclock]", "[vdso]"];
+
+const VMFLAG_NAMES: [(&str, u64); 9] = [
+    ("gd", vmflags::GROWSDOWN),
+    ("dc", vmflags::DONTFORK),
+    ("wf", vmflags::WIPEONFORK),
+    ("dd", vmflags::DONTDUMP),
+    ("hg", vmflags::HUGEPAGE),
+    ("nh", vmflags::NOHUGEPAGE),
+    ("mw", vmflags::MAYWRITE),
+    ("lo", vmflags::LOCKED),
+    ("mg", vmflags::MERGEABLE),
+];
+
+/// How a mapping from smaps is to be saved, decided from its name and flags alone.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MapClass {
+    /// Not part of the image ([vsyscall] is the same fixed page in every process).
+    Skip,
+    Special,
+    Anonymous,
+    SharedAnonymous,
+    File,
+    Refuse(String),
+}
+
+pub fn classify(m: &MapEntry) -> MapClass {
+    let n = m.name.as_str();
+    if n == "[vsyscall]" {
+        return MapClass::Skip;
+    }
+    if VDSO_NAMES.contains(&n) {
+        return MapClass::Special;
+    }
+    if n.is_empty() || n == "[heap]" || n == "[stack]" || n.starts_with("[anon:") {
+        return if m.shared { MapClass::SharedAnonymous } else { MapClass::Anonymous };
+    }
+    if n.starts_with('[') {
+        return MapClass::Refuse(format!("kernel mapping {n}"));
+    }
+    if n == "/dev/zero (deleted)" && m.inode != 0 {
+        // MAP_SHARED|MAP_ANONYMOUS memory is a shmem file by this name.
+        return if m.shared { MapClass::SharedAnonymous } else { MapClass::Anonymous };
+    }
+    if n.starts_with("/SYSV") {
+        return MapClass::Refuse("System V shared memory".into());
+    }
+    if n.starts_with("/memfd:") {
+        return MapClass::Refuse("memfd mapping".into());
+    }
+    if n.ends_with(" (deleted)") {
+        return MapClass::Refuse(format!("mapping of deleted file {n}"));
+    }
+    if !n.starts_with('/') {
+        return MapClass::Refuse(format!("mapping of {n}"));
+    }
+    MapClass::File
+}
+
+pub fn vm_flags(m: &MapEntry) -> u64 {
+    VMFLAG_NAMES.iter().filter(|(n, _)| m.has_flag(n)).fold(0, |acc, (_, f)| acc | f)
+}
+
+pub fn prot_of(m: &MapEntry) -> u32 {
+    (if m.read { PROT_READ } else { 0 })
+        | (if m.write { PROT_WRITE } else { 0 })
+        | (if m.exec { PROT_EXEC } else { 0 })
+}
+
+/// Reads the target's mappings.
+pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>> {
+    let (path, text) = procfs::read_text(pid, "smaps")?;
+    procfs::parse_smaps(&text).map_err(|what| Error::ProcParse { pid, path, what })
+}
+
+pub fn file_ref(path: &[u8], md: &std::fs::Metadata) -> FileRef {
+    FileRef {
+        path: path.to_vec(),
+        dev: md.dev(),
+        ino: md.ino(),
+        mode: md.mode(),
+        size: md.size(),
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+    }
+}
+
+/// Everything of one mapping needed to save it.
+struct Planned {
+    vma: Vma,
+    /// For shared anonymous memory: the shmem file, read directly.
+    shmem: Option<File>,
+}
+
+/// Saves every mapping of `pid` into `w` and returns the mapping records.
+pub fn dump(pid: Pid, maps: &[MapEntry], w: &mut ImageWriter) -> Result<Vec<Vma>> {
+    let pagemap = File::open(format!("/proc/{pid}/pagemap"))
+        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/pagemap").into(), source: e })?;
+    let guards_supported = guard_scan_supported(&pagemap);
+    let mut planned = Vec::new();
+    for m in maps {
+        let class = classify(m);
+        let backing = match &class {
+            MapClass::Skip => continue,
+            MapClass::Refuse(what) => {
+                return Err(Error::UnsupportedMapping { pid, start: m.start, end: m.end, what: what.clone() })
+            }
+            MapClass::Special => VmaBacking::Special(m.name.clone()),
+            MapClass::Anonymous | MapClass::SharedAnonymous => VmaBacking::Anonymous,
+            MapClass::File => {
+                let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+                let md = std::fs::metadata(&mf)
+                    .map_err(|e| Error::Proc { pid, path: mf.into(), source: e })?;
+                VmaBacking::File(file_ref(m.name.as_bytes(), &md))
+            }
+        };
+        let mut vma = Vma {
+            start: m.start,
+            end: m.end,
+            prot: prot_of(m),
+            shared: m.shared,
+            flags: vm_flags(m),
+            backing,
+            file_offset: m.offset,
+            pages: Vec::new(),
+            data_offset: 0,
+            guards: Vec::new(),
+        };
+        let mut shmem = None;
+        match class {
+            MapClass::Anonymous | MapClass::File if !m.shared => {
+                vma.pages = scan_private(pid, &pagemap, m)?;
+            }
+            MapClass::SharedAnonymous => {
+                let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+                let f = File::open(&mf).map_err(|e| Error::Proc { pid, path: mf.into(), source: e })?;
+                vma.pages = shmem_data_runs(&f, m)?;
+                shmem = Some(f);
+            }
+            _ => {}
+        }
+        if guards_supported && !matches!(vma.backing, VmaBacking::Special(_)) {
+            vma.guards = scan_runs(pid, &pagemap, m, ScanQuery {
+                mask: pagemap::PAGE_IS_GUARD,
+                return_mask: pagemap::PAGE_IS_GUARD,
+                ..Default::default()
+            })?;
+        }
+        planned.push(Planned { vma, shmem });
+    }
+    save_pages(pid, &mut planned, w)?;
+    Ok(planned.into_iter().map(|p| p.vma).collect())
+}
+
+fn guard_scan_supported(pagemap: &File) -> bool {
+    let mut out = Vec::new();
+    let q = ScanQuery { mask: pagemap::PAGE_IS_GUARD, return_mask: pagemap::PAGE_IS_GUARD, ..Default::default() };
+    pagemap::scan(pagemap, 0, PAGE_SIZE, q, &mut out).is_ok()
+}
+
+fn scan_runs(pid: Pid, pagemap: &File, m: &MapEntry, q: ScanQuery) -> Result<Vec<PageRun>> {
+    let mut regions = Vec::new();
+    pagemap::scan(pagemap, m.start, m.end, q, &mut regions).map_err(Error::sys(pid, "PAGEMAP_SCAN"))?;
+    let mut runs: Vec<PageRun> = Vec::new();
+    for r in regions {
+        let npages = (r.end - r.start) / PAGE_SIZE;
+        match runs.last_mut() {
+            Some(last) if last.end() == r.start => last.npages += npages,
+            _ => runs.push(PageRun { addr: r.start, npages }),
+        }
+    }
+    Ok(runs)
+}
+
+/// Pages of a private mapping that hold the program's own data: present or swapped, not
+/// a page of the file, not the shared zero page.
+fn scan_private(pid: Pid, pagemap: &File, m: &MapEntry) -> Result<Vec<PageRun>> {
+    scan_runs(pid, pagemap, m, ScanQuery {
+        mask: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
+        inverted: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
+        anyof: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+        return_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+    })
+}
+
+/// Data ranges of a shmem file mapped at `m`, by SEEK_DATA/SEEK_HOLE: pages that exist in
+/// the object even when this process never touched them.
+fn shmem_data_runs(f: &File, m: &MapEntry) -> Result<Vec<PageRun>> {
+    use std::os::fd::AsRawFd;
+    let len = m.end - m.start;
+    let mut runs = Vec::new();
+    let mut off = m.offset;
+    let end = m.offset + len;
+    while off < end {
+        let Some(data) = stasis_sys::proc::seek_data(f.as_raw_fd(), off, false) else { break };
+        if data >= end {
+            break;
+        }
+        let hole = stasis_sys::proc::seek_data(f.as_raw_fd(), data, true).unwrap_or(end).min(end);
+        let s = data & !(PAGE_SIZE - 1);
+        let e = hole.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        runs.push(PageRun { addr: m.start + (s - m.offset), npages: (e - s) / PAGE_SIZE });
+        off = e;
+    }
+    Ok(runs)
+}
+
+/// Size of the buffer page data passes through on its way to the image.
+const COPY_BUF: usize = 32 << 20;
+/// process_vm_readv accepts at most IOV_MAX remote ranges.
+const MAX_IOV: usize = 1024;
+
+/// Copies every planned page into the image, assigning each mapping its data offset.
+fn save_pages(pid: Pid, planned: &mut [Planned], w: &mut ImageWriter) -> Result<()> {
+    let total: u64 = planned.iter().map(|p| p.vma.data_len()).sum();
+    if total == 0 {
+        return Ok(());
+    }
+    let mut buf = LocalMapping::anonymous(COPY_BUF.min(total as usize)).map_err(Error::sys(pid, "mmap"))?;
+    let mem = File::open(format!("/proc/{pid}/mem"))
+        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), source: e })?;
+    for p in planned.iter_mut() {
+        p.vma.data_offset = w.pages_len();
+        let readable = p.vma.prot & PROT_READ != 0;
+        let mut pending: Vec<RemoteRange> = Vec::new();
+        let mut fill = 0usize;
+        for run in &p.vma.pages {
+            let mut addr = run.addr;
+            let end = run.end();
+            while addr < end {
+                let take = ((end - addr) as usize).min(buf.len() - fill);
+                pending.push(RemoteRange { addr: stasis_sys::RemoteAddr(addr), len: take });
+                fill += take;
+                addr += take as u64;
+                if fill == buf.len() || pending.len() == MAX_IOV {
+                    copy_batch(pid, &p.shmem, &p.vma, readable, &mem, &pending, &mut buf.as_mut_slice()[..fill])?;
+                    w.write_pages(&buf.as_slice()[..fill])?;
+                    pending.clear();
+                    fill = 0;
+                }
+            }
+        }
+        if fill > 0 {
+            copy_batch(pid, &p.shmem, &p.vma, readable, &mem, &pending, &mut buf.as_mut_slice()[..fill])?;
+            w.write_pages(&buf.as_slice()[..fill])?;
+        }
+    }
+    Ok(())
+}
+
+/// Fills `out` with the bytes of `ranges`, in order.
+fn copy_batch(
+    pid: Pid,
+    shmem: &Option<File>,
+    vma: &Vma,
+    readable: bool,
+    mem: &File,
+    ranges: &[RemoteRange],
+    out: &mut [u8],
+) -> Result<()> {
+    let mut done = 0usize;
+    if let Some(f) = shmem {
+        for r in ranges {
+            let off = vma.file_offset + (r.addr.0 - vma.start);
+            f.read_exact_at(&mut out[done..done + r.len], off)
+                .map_err(|e| Error::Proc { pid, path: "shared memory object".into(), source: e })?;
+            done += r.len;
+        }
+        return Ok(());
+    }
+    if readable {
+        done = process_vm_readv(pid, out, ranges).unwrap_or(0);
+    }
+    // Whatever process_vm_readv could not read (unreadable pages) comes from /proc/PID/mem,
+    // which reads with the kernel's force access.
+    let mut pos = 0usize;
+    for r in ranges {
+        let (rs, re) = (pos, pos + r.len);
+        pos = re;
+        if re <= done {
+            continue;
+        }
+        let from = rs.max(done);
+        let addr = r.addr.0 + (from - rs) as u64;
+        mem.read_exact_at(&mut out[from..re], addr)
+            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem at {addr:#x}").into(), source: e })?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Restore half.
+
+/// Fixed layout of the helper region the restore child maps for the restorer: a `syscall`
+/// instruction at its start, then a data area for the arguments of injected calls.
+pub const HELPER_LEN: u64 = 64 * 1024;
+pub const HELPER_DATA: u64 = 4096;
+
+/// Lowest address considered for the helper region and the vDSO parking area.
+const LOW_ADDR: u64 = 0x10_0000;
+const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+
+/// Finds `len` bytes free in every one of `layouts` (each a sorted or unsorted list of
+/// busy [start, end) ranges), with a page of space on both sides; lowest address first.
+pub fn find_free(layouts: &[&[(u64, u64)]], len: u64) -> Option<u64> {
+    let mut busy: Vec<(u64, u64)> = layouts.iter().flat_map(|l| l.iter().copied()).collect();
+    busy.sort();
+    let mut cand = LOW_ADDR;
+    for (s, e) in busy {
+        if cand + len + PAGE_SIZE <= s {
+            return Some(cand);
+        }
+        cand = cand.max(e + PAGE_SIZE);
+    }
+    (cand + len <= TASK_SIZE).then_some(cand)
+}
+
+/// The saved layout as busy ranges, including the room a growing stack needs below it.
+pub fn busy_ranges(vmas: &[Vma]) -> Vec<(u64, u64)> {
+    vmas.iter()
+        .map(|v| {
+            let low = if v.flags & vmflags::GROWSDOWN != 0 { v.start.saturating_sub(8 << 20) } else { v.start };
+            (low, v.end)
+        })
+        .collect()
+}
+
+/// Descriptor numbers in the restore child for the files its mappings need.
+pub struct MapFds {
+    /// (backing file, fd number in the child, opened for writing)
+    pub files: Vec<(FileRef, i32, bool)>,
+}
+
+impl MapFds {
+    /// One descriptor per distinct file, numbered from `base`.
+    pub fn plan(vmas: &[Vma], base: i32) -> MapFds {
+        let mut files: Vec<(FileRef, i32, bool)> = Vec::new();
+        for v in vmas {
+            if let VmaBacking::File(f) = &v.backing {
+                let rw = v.shared && v.flags & vmflags::MAYWRITE != 0;
+                match files.iter_mut().find(|(g, _, _)| g.path == f.path) {
+                    Some(e) => e.2 |= rw,
+                    None => files.push((f.clone(), base + files.len() as i32, rw)),
+                }
+            }
+        }
+        MapFds { files }
+    }
+
+    pub fn fd_of(&self, f: &FileRef) -> i32 {
+        self.files.iter().find(|(g, _, _)| g.path == f.path).map(|e| e.1).unwrap_or(-1)
+    }
+}
+
+/// Checks, before anything is created, that the files behind the mappings still fit.
+pub fn check_files(pid: Pid, vmas: &[Vma]) -> Result<()> {
+    for v in vmas {
+        let VmaBacking::File(f) = &v.backing else { continue };
+        let path = f.display();
+        let md = std::fs::metadata(&path).map_err(|e| Error::FileChanged {
+            pid,
+            path: path.clone(),
+            what: format!("is gone ({e}); it is mapped at {:#x}-{:#x}", v.start, v.end),
+        })?;
+        let needed = f.size.min(v.file_offset + v.len());
+        if md.size() < needed {
+            return Err(Error::FileChanged {
+                pid,
+                path,
+                what: format!("shrank from {} to {} bytes; its mapping at {:#x}-{:#x} needs {needed}", f.size, md.size(), v.start, v.end),
+            });
+        }
+        // Private mappings mix saved pages with the file's own: a file whose content may
+        // differ would produce a subtly different program.
+        let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        if !v.shared && (md.size() != f.size || mtime != f.mtime_ns) {
+            return Err(Error::FileChanged {
+                pid,
+                path,
+                what: format!("changed since the dump (size {} -> {}, mtime differs: {}); it is mapped privately at {:#x}-{:#x}", f.size, md.size(), mtime != f.mtime_ns, v.start, v.end),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes bytes into the child's memory (the helper data area).
+pub struct ChildMem {
+    pub pid: Pid,
+    pub file: File,
+}
+
+impl ChildMem {
+    pub fn open(pid: Pid) -> Result<ChildMem> {
+        let path = format!("/proc/{pid}/mem");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::Proc { pid, path: path.into(), source: e })?;
+        Ok(ChildMem { pid, file })
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        let pid = self.pid;
+        self.file
+            .write_all_at(data, addr)
+            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem at {addr:#x}").into(), source: e })
+    }
+}
+
+/// The restorer's view of the restore child's memory work.
+pub struct MmRestore<'a> {
+    pub inj: &'a mut Injector,
+    pub mem: &'a ChildMem,
+    pub helper: u64,
+    pub image_fd: i32,
+    /// Absolute offset of page data in the image file.
+    pub pages_offset: u64,
+}
+
+impl MmRestore<'_> {
+    fn data_addr(&self) -> u64 {
+        self.helper + HELPER_DATA
+    }
+
+    /// Replaces the child's own address space with the saved one (all but the registers
+    /// and mm fields). `child_maps` is the child's current layout.
+    pub fn rebuild(&mut self, child_maps: &[MapEntry], vmas: &[Vma], fds: &MapFds) -> Result<u64> {
+        let pid = self.inj.pid;
+        // 1. Park the child's vDSO block where neither layout has anything.
+        let child_vdso: Vec<&MapEntry> = child_maps.iter().filter(|m| VDSO_NAMES.contains(&m.name.as_str())).collect();
+        let saved_vdso: Vec<&Vma> = vmas.iter().filter(|v| matches!(v.backing, VmaBacking::Special(_))).collect();
+        let child_busy: Vec<(u64, u64)> = child_maps.iter().map(|m| (m.start, m.end)).collect();
+        let saved_busy = busy_ranges(vmas);
+        let helper_busy = [(self.helper, self.helper + HELPER_LEN)];
+        let (lo, hi) = child_vdso.iter().fold((u64::MAX, 0), |(l, h), m| (l.min(m.start), h.max(m.end)));
+        let mut parked: Vec<(String, u64, u64)> = Vec::new();
+        if !child_vdso.is_empty() {
+            let park = find_free(&[&child_busy, &saved_busy, &helper_busy], hi - lo).ok_or_else(|| {
+                Error::Restore { pid, what: "no free address range to move the vDSO through".into() }
+            })?;
+            for m in &child_vdso {
+                let to = park + (m.start - lo);
+                self.mremap(m.start, m.end - m.start, to)?;
+                parked.push((m.name.clone(), to, m.end - m.start));
+            }
+        }
+        let keep: Vec<(u64, u64)> = {
+            let mut k: Vec<(u64, u64)> = parked.iter().map(|(_, a, l)| (*a, *a + *l)).collect();
+            k.push((self.helper, self.helper + HELPER_LEN));
+            k.sort();
+            k
+        };
+        // 2. Unmap everything else.
+        let mut pos = 0u64;
+        for (s, e) in keep.iter().copied().chain(std::iter::once((TASK_SIZE, TASK_SIZE))) {
+            if s > pos {
+                self.inj.call("munmap", libc::SYS_munmap, [pos, s - pos, 0, 0, 0, 0])?;
+            }
+            pos = e;
+        }
+        // 3. The vDSO block to its saved place (or away, if the image has none).
+        for (name, at, len) in &parked {
+            match saved_vdso.iter().find(|v| matches!(&v.backing, VmaBacking::Special(n) if n == name)) {
+                Some(v) => self.mremap(*at, *len, v.start)?,
+                None => self.inj.call("munmap", libc::SYS_munmap, [*at, *len, 0, 0, 0, 0]).map(drop)?,
+            }
+        }
+        // 4. Every saved mapping, then its data.
+        let mut loaded = 0u64;
+        for v in vmas {
+            if matches!(v.backing, VmaBacking::Special(_)) {
+                continue;
+            }
+            let fill = !v.pages.is_empty();
+            let prot = v.prot | if fill { PROT_WRITE } else { 0 };
+            let mut flags = libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+            let (fd, off) = match &v.backing {
+                VmaBacking::File(f) => (fds.fd_of(f), v.file_offset),
+                _ => {
+                    flags |= libc::MAP_ANONYMOUS;
+                    (-1, 0)
+                }
+            };
+            if v.flags & vmflags::GROWSDOWN != 0 {
+                flags |= libc::MAP_GROWSDOWN;
+            }
+            self.inj.call("mmap", libc::SYS_mmap, [v.start, v.len(), prot as u64, flags as u64, fd as i64 as u64, off])?;
+            if fill {
+                loaded += self.fill(v)?;
+            }
+            if prot != v.prot {
+                self.inj.call("mprotect", libc::SYS_mprotect, [v.start, v.len(), v.prot as u64, 0, 0, 0])?;
+            }
+            self.advise(v)?;
+        }
+        Ok(loaded)
+    }
+
+    fn mremap(&mut self, from: u64, len: u64, to: u64) -> Result<()> {
+        if from == to {
+            return Ok(());
+        }
+        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        self.inj.call("mremap", libc::SYS_mremap, [from, len, len, flags, to, 0]).map(drop)
+    }
+
+    /// preadv of the mapping's pages straight from the image file into place.
+    fn fill(&mut self, v: &Vma) -> Result<u64> {
+        let max_iov = ((HELPER_LEN - HELPER_DATA) / 16).min(1024) as usize;
+        let mut file_off = self.pages_offset + v.data_offset;
+        let mut total = 0u64;
+        for chunk in v.pages.chunks(max_iov) {
+            let mut iov = Vec::with_capacity(chunk.len() * 16);
+            let mut want = 0u64;
+            for r in chunk {
+                iov.extend_from_slice(&r.addr.to_le_bytes());
+                iov.extend_from_slice(&r.len().to_le_bytes());
+                want += r.len();
+            }
+            let mut got = 0u64;
+            while got < want {
+                // Rewrite the iovec array to skip what a short read already delivered.
+                let (skip_runs, skip_bytes) = position_in(chunk, got);
+                let mut iov = iov[skip_runs * 16..].to_vec();
+                let first_addr = chunk[skip_runs].addr + skip_bytes;
+                let first_len = chunk[skip_runs].len() - skip_bytes;
+                iov[0..8].copy_from_slice(&first_addr.to_le_bytes());
+                iov[8..16].copy_from_slice(&first_len.to_le_bytes());
+                self.mem.write(self.data_addr(), &iov)?;
+                let n = self.inj.call(
+                    "preadv",
+                    libc::SYS_preadv,
+                    [self.image_fd as u64, self.data_addr(), (chunk.len() - skip_runs) as u64, file_off + got, 0, 0],
+                )?;
+                if n == 0 {
+                    return Err(Error::Restore { pid: self.inj.pid, what: "image page data ended early".into() });
+                }
+                got += n;
+            }
+            file_off += want;
+            total += want;
+        }
+        Ok(total)
+    }
+
+    fn advise(&mut self, v: &Vma) -> Result<()> {
+        const ADVICE: [(u64, i32); 5] = [
+            (vmflags::DONTFORK, libc::MADV_DONTFORK),
+            (vmflags::WIPEONFORK, libc::MADV_WIPEONFORK),
+            (vmflags::DONTDUMP, libc::MADV_DONTDUMP),
+            (vmflags::HUGEPAGE, libc::MADV_HUGEPAGE),
+            (vmflags::NOHUGEPAGE, libc::MADV_NOHUGEPAGE),
+        ];
+        for (flag, advice) in ADVICE {
+            if v.flags & flag != 0 {
+                self.inj.call("madvise", libc::SYS_madvise, [v.start, v.len(), advice as u64, 0, 0, 0])?;
+            }
+        }
+        const MADV_GUARD_INSTALL: u64 = 102;
+        for g in &v.guards {
+            self.inj.call("madvise(MADV_GUARD_INSTALL)", libc::SYS_madvise, [g.addr, g.len(), MADV_GUARD_INSTALL, 0, 0, 0])?;
+        }
+        Ok(())
+    }
+}
+
+/// Which run, and how far into it, `bytes` bytes into a list of runs falls.
+fn position_in(runs: &[PageRun], mut bytes: u64) -> (usize, u64) {
+    for (i, r) in runs.iter().enumerate() {
+        if bytes < r.len() {
+            return (i, bytes);
+        }
+        bytes -= r.len();
+    }
+    (runs.len(), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, shared: bool, inode: u64) -> MapEntry {
+        MapEntry { start: 0x1000, end: 0x2000, shared, inode, name: name.into(), read: true, ..Default::default() }
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(&entry("[vsyscall]", false, 0)), MapClass::Skip);
+        assert_eq!(classify(&entry("[vdso]", false, 0)), MapClass::Special);
+        assert_eq!(classify(&entry("", false, 0)), MapClass::Anonymous);
+        assert_eq!(classify(&entry("[heap]", false, 0)), MapClass::Anonymous);
+        assert_eq!(classify(&entry("/dev/zero (deleted)", true, 5)), MapClass::SharedAnonymous);
+        assert_eq!(classify(&entry("/usr/lib/libc.so.6", false, 9)), MapClass::File);
+        assert!(matches!(classify(&entry("/tmp/x (deleted)", false, 9)), MapClass::Refuse(_)));
+        assert!(matches!(classify(&entry("/memfd:x (deleted)", true, 9)), MapClass::Refuse(_)));
+        assert!(matches!(classify(&entry("[uprobes]", false, 0)), MapClass::Refuse(_)));
+    }
+
+    #[test]
+    fn free_range_avoids_all_layouts() {
+        let a = [(0x10_0000, 0x20_0000)];
+        let b = [(0x20_1000, 0x30_0000)];
+        let got = find_free(&[&a, &b], 0x1_0000).unwrap();
+        assert!(got >= 0x30_1000);
+        assert_eq!(find_free(&[&[]], 0x1000), Some(LOW_ADDR));
+    }
+
+    #[test]
+    fn stack_room_is_busy() {
+        let v = Vma {
+            start: 0x4000_0000,
+            end: 0x4001_0000,
+            prot: 3,
+            shared: false,
+            flags: vmflags::GROWSDOWN,
+            backing: VmaBacking::Anonymous,
+            file_offset: 0,
+            pages: vec![],
+            data_offset: 0,
+            guards: vec![],
+        };
+        assert_eq!(busy_ranges(&[v])[0].0, 0x4000_0000 - (8 << 20));
+    }
+
+    #[test]
+    fn positions_in_runs() {
+        let runs = [PageRun { addr: 0, npages: 2 }, PageRun { addr: 0x10000, npages: 1 }];
+        assert_eq!(position_in(&runs, 0), (0, 0));
+        assert_eq!(position_in(&runs, 4096), (0, 4096));
+        assert_eq!(position_in(&runs, 8192), (1, 0));
+    }
+}
