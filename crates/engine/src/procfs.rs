@@ -153,6 +153,7 @@ pub struct Status {
     pub nspid: Vec<i32>,
     pub kthread: bool,
     pub state: char,
+    pub cap_eff: u64,
 }
 
 pub fn parse_status(text: &str) -> Result<Status, String> {
@@ -174,6 +175,7 @@ pub fn parse_status(text: &str) -> Result<Status, String> {
             "NSpid" => s.nspid = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),
             "Kthread" => s.kthread = v == "1",
             "State" => s.state = v.chars().next().unwrap_or('?'),
+            "CapEff" => s.cap_eff = u64::from_str_radix(v, 16).map_err(|_| "bad CapEff")?,
             _ => {}
         }
     }

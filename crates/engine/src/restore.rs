@@ -1,9 +1,35 @@
 //! The restore pipeline.
+//!
+//! 1. Read the image and check everything before any process exists: checksums of every
+//!    byte, host compatibility, the files it needs, limits we can set, the PID is free.
+//! 2. Fork a child with the saved PID (clone3 set_tid). In ordinary code it sets what a
+//!    process sets on itself: signal dispositions (all signals blocked), descriptors,
+//!    session, cwd, root, umask, name; it maps a helper page holding a `syscall`
+//!    instruction at an address the saved layout leaves free, asks to be traced and stops.
+//! 3. The restorer, its tracer, injects the rest through that instruction: rseq off, the
+//!    address space replaced (mm::MmRestore), mm fields (PR_SET_MM_MAP), per-thread kernel
+//!    addresses, limits, pending signals, credentials; the last injected call unmaps the
+//!    helper page, and at its exit stop the saved registers and signal mask go in.
+//! 4. Detach: the process runs on from where it was dumped.
+//!
+//! Until the detach the child is killed with the restorer (PDEATHSIG, then
+//! PTRACE_O_EXITKILL), and every error kills and reaps it: a failed restore leaves nothing.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::freeze::{read_stat, read_status};
+use crate::inject::Injector;
+use crate::mm::{self, ChildMem, MapFds, MmRestore, HELPER_DATA, HELPER_LEN};
+use crate::task::SessionPlan;
+use crate::{files, host, signals, task, threads};
+use stasis_image::{FdKind, ImageReader, MmRecord, ProcessRecord};
+use stasis_sys::proc::{self as sp, Forked};
+use stasis_sys::ptrace::{self, WaitStatus};
 use stasis_sys::Pid;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
@@ -30,8 +56,258 @@ pub struct Restored {
     pub stats: RestoreStats,
 }
 
-/// Restores the image in `opts.dir`. The caller must be single-threaded (the restored
-/// process is forked from it). On success the process runs as the caller's child.
-pub fn restore(_opts: &RestoreOptions) -> Result<Restored> {
-    todo!()
+const PR_SET_MM: u64 = 35;
+const PR_SET_MM_MAP: u64 = 14;
+const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+const XFEATURE_XTILEDATA: u64 = 18;
+const CAP_SYS_RESOURCE: u64 = 24;
+
+/// Descriptor numbers the restore child uses for the restorer's needs.
+struct FdPlan {
+    image: i32,
+    exe: i32,
+    maps: MapFds,
+    /// The child parks its own descriptors (error pipe, terminal, image) at or above this.
+    park: i32,
+}
+
+impl FdPlan {
+    fn new(p: &ProcessRecord) -> FdPlan {
+        let base = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
+        let maps = MapFds::plan(&p.mm.vmas, base + 2);
+        let park = base + 2 + maps.files.len() as i32 + 1;
+        FdPlan { image: base, exe: base + 1, maps, park }
+    }
+}
+
+/// Everything the child needs, computed before the fork.
+struct Plan<'a> {
+    rec: &'a ProcessRecord,
+    session: SessionPlan,
+    fds: FdPlan,
+    helper: u64,
+    terminal: Option<i32>,
+    image_fd: i32,
+    restorer: Pid,
+}
+
+fn check_pid_free(pid: Pid) -> Result<()> {
+    match read_stat(pid) {
+        Ok(st) if st.state == 'Z' => Err(Error::PidZombie { pid, parent: st.ppid }),
+        Ok(st) => Err(Error::PidTaken { pid, comm: st.comm }),
+        Err(Error::NoSuchProcess(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn restorer_terminal() -> Option<i32> {
+    (0..3).find(|&fd| sp::isatty(fd))
+}
+
+pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
+    let t0 = Instant::now();
+    let reader = ImageReader::open(&opts.dir)?;
+    let img = &reader.image;
+    let here = host::current()?;
+    host::check_compatible(&img.host, &here)?;
+    reader.verify_pages(2)?;
+    let [rec] = img.processes.as_slice() else {
+        return Err(Error::Incompatible(format!("{} processes in the image; this stasis restores one", img.processes.len())));
+    };
+    let pid = Pid(rec.pid);
+    if rec.threads.len() != 1 {
+        return Err(Error::Restore { pid, what: format!("{} threads in the image; this stasis restores one", rec.threads.len()) });
+    }
+    if img.shell_job && !opts.shell_job {
+        return Err(Error::Restore { pid, what: "the image was dumped with --shell-job; restore it with --shell-job".into() });
+    }
+    let session = if rec.sid == rec.pid { SessionPlan::Leader } else { task::session_plan(pid, rec.sid, opts.shell_job)? };
+    let terminal = restorer_terminal();
+    if terminal.is_none() {
+        if let Some(f) = rec.fds.iter().find(|f| matches!(f.kind, FdKind::Terminal { .. })) {
+            return Err(Error::Restore { pid, what: format!("fd {} is a terminal but the restorer has none on fd 0-2", f.fd) });
+        }
+    }
+    mm::check_files(pid, &rec.mm.vmas)?;
+    files::check(pid, &rec.fds)?;
+    let caps = read_status(sp::getpid())?.cap_eff;
+    task::check_rlimits(pid, &rec.rlimits, caps & (1 << CAP_SYS_RESOURCE) != 0)?;
+    let own_maps = mm::read_maps(sp::getpid())?;
+    let own_busy: Vec<(u64, u64)> = own_maps.iter().map(|m| (m.start, m.end)).collect();
+    let helper = mm::find_free(&[&own_busy, &mm::busy_ranges(&rec.mm.vmas)], HELPER_LEN)
+        .ok_or_else(|| Error::Restore { pid, what: "no free address range for the helper page".into() })?;
+    check_pid_free(pid)?;
+    let validate = t0.elapsed();
+
+    let plan = Plan {
+        rec,
+        session,
+        fds: FdPlan::new(rec),
+        helper,
+        terminal,
+        image_fd: reader.file.as_raw_fd(),
+        restorer: sp::getpid(),
+    };
+    let (mut err_rd, err_wr) = std::io::pipe().map_err(|e| Error::Io { op: "create", path: "pipe".into(), source: e })?;
+    let child = match sp::fork_with_pid(Some(pid)) {
+        Err(e) if e.0 == libc::EEXIST => {
+            check_pid_free(pid)?;
+            return Err(Error::PidTaken { pid, comm: "unknown".into() });
+        }
+        Err(e) if e.0 == libc::EBUSY => {
+            return Err(Error::Restore { pid, what: "the restorer must be single-threaded to fork the restored process".into() })
+        }
+        Err(e) => return Err(Error::Sys { pid, op: "clone3 with set_tid", errno: e }),
+        Ok(Forked::Child) => {
+            drop(err_rd);
+            let msg = match child_main(&plan, err_wr.as_raw_fd()) {
+                Err(m) => m,
+                Ok(()) => "resumed unexpectedly".to_string(),
+            };
+            let mut w = err_wr;
+            let _ = w.write_all(msg.as_bytes());
+            sp::exit_now(1);
+        }
+        Ok(Forked::Parent(c)) => c,
+    };
+    drop(err_wr);
+    let guard = ChildGuard { pid: child, armed: true };
+    match ptrace::waitpid(child, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
+        WaitStatus::Stopped(_, libc::SIGSTOP, _) => {}
+        other => {
+            let mut msg = String::new();
+            let _ = err_rd.read_to_string(&mut msg);
+            return Err(Error::Restore {
+                pid,
+                what: if msg.is_empty() { format!("the restore child ended early: {other:?}") } else { msg },
+            });
+        }
+    }
+    drop(err_rd);
+    ptrace::set_options(child, ptrace::PTRACE_O_TRACESYSGOOD | ptrace::PTRACE_O_EXITKILL)
+        .map_err(Error::sys(pid, "PTRACE_SETOPTIONS"))?;
+    let memory_bytes = drive_child(&plan, reader.page_file_offset(0))?;
+    guard.release()?;
+    Ok(Restored { pid: child, stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes } })
+}
+
+/// Kills and reaps the restore child unless released.
+struct ChildGuard {
+    pid: Pid,
+    armed: bool,
+}
+
+impl ChildGuard {
+    fn release(mut self) -> Result<()> {
+        self.armed = false;
+        ptrace::detach(self.pid, 0).map_err(Error::sys(self.pid, "PTRACE_DETACH"))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = sp::kill(self.pid, libc::SIGKILL);
+            let _ = ptrace::waitpid(self.pid, libc::__WALL);
+        }
+    }
+}
+
+/// The child's part: runs in the forked copy of the restorer, returns only on error.
+fn child_main(plan: &Plan, err_fd: i32) -> std::result::Result<(), String> {
+    sp::set_pdeathsig(libc::SIGKILL).map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    if sp::getppid() != plan.restorer {
+        return Err("the restorer exited".into());
+    }
+    let rec = plan.rec;
+    signals::restore_actions_in_child(&rec.sigactions)?;
+
+    // Park our own descriptors above every number the plan uses, drop all others, then
+    // open the saved ones at their numbers.
+    let park = |fd: i32| sp::dup_at_least(fd, plan.fds.park).map_err(|e| format!("dup: {e}"));
+    let err_hi = park(err_fd)?;
+    let image_hi = park(plan.image_fd)?;
+    let term_hi = plan.terminal.map(park).transpose()?;
+    let _ = sp::close_range(0, plan.fds.park as u32 - 1);
+    files::restore_in_child(&rec.fds, term_hi)?;
+    let place = |fd: OwnedFd, at: i32| -> std::result::Result<(), String> {
+        let raw = fd.into_raw_fd();
+        sp::dup3(raw, at, libc::O_CLOEXEC).map_err(|e| format!("dup3 to {at}: {e}"))?;
+        sp::close_range(raw as u32, raw as u32).map_err(|e| format!("close: {e}"))
+    };
+    sp::dup3(image_hi, plan.fds.image, libc::O_CLOEXEC).map_err(|e| format!("dup3 image: {e}"))?;
+    let exe_path = std::ffi::OsStr::from_bytes(&rec.mm.exe.path);
+    let exe = sp::open(exe_path.as_ref(), libc::O_RDONLY | libc::O_CLOEXEC, 0)
+        .map_err(|e| format!("open exe {}: {e}", rec.mm.exe.display()))?;
+    place(exe, plan.fds.exe)?;
+    for (f, at, rw) in &plan.fds.maps.files {
+        let mode = if *rw { libc::O_RDWR } else { libc::O_RDONLY };
+        let fd = sp::open(std::ffi::OsStr::from_bytes(&f.path).as_ref(), mode | libc::O_CLOEXEC, 0)
+            .map_err(|e| format!("open mapped file {}: {e}", f.display()))?;
+        place(fd, *at)?;
+    }
+    for fd in [Some(image_hi), term_hi].into_iter().flatten() {
+        let _ = sp::close_range(fd as u32, fd as u32);
+    }
+
+    task::restore_in_child(plan.session, &rec.cwd, &rec.root, rec.umask, &rec.comm)?;
+    // syscall; then int3 so that a stray resume traps instead of running on.
+    stasis_sys::mem::map_helper_region(plan.helper, HELPER_LEN as usize, &[0x0f, 0x05, 0xcc, 0xcc])
+        .map_err(|e| format!("map helper page at {:#x}: {e}", plan.helper))?;
+    ptrace::traceme().map_err(|e| format!("PTRACE_TRACEME: {e}"))?;
+    // From here errors can no longer be reported through the pipe.
+    let _ = sp::close_range(err_hi as u32, err_hi as u32);
+    let me = sp::getpid();
+    sp::kill(me, libc::SIGSTOP).map_err(|e| format!("SIGSTOP: {e}"))?;
+    Ok(())
+}
+
+/// The restorer's part, with the child stopped at its SIGSTOP. Returns page bytes loaded.
+fn drive_child(plan: &Plan, pages_offset: u64) -> Result<u64> {
+    let rec = plan.rec;
+    let pid = Pid(rec.pid);
+    let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
+    let mut inj = Injector::new(pid, pid, plan.helper, regs);
+    let mem = ChildMem::open(pid)?;
+    let data = plan.helper + HELPER_DATA;
+    threads::unregister_inherited_rseq(&mut inj)?;
+    let child_maps = mm::read_maps(pid)?;
+    let loaded = MmRestore { inj: &mut inj, mem: &mem, helper: plan.helper, image_fd: plan.fds.image, pages_offset }
+        .rebuild(&child_maps, &rec.mm.vmas, &plan.fds.maps)?;
+    set_mm_fields(&mut inj, &mem, data, &rec.mm, plan.fds.exe)?;
+    if rec.mm.xcomp_perm & (1 << XFEATURE_XTILEDATA) != 0 {
+        inj.call("arch_prctl(ARCH_REQ_XCOMP_PERM)", libc::SYS_arch_prctl, [ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, 0, 0, 0, 0])?;
+    }
+    // The restorer's descriptors in the child: image, exe, mapped files.
+    inj.call("close_range", libc::SYS_close_range, [plan.fds.image as u64, u32::MAX as u64, 0, 0, 0, 0])?;
+    let thread = &rec.threads[0];
+    threads::restore_kernel_addrs(&mut inj, &mem, data, thread)?;
+    task::restore_rlimits(&mut inj, &mem, data, &rec.rlimits)?;
+    signals::restore_pending(&mut inj, &mem, data, pid, None, &rec.shared_pending)?;
+    signals::restore_pending(&mut inj, &mem, data, pid, Some(Pid(thread.tid)), &thread.pending)?;
+    inj.call("prctl(PR_SET_PDEATHSIG)", libc::SYS_prctl, [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0])?;
+    task::restore_creds(&mut inj, &mem, data, &rec.creds)?;
+    inj.call("munmap(helper)", libc::SYS_munmap, [plan.helper, HELPER_LEN, 0, 0, 0, 0])?;
+    threads::restore_regs(pid, pid, thread)?;
+    Ok(loaded)
+}
+
+/// prctl(PR_SET_MM, PR_SET_MM_MAP): code/data/brk/stack/args/env boundaries, auxv and the
+/// exe link, in one call that needs no CAP_SYS_RESOURCE.
+fn set_mm_fields(inj: &mut Injector, mem: &ChildMem, at: u64, m: &MmRecord, exe_fd: i32) -> Result<()> {
+    let auxv: Vec<u8> = m.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let auxv_at = at + 128;
+    let mut b = Vec::with_capacity(104);
+    for v in [
+        m.start_code, m.end_code, m.start_data, m.end_data, m.start_brk, m.brk, m.start_stack,
+        m.arg_start, m.arg_end, m.env_start, m.env_end, auxv_at,
+    ] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.extend_from_slice(&(auxv.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(exe_fd as u32).to_le_bytes());
+    mem.write(at, &b)?;
+    mem.write(auxv_at, &auxv)?;
+    inj.call("prctl(PR_SET_MM_MAP)", libc::SYS_prctl, [PR_SET_MM, PR_SET_MM_MAP, at, b.len() as u64, 0, 0])
+        .map(drop)
 }

@@ -1,1 +1,110 @@
-//! todo
+//! Signal state: dispositions (per process), blocked masks, pending signals and the
+//! alternate signal stack (per thread).
+//!
+//! Dump reads dispositions and the alternate stack by injected calls (the kernel offers no
+//! other way) and pending signals with PTRACE_PEEKSIGINFO, which does not dequeue them.
+//! Restore sets dispositions in the child before it stops, with every signal blocked so
+//! that no handler can run before its code exists; pending signals are queued again by
+//! injected calls at the end, and the blocked mask goes in last.
+
+use crate::error::{Error, Result};
+use crate::inject::Injector;
+use crate::mm::ChildMem;
+use crate::parasite::Parasite;
+use stasis_image::{AltStack, SigAction, SigInfo};
+use stasis_sys::proc::KernelSigaction;
+use stasis_sys::ptrace;
+use stasis_sys::Pid;
+
+const NSIG: i32 = 64;
+const SS_ONSTACK: i32 = 1;
+const SS_DISABLE: i32 = 2;
+
+fn catchable(sig: i32) -> bool {
+    sig != libc::SIGKILL && sig != libc::SIGSTOP
+}
+
+/// Reads all 64 dispositions with injected rt_sigaction calls into the scratch page.
+pub fn dump_actions(p: &mut Parasite) -> Result<Vec<SigAction>> {
+    for sig in (1..=NSIG).filter(|&s| catchable(s)) {
+        let out = p.scratch.0 + sig as u64 * 32;
+        p.inj.call("rt_sigaction", libc::SYS_rt_sigaction, [sig as u64, 0, out, 8, 0, 0])?;
+    }
+    let mut buf = vec![0u8; (NSIG as usize + 1) * 32];
+    p.read(0, &mut buf)?;
+    let word = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap_or_default());
+    Ok((1..=NSIG)
+        .filter(|&s| catchable(s))
+        .map(|sig| {
+            let o = sig as usize * 32;
+            SigAction { sig, handler: word(o), flags: word(o + 8), restorer: word(o + 16), mask: word(o + 24) }
+        })
+        .filter(|a| a.handler != 0 || a.flags != 0 || a.mask != 0)
+        .collect())
+}
+
+/// Reads the alternate signal stack of the thread the parasite runs in.
+pub fn dump_altstack(p: &mut Parasite) -> Result<AltStack> {
+    const AT: u64 = 4096;
+    p.inj.call("sigaltstack", libc::SYS_sigaltstack, [0, p.scratch.0 + AT, 0, 0, 0, 0])?;
+    let mut b = [0u8; 24];
+    p.read(AT, &mut b)?;
+    Ok(AltStack {
+        sp: u64::from_le_bytes(b[0..8].try_into().unwrap_or_default()),
+        flags: i32::from_le_bytes(b[8..12].try_into().unwrap_or_default()),
+        size: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
+    })
+}
+
+/// Queued signals of a thread (`shared` false) or of its whole process (`shared` true).
+pub fn dump_pending(pid: Pid, tid: Pid, shared: bool) -> Result<Vec<SigInfo>> {
+    let raw = ptrace::peek_siginfo(tid, shared).map_err(Error::sys(pid, "PTRACE_PEEKSIGINFO"))?;
+    Ok(raw.into_iter().map(|s| SigInfo(s.to_vec())).collect())
+}
+
+/// In the restore child: block everything, then install every saved disposition and
+/// reset all others to default (the child inherited the restorer's).
+pub fn restore_actions_in_child(actions: &[SigAction]) -> std::result::Result<(), String> {
+    stasis_sys::proc::set_own_sigmask(!0).map_err(|e| format!("sigprocmask: {e}"))?;
+    for sig in (1..=NSIG).filter(|&s| catchable(s)) {
+        let act = actions
+            .iter()
+            .find(|a| a.sig == sig)
+            .map(|a| KernelSigaction { handler: a.handler, flags: a.flags, restorer: a.restorer, mask: a.mask })
+            .unwrap_or_default();
+        stasis_sys::proc::set_sigaction(sig, &act).map_err(|e| format!("rt_sigaction({sig}): {e}"))?;
+    }
+    Ok(())
+}
+
+/// Injected in the restored thread: its alternate signal stack.
+pub fn restore_altstack(inj: &mut Injector, mem: &ChildMem, at: u64, ss: &AltStack) -> Result<()> {
+    if ss.flags & SS_DISABLE != 0 {
+        return Ok(()); // the default state of a new thread
+    }
+    let mut b = [0u8; 24];
+    b[0..8].copy_from_slice(&ss.sp.to_le_bytes());
+    // On-stack is a state, not a setting: the kernel derives it from the stack pointer.
+    b[8..12].copy_from_slice(&(ss.flags & !SS_ONSTACK).to_le_bytes());
+    b[16..24].copy_from_slice(&ss.size.to_le_bytes());
+    mem.write(at, &b)?;
+    inj.call("sigaltstack", libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0]).map(drop)
+}
+
+/// Injected: queues saved signals again, to the process (`tid` None) or one thread.
+/// Signals queued to oneself may carry any si_code, so kernel-generated ones keep theirs.
+pub fn restore_pending(inj: &mut Injector, mem: &ChildMem, at: u64, pid: Pid, tid: Option<Pid>, sigs: &[SigInfo]) -> Result<()> {
+    for s in sigs {
+        mem.write(at, &s.0)?;
+        let sig = s.signo() as u64;
+        match tid {
+            None => inj.call("rt_sigqueueinfo", libc::SYS_rt_sigqueueinfo, [pid.0 as u64, sig, at, 0, 0, 0])?,
+            Some(t) => inj.call(
+                "rt_tgsigqueueinfo",
+                libc::SYS_rt_tgsigqueueinfo,
+                [pid.0 as u64, t.0 as u64, sig, at, 0, 0],
+            )?,
+        };
+    }
+    Ok(())
+}

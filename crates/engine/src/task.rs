@@ -1,1 +1,152 @@
-//! todo
+//! Per-process settings: identity and session, credentials, cwd and root, umask,
+//! resource limits, command name.
+//!
+//! Restore applies session, cwd, root, umask and comm in the child before it stops (plain
+//! system calls on itself), and limits and credentials by injection at the very end:
+//! limits last because a lowered RLIMIT_AS or RLIMIT_NOFILE could stop the restorer's own
+//! work, credentials last because dropping them would stop prctl(PR_SET_MM_MAP).
+
+use crate::error::{Error, Result};
+use crate::freeze::{read_stat, read_status};
+use crate::inject::Injector;
+use crate::mm::ChildMem;
+use crate::procfs;
+use stasis_image::{Creds, Rlimit};
+use stasis_sys::Pid;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// The parts of a process record this module owns.
+pub struct TaskState {
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub comm: String,
+    pub creds: Creds,
+    pub cwd: Vec<u8>,
+    pub root: Vec<u8>,
+    pub umask: u32,
+    pub rlimits: Vec<Rlimit>,
+}
+
+fn link(pid: Pid, name: &str) -> Result<Vec<u8>> {
+    let path = format!("/proc/{pid}/{name}");
+    std::fs::read_link(&path)
+        .map(|p| p.as_os_str().as_bytes().to_vec())
+        .map_err(|e| Error::Proc { pid, path: path.into(), source: e })
+}
+
+pub fn dump(pid: Pid) -> Result<TaskState> {
+    let stat = read_stat(pid)?;
+    let status = read_status(pid)?;
+    let (path, text) = procfs::read_text(pid, "limits")?;
+    let limits = procfs::parse_limits(&text).map_err(|what| Error::ProcParse { pid, path, what })?;
+    Ok(TaskState {
+        ppid: stat.ppid,
+        pgid: stat.pgrp,
+        sid: stat.session,
+        comm: procfs::read_text(pid, "comm")?.1.trim_end_matches('\n').to_string(),
+        creds: Creds { uids: status.uids, gids: status.gids, groups: status.groups },
+        cwd: link(pid, "cwd")?,
+        root: link(pid, "root")?,
+        umask: status.umask,
+        rlimits: limits.into_iter().map(|(resource, soft, hard)| Rlimit { resource, soft, hard }).collect(),
+    })
+}
+
+/// How the restored process joins a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionPlan {
+    /// It led its own session: setsid().
+    Leader,
+    /// --shell-job: stay in the restorer's session and foreground process group.
+    Inherit,
+}
+
+/// Decided at dump time already (so that an image is never written that cannot restore):
+/// a process whose session leader is outside the image needs --shell-job.
+pub fn session_plan(pid: Pid, sid: i32, shell_job: bool) -> Result<SessionPlan> {
+    if sid == pid.0 {
+        Ok(SessionPlan::Leader)
+    } else if shell_job {
+        Ok(SessionPlan::Inherit)
+    } else {
+        Err(Error::Unsupported {
+            pid,
+            what: format!("a session (sid {sid}) whose leader is outside the dumped tree (dump with --shell-job to restore it into the restorer's session)"),
+        })
+    }
+}
+
+/// In the restore child, before it stops.
+pub fn restore_in_child(plan: SessionPlan, cwd: &[u8], root: &[u8], umask: u32, comm: &str) -> std::result::Result<(), String> {
+    use std::ffi::OsStr;
+    if plan == SessionPlan::Leader {
+        stasis_sys::proc::setsid().map_err(|e| format!("setsid: {e}"))?;
+    }
+    let cwd = Path::new(OsStr::from_bytes(cwd));
+    std::env::set_current_dir(cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
+    if root != b"/" {
+        let root = Path::new(OsStr::from_bytes(root));
+        stasis_sys::proc::chroot(root).map_err(|e| format!("chroot {}: {e}", root.display()))?;
+    }
+    stasis_sys::proc::umask(umask);
+    stasis_sys::proc::set_comm(comm.as_bytes()).map_err(|e| format!("PR_SET_NAME: {e}"))?;
+    Ok(())
+}
+
+pub const RLIMIT_NAMES: [&str; 16] = [
+    "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_RSS",
+    "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS", "RLIMIT_LOCKS",
+    "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_RTPRIO", "RLIMIT_RTTIME",
+];
+
+/// Checks before anything is created that every saved limit can be set here: raising a
+/// hard limit above ours needs CAP_SYS_RESOURCE.
+pub fn check_rlimits(pid: Pid, limits: &[Rlimit], have_sys_resource: bool) -> Result<()> {
+    if have_sys_resource {
+        return Ok(());
+    }
+    for l in limits {
+        let (_, hard) = stasis_sys::proc::own_rlimit(l.resource).map_err(Error::sys(pid, "prlimit"))?;
+        if l.hard > hard {
+            return Err(Error::Restore {
+                pid,
+                what: format!(
+                    "{} hard limit {} is above this restorer's {} and raising it needs CAP_SYS_RESOURCE",
+                    RLIMIT_NAMES.get(l.resource as usize).unwrap_or(&"RLIMIT_?"), l.hard, hard
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Injected at the end: resource limits.
+pub fn restore_rlimits(inj: &mut Injector, mem: &ChildMem, at: u64, limits: &[Rlimit]) -> Result<()> {
+    for l in limits {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&l.soft.to_le_bytes());
+        b[8..16].copy_from_slice(&l.hard.to_le_bytes());
+        mem.write(at, &b)?;
+        inj.call("prlimit64", libc::SYS_prlimit64, [0, l.resource as u64, at, 0, 0, 0])?;
+    }
+    Ok(())
+}
+
+/// Injected last of all: groups, gids, uids (in that order: after setresuid a non-root
+/// process could no longer change its groups).
+pub fn restore_creds(inj: &mut Injector, mem: &ChildMem, at: u64, c: &Creds) -> Result<()> {
+    let cur = read_status(inj.pid)?;
+    if cur.uids == c.uids && cur.gids == c.gids && cur.groups == c.groups {
+        return Ok(());
+    }
+    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
+    mem.write(at, &groups)?;
+    inj.call("setgroups", libc::SYS_setgroups, [c.groups.len() as u64, at, 0, 0, 0, 0])?;
+    inj.call("setresgid", libc::SYS_setresgid, [c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64, 0, 0, 0])?;
+    inj.call("setfsgid", libc::SYS_setfsgid, [c.gids[3] as u64, 0, 0, 0, 0, 0])?;
+    inj.call("setresuid", libc::SYS_setresuid, [c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64, 0, 0, 0])?;
+    inj.call("setfsuid", libc::SYS_setfsuid, [c.uids[3] as u64, 0, 0, 0, 0, 0])?;
+    Ok(())
+}

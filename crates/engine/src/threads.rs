@@ -1,1 +1,97 @@
-//! todo
+//! Per-thread state: registers (general purpose with fs/gs base, and the XSAVE area), the
+//! signal mask and queue, rseq registration, robust futex list, clear_child_tid and the
+//! alternate signal stack.
+//!
+//! Restore puts the kernel-held per-thread addresses back by injected calls
+//! (set_robust_list, set_tid_address, rseq) once the memory they point into exists, and
+//! the registers last, at the exit stop of the final injected call.
+
+use crate::error::{Error, Result};
+use crate::freeze::FrozenThread;
+use crate::inject::{restart_fixup, Injector};
+use crate::mm::ChildMem;
+use crate::parasite::Parasite;
+use crate::signals;
+use stasis_image::{Rseq, ThreadRecord};
+use stasis_sys::ptrace::{self, UserRegs, USER_REGS_COUNT};
+use stasis_sys::Pid;
+
+const PR_GET_TID_ADDRESS: u64 = 40;
+const RSEQ_FLAG_UNREGISTER: u64 = 1;
+
+/// Reads one frozen thread. The parasite must run in this very thread.
+pub fn dump(pid: Pid, t: &FrozenThread, p: &mut Parasite) -> Result<ThreadRecord> {
+    let tid = t.tid;
+    let xstate = ptrace::get_regset(tid, ptrace::NT_X86_XSTATE, stasis_sys::cpu::xsave_size())
+        .map_err(Error::sys(pid, "PTRACE_GETREGSET NT_X86_XSTATE"))?;
+    let rc = ptrace::get_rseq_config(tid).map_err(Error::sys(pid, "PTRACE_GET_RSEQ_CONFIGURATION"))?;
+    let robust_list = stasis_sys::proc::get_robust_list(tid).map_err(Error::sys(pid, "get_robust_list"))?;
+    const TID_AT: u64 = 8192;
+    p.inj.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, [PR_GET_TID_ADDRESS, p.scratch.0 + TID_AT, 0, 0, 0, 0])?;
+    let clear_child_tid = p.read_u64(TID_AT)?;
+    let altstack = signals::dump_altstack(p)?;
+    let comm = crate::procfs::read_text(pid, &format!("task/{tid}/comm"))?.1;
+    Ok(ThreadRecord {
+        tid: tid.0,
+        comm: comm.trim_end_matches('\n').to_string(),
+        regs: t.regs.to_array().to_vec(),
+        xstate,
+        sigmask: t.sigmask,
+        pending: signals::dump_pending(pid, tid, false)?,
+        rseq: (rc.rseq_abi_pointer != 0).then_some(Rseq {
+            addr: rc.rseq_abi_pointer,
+            len: rc.rseq_abi_size,
+            sig: rc.signature,
+        }),
+        robust_list,
+        clear_child_tid,
+        altstack,
+    })
+}
+
+pub fn regs_of(pid: Pid, t: &ThreadRecord) -> Result<UserRegs> {
+    let arr: [u64; USER_REGS_COUNT] = t.regs.as_slice().try_into().map_err(|_| Error::Restore {
+        pid,
+        what: format!("thread {} has {} registers saved, expected {USER_REGS_COUNT}", t.tid, t.regs.len()),
+    })?;
+    Ok(UserRegs::from_array(&arr))
+}
+
+/// Removes the rseq registration the restore child inherited from the restorer, before
+/// the memory it points into is unmapped (the kernel writes to it on every return to
+/// user space).
+pub fn unregister_inherited_rseq(inj: &mut Injector) -> Result<()> {
+    let rc = ptrace::get_rseq_config(inj.tid).map_err(Error::sys(inj.pid, "PTRACE_GET_RSEQ_CONFIGURATION"))?;
+    if rc.rseq_abi_pointer != 0 {
+        inj.call(
+            "rseq(RSEQ_FLAG_UNREGISTER)",
+            libc::SYS_rseq,
+            [rc.rseq_abi_pointer, rc.rseq_abi_size as u64, RSEQ_FLAG_UNREGISTER, rc.signature as u64, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// Injected once the address space is in place: the kernel-held per-thread addresses.
+pub fn restore_kernel_addrs(inj: &mut Injector, mem: &ChildMem, scratch: u64, t: &ThreadRecord) -> Result<()> {
+    if t.robust_list.0 != 0 {
+        inj.call("set_robust_list", libc::SYS_set_robust_list, [t.robust_list.0, t.robust_list.1, 0, 0, 0, 0])?;
+    }
+    inj.call("set_tid_address", libc::SYS_set_tid_address, [t.clear_child_tid, 0, 0, 0, 0, 0])?;
+    if let Some(r) = t.rseq {
+        inj.call("rseq", libc::SYS_rseq, [r.addr, r.len as u64, 0, r.sig as u64, 0, 0])?;
+    }
+    signals::restore_altstack(inj, mem, scratch, &t.altstack)
+}
+
+/// At the exit stop of the last injected call: the thread's own registers, with an
+/// interrupted system call set up to continue as the kernel would have continued it.
+pub fn restore_regs(pid: Pid, tid: Pid, t: &ThreadRecord) -> Result<()> {
+    if !t.xstate.is_empty() {
+        ptrace::set_regset(tid, ptrace::NT_X86_XSTATE, &t.xstate)
+            .map_err(Error::sys(pid, "PTRACE_SETREGSET NT_X86_XSTATE"))?;
+    }
+    let regs = restart_fixup(&regs_of(pid, t)?, false);
+    ptrace::set_regs(tid, &regs).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+    ptrace::set_sigmask(tid, t.sigmask).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))
+}

@@ -117,6 +117,11 @@ impl Header {
     }
 }
 
+/// The hash used throughout the format (xxh3, 64 bits).
+pub fn hash64(data: &[u8]) -> u64 {
+    xxh3_64(data)
+}
+
 fn header_hash(page: &[u8]) -> u64 {
     let mut h = Xxh3::new();
     h.update(&page[..HASH_AT]);

@@ -39,6 +39,10 @@ pub struct HostInfo {
 pub struct SpecialMapping {
     pub name: String,
     pub size: u64,
+    /// Offset from the start of the first special mapping: vDSO code addresses [vvar]
+    /// data relative to itself, so the block only moves as a whole.
+    #[serde(default)]
+    pub offset: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

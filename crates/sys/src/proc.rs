@@ -291,3 +291,10 @@ pub fn seek_data(fd: RawFd, off: u64, hole: bool) -> Option<u64> {
     let r = unsafe { libc::lseek(fd, off as i64, whence) };
     (r >= 0).then_some(r as u64)
 }
+
+/// `fcntl(fd, F_SETFD, cloexec ? FD_CLOEXEC : 0)`.
+pub fn set_cloexec(fd: RawFd, cloexec: bool) -> SysResult<()> {
+    let v = if cloexec { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, v) } as libc::c_long).map(drop)
+}
