@@ -207,7 +207,9 @@ fn err(op: &str, e: impl std::fmt::Display) -> String {
 
 /// Every probe that needs another process, run against one idle forked child.
 fn ptrace_checks() -> Vec<Check> {
-    let specs = [&SEIZE, &XSTATE, &SIGSTATE, &RSEQ, &VM_READV, &PROC_MEM, &PIDFD, &KCMP];
+    let specs = [
+        &SEIZE, &XSTATE, &SIGSTATE, &RSEQ, &VM_READV, &PROC_MEM, &PIDFD, &KCMP,
+    ];
     // Known content at a known address, inherited by the child through fork.
     let marker: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
     let devnull = match File::open("/dev/null") {
@@ -303,11 +305,16 @@ fn probe_rseq(pid: Pid) -> Result<String, String> {
 
 fn probe_vm_readv(pid: Pid, addr: RemoteAddr, marker: &[u8]) -> Result<String, String> {
     let mut buf = vec![0u8; marker.len()];
-    let range = stasis_sys::mem::RemoteRange { addr, len: buf.len() };
+    let range = stasis_sys::mem::RemoteRange {
+        addr,
+        len: buf.len(),
+    };
     let n = stasis_sys::mem::process_vm_readv(pid, &mut buf, &[range])
         .map_err(|e| err("process_vm_readv", e))?;
     if n != marker.len() || buf != marker {
-        return Err(format!("read {n} bytes that do not match the child's memory"));
+        return Err(format!(
+            "read {n} bytes that do not match the child's memory"
+        ));
     }
     Ok(format!("read {n} bytes of the child's memory"))
 }
@@ -316,9 +323,12 @@ fn probe_proc_mem(pid: Pid, addr: RemoteAddr, marker: &[u8]) -> Result<String, S
     let path = format!("/proc/{pid}/mem");
     let f = File::open(&path).map_err(|e| err(&format!("open {path}"), e))?;
     let mut buf = vec![0u8; marker.len()];
-    f.read_exact_at(&mut buf, addr.0).map_err(|e| err(&format!("read {path}"), e))?;
+    f.read_exact_at(&mut buf, addr.0)
+        .map_err(|e| err(&format!("read {path}"), e))?;
     if buf != marker {
-        return Err(format!("{path} returned bytes that do not match the child's memory"));
+        return Err(format!(
+            "{path} returned bytes that do not match the child's memory"
+        ));
     }
     Ok(format!("read {} bytes of the stopped child", buf.len()))
 }
@@ -326,7 +336,10 @@ fn probe_proc_mem(pid: Pid, addr: RemoteAddr, marker: &[u8]) -> Result<String, S
 fn probe_pidfd(pid: Pid, fd: RemoteFd) -> Result<String, String> {
     let pidfd = stasis_sys::proc::pidfd_open(pid).map_err(|e| err("pidfd_open", e))?;
     let dup = stasis_sys::proc::pidfd_getfd(&pidfd, fd).map_err(|e| err("pidfd_getfd", e))?;
-    Ok(format!("duplicated the child's fd {fd} as our fd {}", dup.as_raw_fd()))
+    Ok(format!(
+        "duplicated the child's fd {fd} as our fd {}",
+        dup.as_raw_fd()
+    ))
 }
 
 fn probe_kcmp(pid: Pid, fd: RemoteFd) -> Result<String, String> {
@@ -378,11 +391,12 @@ fn probe_clone3() -> Result<String, String> {
         return Err("the kernel has no clone3 (Linux 5.5+ needed for set_tid)".into());
     }
     let caps = read_caps().map_err(|e| err("read /proc/self/status", e))?;
-    if !has_cap(caps.effective, CAP_SYS_ADMIN) && !has_cap(caps.effective, CAP_CHECKPOINT_RESTORE)
-    {
-        return Err("clone3 exists, but neither CAP_SYS_ADMIN nor CAP_CHECKPOINT_RESTORE is \
+    if !has_cap(caps.effective, CAP_SYS_ADMIN) && !has_cap(caps.effective, CAP_CHECKPOINT_RESTORE) {
+        return Err(
+            "clone3 exists, but neither CAP_SYS_ADMIN nor CAP_CHECKPOINT_RESTORE is \
                     effective: set_tid is refused"
-            .into());
+                .into(),
+        );
     }
     let last = read_number("/proc/sys/kernel/ns_last_pid").unwrap_or(1000);
     let max = read_number("/proc/sys/kernel/pid_max").unwrap_or(32768);
@@ -433,9 +447,9 @@ const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 fn userfaultfd_check() -> Check {
     UFFD.result(match probe::userfaultfd_features() {
         Err(e) => Err(err("userfaultfd", e)),
-        Ok(f) if f & UFFD_FEATURE_WP_ASYNC == 0 => {
-            Err(format!("userfaultfd works, but without WP_ASYNC (features {f:#x})"))
-        }
+        Ok(f) if f & UFFD_FEATURE_WP_ASYNC == 0 => Err(format!(
+            "userfaultfd works, but without WP_ASYNC (features {f:#x})"
+        )),
         Ok(f) => Ok(format!("features {f:#x}")),
     })
 }
@@ -467,9 +481,11 @@ fn probe_guard() -> Result<String, String> {
         Ok(()) if found.iter().any(|r| r.start <= guard && guard < r.end) => {
             Ok("installed a guard page; PAGEMAP_SCAN reports it (PAGE_IS_GUARD)".into())
         }
-        Ok(()) => Err("guard pages work, but PAGEMAP_SCAN does not report them: dump cannot \
+        Ok(()) => Err(
+            "guard pages work, but PAGEMAP_SCAN does not report them: dump cannot \
                        see guard regions"
-            .into()),
+                .into(),
+        ),
         Err(e) => Err(format!(
             "guard pages work, but PAGEMAP_SCAN cannot look for them (Linux 6.15+ needed): {e}"
         )),
@@ -498,7 +514,10 @@ fn parse_caps(status: &str) -> Option<Caps> {
             u64::from_str_radix(v.trim(), 16).ok()
         })
     };
-    Some(Caps { effective: field("CapEff")?, bounding: field("CapBnd")? })
+    Some(Caps {
+        effective: field("CapEff")?,
+        bounding: field("CapBnd")?,
+    })
 }
 
 fn read_caps() -> Result<Caps, String> {
@@ -561,12 +580,18 @@ fn probe_vdso() -> Result<String, String> {
         return Err("no [vdso] mapping in /proc/self/maps".into());
     }
     let contiguous = regions.windows(2).all(|w| w[0].end == w[1].start);
-    let parts: Vec<String> =
-        regions.iter().map(|r| format!("{} {} KiB", r.name, (r.end - r.start) / 1024)).collect();
+    let parts: Vec<String> = regions
+        .iter()
+        .map(|r| format!("{} {} KiB", r.name, (r.end - r.start) / 1024))
+        .collect();
     Ok(format!(
         "{}{}",
         parts.join(", "),
-        if contiguous { " (one contiguous block)" } else { " (not contiguous)" }
+        if contiguous {
+            " (one contiguous block)"
+        } else {
+            " (not contiguous)"
+        }
     ))
 }
 
@@ -588,7 +613,11 @@ pub fn xsave_components(xcr0: u64) -> Vec<&'static str> {
         (18, "AMX-TILEDATA"),
         (19, "APX"),
     ];
-    NAMES.iter().filter(|(bit, _)| xcr0 & (1u64 << bit) != 0).map(|&(_, n)| n).collect()
+    NAMES
+        .iter()
+        .filter(|(bit, _)| xcr0 & (1u64 << bit) != 0)
+        .map(|&(_, n)| n)
+        .collect()
 }
 
 fn xsave_check() -> Check {
@@ -646,7 +675,12 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
 
     #[test]
     fn pid_candidates_stay_in_range() {
-        for (last, max) in [(100, 32768), (32760, 32768), (4_194_000, 4_194_304), (0, 400)] {
+        for (last, max) in [
+            (100, 32768),
+            (32760, 32768),
+            (4_194_000, 4_194_304),
+            (0, 400),
+        ] {
             for c in free_pid_candidates(last, max).take(16) {
                 assert!((300..max).contains(&c), "{c} out of range for max {max}");
             }

@@ -79,10 +79,13 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     let mut writer = ImageWriter::create(&opts.dir)?;
     let frozen_at = Instant::now();
     let mut frozen = Frozen::freeze(pid)?;
+    log::debug!("pid {pid}: frozen {} thread(s)", frozen.threads.len());
     let mut image = collect(pid, &pidfd, &mut frozen, &mut writer, opts, host)?;
     let memory_bytes = writer.pages_len();
     let nthreads = frozen.threads.len();
+    log::debug!("pid {pid}: state collected, {memory_bytes} bytes of pages written");
     let image_bytes = writer.finish(&mut image)?;
+    log::debug!("pid {pid}: image complete");
     if opts.leave_running {
         frozen.release()?;
     } else {
@@ -134,6 +137,7 @@ fn collect(
     let thread = threads::dump(pid, main, &mut p)?;
     p.finish()?;
 
+    log::debug!("pid {pid}: parasite done");
     let maps = mm::read_maps(pid)?;
     let vmas = mm::dump(pid, &maps, writer)?;
     let stat = read_stat(pid)?;
@@ -177,6 +181,8 @@ fn collect(
         mm,
         fds,
         threads: vec![thread],
+        no_new_privs: ts.no_new_privs,
+        personality: ts.personality,
     };
     Ok(Image {
         stasis_version: env!("CARGO_PKG_VERSION").to_string(),

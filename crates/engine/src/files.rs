@@ -52,7 +52,8 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<Vec<FdRecord>>
     let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc { pid, path: dir.clone().into(), source: e })?;
     let mut fds: Vec<i32> = rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     fds.sort();
-    let mut out = Vec::new();
+    let mut out: Vec<FdRecord> = Vec::new();
+    let mut metas: Vec<(u64, u64)> = Vec::new();
     for fd in fds {
         let link = std::fs::read_link(format!("{dir}/{fd}"))
             .map_err(|e| Error::Proc { pid, path: format!("{dir}/{fd}").into(), source: e })?;
@@ -94,9 +95,32 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<Vec<FdRecord>>
         } else {
             return Err(unsupported(kind_from_link(&link_str)));
         };
-        out.push(FdRecord { fd, cloexec, kind });
+        let same_as = shared_description(pid, fd, &md, &out, &metas)?;
+        metas.push((md.dev(), md.ino()));
+        out.push(FdRecord { fd, cloexec, kind, same_as });
     }
     Ok(out)
+}
+
+/// The first earlier descriptor that shares `fd`'s open file description, if any. Only
+/// descriptors of the same file can; kcmp decides among those.
+fn shared_description(
+    pid: Pid,
+    fd: i32,
+    md: &std::fs::Metadata,
+    earlier: &[FdRecord],
+    metas: &[(u64, u64)],
+) -> Result<Option<i32>> {
+    for (r, &(dev, ino)) in earlier.iter().zip(metas) {
+        if r.same_as.is_none() && dev == md.dev() && ino == md.ino() {
+            let same = stasis_sys::proc::kcmp_same_file(pid, RemoteFd(r.fd), pid, RemoteFd(fd))
+                .map_err(Error::sys(pid, "kcmp"))?;
+            if same {
+                return Ok(Some(r.fd));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Checks before anything is created that every file can be reopened as it was.
@@ -127,6 +151,11 @@ fn reopen(path: &[u8], flags: i32) -> std::result::Result<OwnedFd, String> {
 /// above every saved number.
 pub fn restore_in_child(fds: &[FdRecord], terminal: Option<i32>) -> std::result::Result<(), String> {
     for r in fds {
+        let flags = if r.cloexec { libc::O_CLOEXEC } else { 0 };
+        if let Some(orig) = r.same_as {
+            stasis_sys::proc::dup3(orig, r.fd, flags).map_err(|e| format!("dup3 fd {orig} to {}: {e}", r.fd))?;
+            continue;
+        }
         let opened = match &r.kind {
             FdKind::File { file, flags, pos } => {
                 let fd = reopen(&file.path, *flags)?;
@@ -148,7 +177,6 @@ pub fn restore_in_child(fds: &[FdRecord], terminal: Option<i32>) -> std::result:
             stasis_sys::proc::set_cloexec(raw, r.cloexec).map_err(|e| format!("fcntl fd {}: {e}", r.fd))?;
             continue;
         }
-        let flags = if r.cloexec { libc::O_CLOEXEC } else { 0 };
         stasis_sys::proc::dup3(src, r.fd, flags).map_err(|e| format!("dup3 to fd {}: {e}", r.fd))?;
     }
     Ok(())

@@ -153,7 +153,7 @@ pub fn dump(pid: Pid, maps: &[MapEntry], w: &mut ImageWriter) -> Result<Vec<Vma>
         let mut shmem = None;
         match class {
             MapClass::Anonymous | MapClass::File if !m.shared => {
-                vma.pages = scan_private(pid, &pagemap, m)?;
+                vma.pages = scan_private(pid, &pagemap, m, guards_supported)?;
             }
             MapClass::SharedAnonymous => {
                 let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
@@ -172,6 +172,7 @@ pub fn dump(pid: Pid, maps: &[MapEntry], w: &mut ImageWriter) -> Result<Vec<Vma>
         }
         planned.push(Planned { vma, shmem });
     }
+    log::debug!("pid {pid}: {} mappings scanned", planned.len());
     save_pages(pid, &mut planned, w)?;
     Ok(planned.into_iter().map(|p| p.vma).collect())
 }
@@ -197,11 +198,13 @@ fn scan_runs(pid: Pid, pagemap: &File, m: &MapEntry, q: ScanQuery) -> Result<Vec
 }
 
 /// Pages of a private mapping that hold the program's own data: present or swapped, not
-/// a page of the file, not the shared zero page.
-fn scan_private(pid: Pid, pagemap: &File, m: &MapEntry) -> Result<Vec<PageRun>> {
+/// a page of the file, not the shared zero page, not a guard marker (which the kernel
+/// reports as a swap-like entry).
+fn scan_private(pid: Pid, pagemap: &File, m: &MapEntry, guards: bool) -> Result<Vec<PageRun>> {
+    let not = pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO | if guards { pagemap::PAGE_IS_GUARD } else { 0 };
     scan_runs(pid, pagemap, m, ScanQuery {
-        mask: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
-        inverted: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
+        mask: not,
+        inverted: not,
         anyof: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
         return_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
     })

@@ -154,6 +154,8 @@ pub struct Status {
     pub kthread: bool,
     pub state: char,
     pub cap_eff: u64,
+    pub no_new_privs: bool,
+    pub seccomp: u32,
 }
 
 pub fn parse_status(text: &str) -> Result<Status, String> {
@@ -175,6 +177,8 @@ pub fn parse_status(text: &str) -> Result<Status, String> {
             "NSpid" => s.nspid = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),
             "Kthread" => s.kthread = v == "1",
             "State" => s.state = v.chars().next().unwrap_or('?'),
+            "NoNewPrivs" => s.no_new_privs = v == "1",
+            "Seccomp" => s.seccomp = v.parse().map_err(|_| "bad Seccomp")?,
             "CapEff" => s.cap_eff = u64::from_str_radix(v, 16).map_err(|_| "bad CapEff")?,
             _ => {}
         }

@@ -110,7 +110,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let img = &reader.image;
     let here = host::current()?;
     host::check_compatible(&img.host, &here)?;
+    log::debug!("image metadata read and checked");
     reader.verify_pages(2)?;
+    log::debug!("page data checksums verified");
     let [rec] = img.processes.as_slice() else {
         return Err(Error::Incompatible(format!("{} processes in the image; this stasis restores one", img.processes.len())));
     };
@@ -186,6 +188,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     drop(err_rd);
     ptrace::set_options(child, ptrace::PTRACE_O_TRACESYSGOOD | ptrace::PTRACE_O_EXITKILL)
         .map_err(Error::sys(pid, "PTRACE_SETOPTIONS"))?;
+    log::debug!("restore child {child} stopped, ready for injection");
     let memory_bytes = drive_child(&plan, reader.page_file_offset(0))?;
     guard.release()?;
     Ok(Restored { pid: child, stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes } })
@@ -274,6 +277,7 @@ fn drive_child(plan: &Plan, pages_offset: u64) -> Result<u64> {
     let child_maps = mm::read_maps(pid)?;
     let loaded = MmRestore { inj: &mut inj, mem: &mem, helper: plan.helper, image_fd: plan.fds.image, pages_offset }
         .rebuild(&child_maps, &rec.mm.vmas, &plan.fds.maps)?;
+    log::debug!("address space rebuilt, {loaded} bytes loaded");
     set_mm_fields(&mut inj, &mem, data, &rec.mm, plan.fds.exe)?;
     if rec.mm.xcomp_perm & (1 << XFEATURE_XTILEDATA) != 0 {
         inj.call("arch_prctl(ARCH_REQ_XCOMP_PERM)", libc::SYS_arch_prctl, [ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, 0, 0, 0, 0])?;
@@ -286,6 +290,7 @@ fn drive_child(plan: &Plan, pages_offset: u64) -> Result<u64> {
     signals::restore_pending(&mut inj, &mem, data, pid, None, &rec.shared_pending)?;
     signals::restore_pending(&mut inj, &mem, data, pid, Some(Pid(thread.tid)), &thread.pending)?;
     inj.call("prctl(PR_SET_PDEATHSIG)", libc::SYS_prctl, [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0])?;
+    task::restore_flags(&mut inj, rec.personality, rec.no_new_privs)?;
     task::restore_creds(&mut inj, &mem, data, &rec.creds)?;
     inj.call("munmap(helper)", libc::SYS_munmap, [plan.helper, HELPER_LEN, 0, 0, 0, 0])?;
     threads::restore_regs(pid, pid, thread)?;

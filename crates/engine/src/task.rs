@@ -27,6 +27,8 @@ pub struct TaskState {
     pub root: Vec<u8>,
     pub umask: u32,
     pub rlimits: Vec<Rlimit>,
+    pub no_new_privs: bool,
+    pub personality: u32,
 }
 
 fn link(pid: Pid, name: &str) -> Result<Vec<u8>> {
@@ -39,6 +41,11 @@ fn link(pid: Pid, name: &str) -> Result<Vec<u8>> {
 pub fn dump(pid: Pid) -> Result<TaskState> {
     let stat = read_stat(pid)?;
     let status = read_status(pid)?;
+    if status.seccomp != 0 {
+        return Err(Error::Unsupported { pid, what: format!("seccomp mode {}", status.seccomp) });
+    }
+    let (path, text) = procfs::read_text(pid, "personality")?;
+    let personality = u32::from_str_radix(text.trim(), 16).map_err(|_| Error::ProcParse { pid, path, what: text.clone() })?;
     let (path, text) = procfs::read_text(pid, "limits")?;
     let limits = procfs::parse_limits(&text).map_err(|what| Error::ProcParse { pid, path, what })?;
     Ok(TaskState {
@@ -51,6 +58,8 @@ pub fn dump(pid: Pid) -> Result<TaskState> {
         root: link(pid, "root")?,
         umask: status.umask,
         rlimits: limits.into_iter().map(|(resource, soft, hard)| Rlimit { resource, soft, hard }).collect(),
+        no_new_privs: status.no_new_privs,
+        personality,
     })
 }
 
@@ -130,6 +139,15 @@ pub fn restore_rlimits(inj: &mut Injector, mem: &ChildMem, at: u64, limits: &[Rl
         b[8..16].copy_from_slice(&l.hard.to_le_bytes());
         mem.write(at, &b)?;
         inj.call("prlimit64", libc::SYS_prlimit64, [0, l.resource as u64, at, 0, 0, 0])?;
+    }
+    Ok(())
+}
+
+/// Injected: personality and no_new_privs (which can be set, never cleared).
+pub fn restore_flags(inj: &mut Injector, personality: u32, no_new_privs: bool) -> Result<()> {
+    inj.call("personality", libc::SYS_personality, [personality as u64, 0, 0, 0, 0, 0])?;
+    if no_new_privs {
+        inj.call("prctl(PR_SET_NO_NEW_PRIVS)", libc::SYS_prctl, [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0])?;
     }
     Ok(())
 }

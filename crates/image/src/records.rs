@@ -65,6 +65,12 @@ pub struct ProcessRecord {
     pub mm: MmRecord,
     pub fds: Vec<FdRecord>,
     pub threads: Vec<ThreadRecord>,
+    /// prctl(PR_SET_NO_NEW_PRIVS) was set.
+    #[serde(default)]
+    pub no_new_privs: bool,
+    /// personality(2) flags.
+    #[serde(default)]
+    pub personality: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -223,6 +229,11 @@ pub struct FdRecord {
     pub fd: i32,
     pub cloexec: bool,
     pub kind: FdKind,
+    /// A lower descriptor of the same process sharing this one's open file description
+    /// (a dup): restore duplicates it instead of opening again, so offset and flags
+    /// stay shared.
+    #[serde(default)]
+    pub same_as: Option<i32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

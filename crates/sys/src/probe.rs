@@ -80,7 +80,11 @@ pub fn fork_exiting_child_at(pid: Pid) -> SysResult<Pid> {
     // are live for the call. The child only calls _exit (async-signal-safe), so the copy of
     // a multi-threaded caller never runs code that could need another thread's lock.
     let r = unsafe {
-        libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
     };
     match r {
         -1 => Err(Errno::last()),
@@ -121,7 +125,10 @@ pub fn userfaultfd_features() -> SysResult<u64> {
     let fd = cvt(r)?;
     // SAFETY: the kernel just returned this new descriptor; we own it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut api = UffdioApi { api: UFFD_API, ..Default::default() };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        ..Default::default()
+    };
     // SAFETY: `api` is a correctly sized struct uffdio_api the kernel reads and fills.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api as *mut UffdioApi) };
     cvt(r as libc::c_long)?;
@@ -176,7 +183,10 @@ impl ProbeRegion {
         if p == libc::MAP_FAILED {
             return Err(Errno::last());
         }
-        Ok(ProbeRegion { addr: p as u64, len })
+        Ok(ProbeRegion {
+            addr: p as u64,
+            len,
+        })
     }
 
     pub fn addr(&self) -> u64 {
@@ -214,7 +224,11 @@ impl ProbeRegion {
         // SAFETY: the range lies inside this mapping; nothing reads it afterwards (the
         // type hands out no references to its memory).
         let r = unsafe {
-            libc::madvise(a as *mut libc::c_void, crate::types::PAGE_SIZE as usize, MADV_GUARD_INSTALL)
+            libc::madvise(
+                a as *mut libc::c_void,
+                crate::types::PAGE_SIZE as usize,
+                MADV_GUARD_INSTALL,
+            )
         };
         cvt(r as libc::c_long).map(drop)
     }
@@ -228,7 +242,9 @@ impl Drop for ProbeRegion {
 }
 
 fn sigmask_of(sigs: &[i32]) -> u64 {
-    sigs.iter().filter(|&&s| (1..=64).contains(&s)).fold(0u64, |m, &s| m | 1 << (s - 1))
+    sigs.iter()
+        .filter(|&&s| (1..=64).contains(&s))
+        .fold(0u64, |m, &s| m | 1 << (s - 1))
 }
 
 /// `rt_sigprocmask(SIG_BLOCK, sigs)` for the calling thread; returns the previous mask.
@@ -281,7 +297,10 @@ mod tests {
     #[test]
     fn sigmask_bits() {
         assert_eq!(sigmask_of(&[1]), 1);
-        assert_eq!(sigmask_of(&[libc::SIGCHLD, libc::SIGINT]), (1 << 16) | (1 << 1));
+        assert_eq!(
+            sigmask_of(&[libc::SIGCHLD, libc::SIGINT]),
+            (1 << 16) | (1 << 1)
+        );
         assert_eq!(sigmask_of(&[0, 65]), 0);
     }
 
