@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::inject::Injector;
 use crate::procfs::{self, MapEntry};
 use stasis_image::{vmflags, FileRef, ImageWriter, PageRun, Vma, VmaBacking, PROT_EXEC, PROT_READ, PROT_WRITE};
-use stasis_sys::mem::{process_vm_readv, LocalMapping, RemoteRange};
+use stasis_sys::mem::{process_vm_readv, RemoteRange};
 use stasis_sys::pagemap::{self, ScanQuery};
 use stasis_sys::{Pid, PAGE_SIZE};
 use std::fs::File;
@@ -232,47 +232,75 @@ fn shmem_data_runs(f: &File, m: &MapEntry) -> Result<Vec<PageRun>> {
     Ok(runs)
 }
 
-/// Size of the buffer page data passes through on its way to the image.
-const COPY_BUF: usize = 32 << 20;
+/// Bytes each dump worker copies per step: large enough for few system calls, small
+/// enough that hashing finds the bytes still in cache.
+const COPY_CHUNK: usize = 4 << 20;
 /// process_vm_readv accepts at most IOV_MAX remote ranges.
 const MAX_IOV: usize = 1024;
+/// Dump workers: this machine class has two cores; more only adds contention.
+const COPY_THREADS: usize = 2;
 
-/// Copies every planned page into the image, assigning each mapping its data offset.
+/// A stretch of page data: `len` bytes at `addr` in the target, landing at `data_off`.
+#[derive(Clone, Copy)]
+struct Segment {
+    data_off: u64,
+    addr: u64,
+    len: u64,
+    /// Index into `planned`.
+    vma: usize,
+}
+
+/// Copies every planned page into the image, assigning each mapping its data offset, with
+/// several workers reading the target and writing the image at once.
 fn save_pages(pid: Pid, planned: &mut [Planned], w: &mut ImageWriter) -> Result<()> {
-    let total: u64 = planned.iter().map(|p| p.vma.data_len()).sum();
+    let mut segs = Vec::new();
+    let mut total = 0u64;
+    for (i, p) in planned.iter_mut().enumerate() {
+        p.vma.data_offset = total;
+        for r in &p.vma.pages {
+            segs.push(Segment { data_off: total, addr: r.addr, len: r.len(), vma: i });
+            total += r.len();
+        }
+    }
     if total == 0 {
         return Ok(());
     }
-    let mut buf = LocalMapping::anonymous(COPY_BUF.min(total as usize)).map_err(Error::sys(pid, "mmap"))?;
     let mem = File::open(format!("/proc/{pid}/mem"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), source: e })?;
-    for p in planned.iter_mut() {
-        p.vma.data_offset = w.pages_len();
-        let readable = p.vma.prot & PROT_READ != 0;
-        let mut pending: Vec<RemoteRange> = Vec::new();
-        let mut fill = 0usize;
-        for run in &p.vma.pages {
-            let mut addr = run.addr;
-            let end = run.end();
-            while addr < end {
-                let take = ((end - addr) as usize).min(buf.len() - fill);
-                pending.push(RemoteRange { addr: stasis_sys::RemoteAddr(addr), len: take });
-                fill += take;
-                addr += take as u64;
-                if fill == buf.len() || pending.len() == MAX_IOV {
-                    copy_batch(pid, &p.shmem, &p.vma, readable, &mem, &pending, &mut buf.as_mut_slice()[..fill])?;
-                    w.write_pages(&buf.as_slice()[..fill])?;
-                    pending.clear();
-                    fill = 0;
-                }
+    let planned: &[Planned] = planned;
+    w.write_pages_parallel(total, COPY_THREADS, COPY_CHUNK, |off, buf: &mut [u8]| -> Result<()> {
+        // Segments overlapping [off, off + len), cut to that window.
+        let end = off + buf.len() as u64;
+        let first = segs.partition_point(|s| s.data_off + s.len <= off);
+        let mut pieces: Vec<Segment> = Vec::new();
+        for s in &segs[first..] {
+            if s.data_off >= end {
+                break;
             }
+            let from = s.data_off.max(off);
+            let to = (s.data_off + s.len).min(end);
+            pieces.push(Segment { data_off: from, addr: s.addr + (from - s.data_off), len: to - from, vma: s.vma });
         }
-        if fill > 0 {
-            copy_batch(pid, &p.shmem, &p.vma, readable, &mem, &pending, &mut buf.as_mut_slice()[..fill])?;
-            w.write_pages(&buf.as_slice()[..fill])?;
+        // Consecutive pieces of one mapping go in one call.
+        let mut i = 0;
+        while i < pieces.len() {
+            let v = pieces[i].vma;
+            let mut j = i + 1;
+            while j < pieces.len() && pieces[j].vma == v && j - i < MAX_IOV {
+                j += 1;
+            }
+            let at = (pieces[i].data_off - off) as usize;
+            let len: u64 = pieces[i..j].iter().map(|p| p.len).sum();
+            let ranges: Vec<RemoteRange> = pieces[i..j]
+                .iter()
+                .map(|p| RemoteRange { addr: stasis_sys::RemoteAddr(p.addr), len: p.len as usize })
+                .collect();
+            let p = &planned[v];
+            copy_batch(pid, &p.shmem, &p.vma, p.vma.prot & PROT_READ != 0, &mem, &ranges, &mut buf[at..at + len as usize])?;
+            i = j;
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Fills `out` with the bytes of `ranges`, in order.
@@ -441,16 +469,11 @@ pub struct MmRestore<'a> {
     pub inj: &'a mut Injector,
     pub mem: &'a ChildMem,
     pub helper: u64,
-    pub image_fd: i32,
-    /// Absolute offset of page data in the image file.
-    pub pages_offset: u64,
+    /// All page data of the image, mapped.
+    pub pages: &'a [u8],
 }
 
 impl MmRestore<'_> {
-    fn data_addr(&self) -> u64 {
-        self.helper + HELPER_DATA
-    }
-
     /// Replaces the child's own address space with the saved one (all but the registers
     /// and mm fields). `child_maps` is the child's current layout.
     pub fn rebuild(&mut self, child_maps: &[MapEntry], vmas: &[Vma], fds: &MapFds) -> Result<u64> {
@@ -494,14 +517,10 @@ impl MmRestore<'_> {
                 None => self.inj.call("munmap", libc::SYS_munmap, [*at, *len, 0, 0, 0, 0]).map(drop)?,
             }
         }
-        // 4. Every saved mapping, then its data.
-        let mut loaded = 0u64;
-        for v in vmas {
-            if matches!(v.backing, VmaBacking::Special(_)) {
-                continue;
-            }
-            let fill = !v.pages.is_empty();
-            let prot = v.prot | if fill { PROT_WRITE } else { 0 };
+        // 4. Every saved mapping (writable where data goes), the data, final protections.
+        let restored: Vec<&Vma> = vmas.iter().filter(|v| !matches!(v.backing, VmaBacking::Special(_))).collect();
+        for v in &restored {
+            let prot = v.prot | if v.pages.is_empty() { 0 } else { PROT_WRITE };
             let mut flags = libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
             let (fd, off) = match &v.backing {
                 VmaBacking::File(f) => (fds.fd_of(f), v.file_offset),
@@ -514,10 +533,10 @@ impl MmRestore<'_> {
                 flags |= libc::MAP_GROWSDOWN;
             }
             self.inj.call("mmap", libc::SYS_mmap, [v.start, v.len(), prot as u64, flags as u64, fd as i64 as u64, off])?;
-            if fill {
-                loaded += self.fill(v)?;
-            }
-            if prot != v.prot {
+        }
+        let loaded = fill_parallel(pid, self.pages, &restored)?;
+        for v in &restored {
+            if !v.pages.is_empty() && v.prot & PROT_WRITE == 0 {
                 self.inj.call("mprotect", libc::SYS_mprotect, [v.start, v.len(), v.prot as u64, 0, 0, 0])?;
             }
             self.advise(v)?;
@@ -531,45 +550,6 @@ impl MmRestore<'_> {
         }
         let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
         self.inj.call("mremap", libc::SYS_mremap, [from, len, len, flags, to, 0]).map(drop)
-    }
-
-    /// preadv of the mapping's pages straight from the image file into place.
-    fn fill(&mut self, v: &Vma) -> Result<u64> {
-        let max_iov = ((HELPER_LEN - HELPER_DATA) / 16).min(1024) as usize;
-        let mut file_off = self.pages_offset + v.data_offset;
-        let mut total = 0u64;
-        for chunk in v.pages.chunks(max_iov) {
-            let mut iov = Vec::with_capacity(chunk.len() * 16);
-            let mut want = 0u64;
-            for r in chunk {
-                iov.extend_from_slice(&r.addr.to_le_bytes());
-                iov.extend_from_slice(&r.len().to_le_bytes());
-                want += r.len();
-            }
-            let mut got = 0u64;
-            while got < want {
-                // Rewrite the iovec array to skip what a short read already delivered.
-                let (skip_runs, skip_bytes) = position_in(chunk, got);
-                let mut iov = iov[skip_runs * 16..].to_vec();
-                let first_addr = chunk[skip_runs].addr + skip_bytes;
-                let first_len = chunk[skip_runs].len() - skip_bytes;
-                iov[0..8].copy_from_slice(&first_addr.to_le_bytes());
-                iov[8..16].copy_from_slice(&first_len.to_le_bytes());
-                self.mem.write(self.data_addr(), &iov)?;
-                let n = self.inj.call(
-                    "preadv",
-                    libc::SYS_preadv,
-                    [self.image_fd as u64, self.data_addr(), (chunk.len() - skip_runs) as u64, file_off + got, 0, 0],
-                )?;
-                if n == 0 {
-                    return Err(Error::Restore { pid: self.inj.pid, what: "image page data ended early".into() });
-                }
-                got += n;
-            }
-            file_off += want;
-            total += want;
-        }
-        Ok(total)
     }
 
     fn advise(&mut self, v: &Vma) -> Result<()> {
@@ -593,15 +573,76 @@ impl MmRestore<'_> {
     }
 }
 
-/// Which run, and how far into it, `bytes` bytes into a list of runs falls.
-fn position_in(runs: &[PageRun], mut bytes: u64) -> (usize, u64) {
-    for (i, r) in runs.iter().enumerate() {
-        if bytes < r.len() {
-            return (i, bytes);
+/// Workers that copy page data into the restored process.
+const FILL_THREADS: usize = 2;
+
+/// Copies every mapping's saved pages from the mapped image into the child with
+/// process_vm_writev, split by bytes over [`FILL_THREADS`] threads. The child is stopped
+/// and its mappings are writable; page faults on its side run in parallel.
+fn fill_parallel(pid: Pid, pages: &[u8], vmas: &[&Vma]) -> Result<u64> {
+    let mut segs: Vec<(u64, u64, u64)> = Vec::new(); // (addr, data offset, len)
+    for v in vmas {
+        let mut off = v.data_offset;
+        for r in &v.pages {
+            segs.push((r.addr, off, r.len()));
+            off += r.len();
         }
-        bytes -= r.len();
     }
-    (runs.len(), 0)
+    let total: u64 = segs.iter().map(|s| s.2).sum();
+    if segs.iter().any(|&(_, off, len)| off + len > pages.len() as u64) {
+        return Err(Error::Restore { pid, what: "page data of a mapping lies outside the image".into() });
+    }
+    let share = total.div_ceil(FILL_THREADS as u64);
+    // Cut the segment list into byte-balanced shares.
+    let mut shares: Vec<Vec<(u64, u64, u64)>> = vec![Vec::new()];
+    let mut acc = 0u64;
+    for &(addr, off, len) in &segs {
+        let (mut a, mut o, mut l) = (addr, off, len);
+        while l > 0 {
+            let room = share - acc;
+            let take = l.min(room.max(PAGE_SIZE));
+            shares.last_mut().map(|v| v.push((a, o, take)));
+            acc += take;
+            a += take;
+            o += take;
+            l -= take;
+            if acc >= share {
+                shares.push(Vec::new());
+                acc = 0;
+            }
+        }
+    }
+    std::thread::scope(|s| {
+        let workers: Vec<_> = shares
+            .iter()
+            .filter(|v| !v.is_empty())
+            .map(|v| s.spawn(move || write_segments(pid, pages, v)))
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })?;
+    Ok(total)
+}
+
+/// process_vm_writev of segments whose image bytes are consecutive, in batches.
+fn write_segments(pid: Pid, pages: &[u8], segs: &[(u64, u64, u64)]) -> Result<()> {
+    let mut i = 0;
+    while i < segs.len() {
+        let mut j = i + 1;
+        while j < segs.len() && j - i < MAX_IOV && segs[j].1 == segs[j - 1].1 + segs[j - 1].2 {
+            j += 1;
+        }
+        let start = segs[i].1 as usize;
+        let len: u64 = segs[i..j].iter().map(|s| s.2).sum();
+        let remote: Vec<RemoteRange> =
+            segs[i..j].iter().map(|s| RemoteRange { addr: stasis_sys::RemoteAddr(s.0), len: s.2 as usize }).collect();
+        let n = stasis_sys::mem::process_vm_writev(pid, &pages[start..start + len as usize], &remote)
+            .map_err(Error::sys(pid, "process_vm_writev"))?;
+        if n as u64 != len {
+            return Err(Error::Restore { pid, what: format!("wrote {n} of {len} bytes of pages at {:#x}", segs[i].0) });
+        }
+        i = j;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -651,11 +692,4 @@ mod tests {
         assert_eq!(busy_ranges(&[v])[0].0, 0x4000_0000 - (8 << 20));
     }
 
-    #[test]
-    fn positions_in_runs() {
-        let runs = [PageRun { addr: 0, npages: 2 }, PageRun { addr: 0x10000, npages: 1 }];
-        assert_eq!(position_in(&runs, 0), (0, 0));
-        assert_eq!(position_in(&runs, 4096), (0, 4096));
-        assert_eq!(position_in(&runs, 8192), (1, 0));
-    }
 }

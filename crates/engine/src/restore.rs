@@ -111,7 +111,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let here = host::current()?;
     host::check_compatible(&img.host, &here)?;
     log::debug!("image metadata read and checked");
-    reader.verify_pages(2)?;
+    let pages = reader.map_pages()?;
+    reader.verify_pages(&pages, 2)?;
     log::debug!("page data checksums verified");
     let [rec] = img.processes.as_slice() else {
         return Err(Error::Incompatible(format!("{} processes in the image; this stasis restores one", img.processes.len())));
@@ -189,7 +190,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     ptrace::set_options(child, ptrace::PTRACE_O_TRACESYSGOOD | ptrace::PTRACE_O_EXITKILL)
         .map_err(Error::sys(pid, "PTRACE_SETOPTIONS"))?;
     log::debug!("restore child {child} stopped, ready for injection");
-    let memory_bytes = drive_child(&plan, reader.page_file_offset(0))?;
+    let memory_bytes = drive_child(&plan, pages.as_slice())?;
     guard.release()?;
     Ok(Restored { pid: child, stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes } })
 }
@@ -266,7 +267,7 @@ fn child_main(plan: &Plan, err_fd: i32) -> std::result::Result<(), String> {
 }
 
 /// The restorer's part, with the child stopped at its SIGSTOP. Returns page bytes loaded.
-fn drive_child(plan: &Plan, pages_offset: u64) -> Result<u64> {
+fn drive_child(plan: &Plan, pages: &[u8]) -> Result<u64> {
     let rec = plan.rec;
     let pid = Pid(rec.pid);
     let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
@@ -275,7 +276,7 @@ fn drive_child(plan: &Plan, pages_offset: u64) -> Result<u64> {
     let data = plan.helper + HELPER_DATA;
     threads::unregister_inherited_rseq(&mut inj)?;
     let child_maps = mm::read_maps(pid)?;
-    let loaded = MmRestore { inj: &mut inj, mem: &mem, helper: plan.helper, image_fd: plan.fds.image, pages_offset }
+    let loaded = MmRestore { inj: &mut inj, mem: &mem, helper: plan.helper, pages }
         .rebuild(&child_maps, &rec.mm.vmas, &plan.fds.maps)?;
     log::debug!("address space rebuilt, {loaded} bytes loaded");
     set_mm_fields(&mut inj, &mem, data, &rec.mm, plan.fds.exe)?;

@@ -206,6 +206,53 @@ impl ImageWriter {
         self.pages_len
     }
 
+    /// Writes `total` bytes of page data with `threads` workers. Each worker owns a
+    /// contiguous, block-aligned share of the data; it asks `fill(offset, buf)` for the
+    /// bytes at `offset` (relative to the start of this call's data), hashes them block by
+    /// block while they are still in cache, and writes them at their place in the file.
+    /// Must be called before any other page data is written.
+    pub fn write_pages_parallel<E, F>(&mut self, total: u64, threads: usize, chunk: usize, fill: F) -> Result<(), E>
+    where
+        E: From<ImageError> + Send,
+        F: Fn(u64, &mut [u8]) -> Result<(), E> + Sync,
+    {
+        assert!(self.pages_len == 0 && chunk as u64 % PAGE_BLOCK == 0);
+        let nblocks = total.div_ceil(PAGE_BLOCK);
+        let threads = (threads as u64).clamp(1, nblocks.max(1));
+        let per = nblocks.div_ceil(threads) * PAGE_BLOCK;
+        let file = &self.file;
+        let tmp = &self.tmp;
+        let fill = &fill;
+        let results: Vec<Result<Vec<u64>, E>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (start, end) = ((t * per).min(total), ((t + 1) * per).min(total));
+                    s.spawn(move || -> Result<Vec<u64>, E> {
+                        let mut buf = vec![0u8; chunk.min((end - start) as usize)];
+                        let mut hashes = Vec::new();
+                        let mut off = start;
+                        while off < end {
+                            let n = ((end - off) as usize).min(buf.len());
+                            fill(off, &mut buf[..n])?;
+                            hashes.extend(buf[..n].chunks(PAGE_BLOCK as usize).map(xxh3_64));
+                            file.write_all_at(&buf[..n], HEADER_PAGE + off).map_err(io_err("write", tmp))?;
+                            off += n as u64;
+                        }
+                        Ok(hashes)
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
+        for r in results {
+            self.hashes.extend(r?);
+        }
+        self.pages_len = total;
+        use std::io::Seek;
+        self.file.seek(io::SeekFrom::Start(HEADER_PAGE + total)).map_err(io_err("seek", &self.tmp))?;
+        Ok(())
+    }
+
     /// Appends page data.
     pub fn write_pages(&mut self, mut data: &[u8]) -> Result<(), ImageError> {
         self.file.write_all(data).map_err(io_err("write", &self.tmp))?;
@@ -320,16 +367,21 @@ impl ImageReader {
         Ok(ImageReader { path, file, header, image })
     }
 
-    /// Checks every page-data block against its hash, reading through a shared mapping of
-    /// the file (no copy) with up to `threads` threads.
-    pub fn verify_pages(&self, threads: usize) -> Result<(), ImageError> {
-        let len = self.header.pages_len;
+    /// A read-only, pre-faulted mapping of all page data (no copy: page-cache pages).
+    pub fn map_pages(&self) -> Result<LocalMapping, ImageError> {
+        let len = self.header.pages_len.max(1) as usize;
+        LocalMapping::file_readonly(&self.file, self.header.pages_offset, len, true)
+            .map_err(|e| io_err("mmap", &self.path)(e.into()))
+    }
+
+    /// Checks every page-data block of `map` (from [`ImageReader::map_pages`]) against its
+    /// hash, with up to `threads` threads.
+    pub fn verify_pages(&self, map: &LocalMapping, threads: usize) -> Result<(), ImageError> {
+        let len = self.header.pages_len as usize;
         if len == 0 {
             return Ok(());
         }
-        let map = LocalMapping::file_readonly(&self.file, self.header.pages_offset, len as usize, true)
-            .map_err(|e| io_err("mmap", &self.path)(e.into()))?;
-        let data = map.as_slice();
+        let data = &map.as_slice()[..len];
         let hashes = &self.image.page_block_hashes;
         let nblocks = hashes.len();
         let threads = threads.clamp(1, nblocks);
