@@ -125,9 +125,10 @@ fn collect(
 
     // Everything that needs injected calls, then the scratch page is gone again before
     // the memory layout is read.
+    let status = read_status(pid)?;
     let main = &mut frozen.threads[0];
     let mut p = Parasite::start(pid, main)?;
-    let sigactions = signals::dump_actions(&mut p)?;
+    let sigactions = signals::dump_actions(&mut p, status.sig_caught | status.sig_ignored)?;
     let brk = p.inj.call("brk", libc::SYS_brk, [0, 0, 0, 0, 0, 0])?;
     const PERM_AT: u64 = 12288;
     let xcomp_perm = match p.inj.raw(libc::SYS_arch_prctl, [ARCH_GET_XCOMP_PERM, p.scratch.0 + PERM_AT, 0, 0, 0, 0])? {
@@ -136,6 +137,7 @@ fn collect(
     };
     let thread = threads::dump(pid, main, &mut p)?;
     p.finish()?;
+    main.restore_state().map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
 
     log::debug!("pid {pid}: parasite done");
     let maps = mm::read_maps(pid)?;

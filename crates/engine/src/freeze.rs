@@ -24,11 +24,18 @@ pub struct FrozenThread {
 }
 
 impl FrozenThread {
-    fn put_back(&self) -> stasis_sys::SysResult<()> {
+    /// Puts the thread's own state back while keeping it stopped, so that from here on a
+    /// dumper that dies (and is detached by the kernel) leaves a thread that continues
+    /// correctly.
+    pub fn restore_state(&self) -> stasis_sys::SysResult<()> {
         if self.injected {
             ptrace::set_regs(self.tid, &restart_fixup(&self.regs, true))?;
         }
-        ptrace::set_sigmask(self.tid, self.sigmask)?;
+        ptrace::set_sigmask(self.tid, self.sigmask)
+    }
+
+    fn put_back(&self) -> stasis_sys::SysResult<()> {
+        self.restore_state()?;
         ptrace::detach(self.tid, 0)
     }
 }

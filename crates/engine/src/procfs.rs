@@ -156,6 +156,9 @@ pub struct Status {
     pub cap_eff: u64,
     pub no_new_privs: bool,
     pub seccomp: u32,
+    /// Signals with a handler (SigCgt) or ignored (SigIgn): bit n-1 for signal n.
+    pub sig_caught: u64,
+    pub sig_ignored: u64,
 }
 
 pub fn parse_status(text: &str) -> Result<Status, String> {
@@ -177,6 +180,8 @@ pub fn parse_status(text: &str) -> Result<Status, String> {
             "NSpid" => s.nspid = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),
             "Kthread" => s.kthread = v == "1",
             "State" => s.state = v.chars().next().unwrap_or('?'),
+            "SigCgt" => s.sig_caught = u64::from_str_radix(v, 16).map_err(|_| "bad SigCgt")?,
+            "SigIgn" => s.sig_ignored = u64::from_str_radix(v, 16).map_err(|_| "bad SigIgn")?,
             "NoNewPrivs" => s.no_new_privs = v == "1",
             "Seccomp" => s.seccomp = v.parse().map_err(|_| "bad Seccomp")?,
             "CapEff" => s.cap_eff = u64::from_str_radix(v, 16).map_err(|_| "bad CapEff")?,

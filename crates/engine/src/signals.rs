@@ -24,9 +24,13 @@ fn catchable(sig: i32) -> bool {
     sig != libc::SIGKILL && sig != libc::SIGSTOP
 }
 
-/// Reads all 64 dispositions with injected rt_sigaction calls into the scratch page.
-pub fn dump_actions(p: &mut Parasite) -> Result<Vec<SigAction>> {
-    for sig in (1..=NSIG).filter(|&s| catchable(s)) {
+/// Reads the dispositions that are not the default with injected rt_sigaction calls into
+/// the scratch page. Which ones those are comes from /proc (SigCgt, SigIgn), so that the
+/// injected phase, during which a dumper killed by SIGKILL would leave the thread with
+/// borrowed registers, stays as short as possible.
+pub fn dump_actions(p: &mut Parasite, non_default: u64) -> Result<Vec<SigAction>> {
+    let wanted = |s: &i32| catchable(*s) && non_default & (1u64 << (*s - 1)) != 0;
+    for sig in (1..=NSIG).filter(wanted) {
         let out = p.scratch.0 + sig as u64 * 32;
         p.inj.call("rt_sigaction", libc::SYS_rt_sigaction, [sig as u64, 0, out, 8, 0, 0])?;
     }
@@ -34,7 +38,7 @@ pub fn dump_actions(p: &mut Parasite) -> Result<Vec<SigAction>> {
     p.read(0, &mut buf)?;
     let word = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap_or_default());
     Ok((1..=NSIG)
-        .filter(|&s| catchable(s))
+        .filter(wanted)
         .map(|sig| {
             let o = sig as usize * 32;
             SigAction { sig, handler: word(o), flags: word(o + 8), restorer: word(o + 16), mask: word(o + 24) }

@@ -156,6 +156,20 @@ pub fn prepare_dir(dir: &Path) -> Result<(), ImageError> {
     }
 }
 
+/// Removes temporary files of dumps whose process is gone (a killed dumper cannot remove
+/// its own).
+fn remove_stale_partials(dir: &Path) {
+    let prefix = format!(".{IMAGE_FILE}.partial-");
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Streams an image into a temporary file and renames it into place on [`finish`].
 /// Dropped unfinished, it removes the temporary file.
 ///
@@ -175,6 +189,7 @@ pub struct ImageWriter {
 impl ImageWriter {
     pub fn create(dir: &Path) -> Result<ImageWriter, ImageError> {
         prepare_dir(dir)?;
+        remove_stale_partials(dir);
         let tmp = dir.join(format!(".{IMAGE_FILE}.partial-{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new()
