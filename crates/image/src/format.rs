@@ -117,6 +117,15 @@ impl Header {
     }
 }
 
+/// Recomputes the hash of a header page (for tests that forge another format version).
+#[doc(hidden)]
+pub fn rehash_header_for_tests(page: &[u8]) -> Vec<u8> {
+    let mut b = page.to_vec();
+    let h = header_hash(&b);
+    b[HASH_AT..HASH_AT + 8].copy_from_slice(&h.to_le_bytes());
+    b
+}
+
 /// The hash used throughout the format (xxh3, 64 bits).
 pub fn hash64(data: &[u8]) -> u64 {
     xxh3_64(data)
