@@ -109,12 +109,6 @@ fn collect(
     opts: &DumpOptions,
     host: stasis_image::HostInfo,
 ) -> Result<Image> {
-    if frozen.threads.len() > 1 {
-        return Err(Error::Unsupported {
-            pid,
-            what: format!("a multi-threaded process ({} threads)", frozen.threads.len()),
-        });
-    }
     let children = procfs::read_text(pid, &format!("task/{pid}/children"))?.1;
     if !children.trim().is_empty() {
         return Err(Error::Unsupported { pid, what: format!("child processes (pids {})", children.trim()) });
@@ -135,9 +129,16 @@ fn collect(
         0 => p.read_u64(PERM_AT)?,
         _ => 0,
     };
-    let thread = threads::dump(pid, main, &mut p)?;
+    let mut thread_recs = vec![threads::dump(pid, main, &mut p)?];
+    for t in frozen.threads.iter_mut().skip(1) {
+        p.use_thread(t)?;
+        thread_recs.push(threads::dump(pid, t, &mut p)?);
+    }
+    p.use_thread(&mut frozen.threads[0])?;
     p.finish()?;
-    main.restore_state().map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+    for t in &frozen.threads {
+        t.restore_state().map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+    }
 
     log::debug!("pid {pid}: parasite done");
     let maps = mm::read_maps(pid)?;
@@ -182,7 +183,7 @@ fn collect(
         shared_pending: signals::dump_pending(pid, pid, true)?,
         mm,
         fds,
-        threads: vec![thread],
+        threads: thread_recs,
         no_new_privs: ts.no_new_privs,
         personality: ts.personality,
     };

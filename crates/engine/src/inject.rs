@@ -44,18 +44,23 @@ impl Injector {
         r.r9 = args[5];
         let pid = self.pid;
         ptrace::set_regs(self.tid, &r).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
-        self.to_syscall_stop(nr)?; // entry
-        self.to_syscall_stop(nr)?; // exit
+        self.wait_syscall_stop(nr)?; // entry
+        self.wait_syscall_stop(nr)?; // exit
         let out = ptrace::get_regs(self.tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
         Ok(out.rax as i64)
     }
 
-    fn to_syscall_stop(&mut self, nr: i64) -> Result<()> {
+    fn wait_syscall_stop(&mut self, nr: i64) -> Result<()> {
         let pid = self.pid;
         ptrace::syscall(self.tid, 0).map_err(Error::sys(pid, "PTRACE_SYSCALL"))?;
         loop {
             match ptrace::waitpid(self.tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
                 WaitStatus::Stopped(_, s, 0) if s == libc::SIGTRAP | 0x80 => return Ok(()),
+                // PTRACE_EVENT_CLONE and friends, inside an injected clone: go on to the
+                // syscall's exit stop.
+                WaitStatus::Stopped(_, libc::SIGTRAP, ev) if ev != 0 => {
+                    ptrace::syscall(self.tid, 0).map_err(Error::sys(pid, "PTRACE_SYSCALL"))?;
+                }
                 WaitStatus::Stopped(_, sig, ev) => {
                     return Err(Error::UnexpectedStop {
                         pid,

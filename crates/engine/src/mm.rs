@@ -601,7 +601,9 @@ fn fill_parallel(pid: Pid, pages: &[u8], vmas: &[&Vma]) -> Result<u64> {
         while l > 0 {
             let room = share - acc;
             let take = l.min(room.max(PAGE_SIZE));
-            shares.last_mut().map(|v| v.push((a, o, take)));
+            if let Some(v) = shares.last_mut() {
+                v.push((a, o, take));
+            }
             acc += take;
             a += take;
             o += take;

@@ -21,6 +21,7 @@ pub struct Parasite {
     pub inj: Injector,
     mem: File,
     pub scratch: RemoteAddr,
+    syscall_ip: u64,
     open: bool,
 }
 
@@ -48,7 +49,17 @@ impl Parasite {
                 0,
             ],
         )?;
-        Ok(Parasite { inj, mem, scratch: RemoteAddr(scratch), open: true })
+        Ok(Parasite { inj, mem, scratch: RemoteAddr(scratch), syscall_ip: ip, open: true })
+    }
+
+    /// Runs the following calls in another frozen thread of the same process (the scratch
+    /// page is shared by all threads).
+    pub fn use_thread(&mut self, thread: &mut FrozenThread) -> Result<()> {
+        let pid = self.inj.pid;
+        ptrace::set_sigmask(thread.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
+        thread.injected = true;
+        self.inj = Injector::new(pid, thread.tid, self.syscall_ip, thread.regs);
+        Ok(())
     }
 
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {

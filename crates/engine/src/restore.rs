@@ -25,7 +25,7 @@ use stasis_image::{FdKind, ImageReader, MmRecord, ProcessRecord};
 use stasis_sys::proc::{self as sp, Forked};
 use stasis_sys::ptrace::{self, WaitStatus};
 use stasis_sys::Pid;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -118,8 +118,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         return Err(Error::Incompatible(format!("{} processes in the image; this stasis restores one", img.processes.len())));
     };
     let pid = Pid(rec.pid);
-    if rec.threads.len() != 1 {
-        return Err(Error::Restore { pid, what: format!("{} threads in the image; this stasis restores one", rec.threads.len()) });
+    if rec.threads.first().map(|t| t.tid) != Some(rec.pid) {
+        return Err(Error::Restore { pid, what: "the image has no main thread record".into() });
     }
     if img.shell_job && !opts.shell_job {
         return Err(Error::Restore { pid, what: "the image was dumped with --shell-job; restore it with --shell-job".into() });
@@ -163,12 +163,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         Err(e) => return Err(Error::Sys { pid, op: "clone3 with set_tid", errno: e }),
         Ok(Forked::Child) => {
             drop(err_rd);
-            let msg = match child_main(&plan, err_wr.as_raw_fd()) {
+            // child_main moves the pipe's write end; it reports where it is now.
+            let mut err_fd = err_wr.as_raw_fd();
+            let msg = match child_main(&plan, &mut err_fd) {
                 Err(m) => m,
                 Ok(()) => "resumed unexpectedly".to_string(),
             };
-            let mut w = err_wr;
-            let _ = w.write_all(msg.as_bytes());
+            sp::write_all_raw(err_fd, msg.as_bytes());
             sp::exit_now(1);
         }
         Ok(Forked::Parent(c)) => c,
@@ -187,10 +188,14 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
     }
     drop(err_rd);
-    ptrace::set_options(child, ptrace::PTRACE_O_TRACESYSGOOD | ptrace::PTRACE_O_EXITKILL)
+    ptrace::set_options(child, ptrace::PTRACE_O_TRACESYSGOOD | ptrace::PTRACE_O_EXITKILL | ptrace::PTRACE_O_TRACECLONE)
         .map_err(Error::sys(pid, "PTRACE_SETOPTIONS"))?;
     log::debug!("restore child {child} stopped, ready for injection");
-    let memory_bytes = drive_child(&plan, pages.as_slice())?;
+    let mut extra: Vec<Pid> = Vec::new();
+    let memory_bytes = drive_child(&plan, pages.as_slice(), &mut extra)?;
+    for t in extra {
+        ptrace::detach(t, 0).map_err(Error::sys(pid, "PTRACE_DETACH"))?;
+    }
     guard.release()?;
     Ok(Restored { pid: child, stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes } })
 }
@@ -212,13 +217,21 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         if self.armed {
             let _ = sp::kill(self.pid, libc::SIGKILL);
-            let _ = ptrace::waitpid(self.pid, libc::__WALL);
+            // The leader's exit is reported only after every thread is gone, and we, their
+            // tracer, must collect the exit of each traced thread first.
+            loop {
+                match ptrace::waitpid(Pid(-1), libc::__WALL) {
+                    Ok(WaitStatus::Exited(p, _) | WaitStatus::Signaled(p, _)) if p == self.pid => break,
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
         }
     }
 }
 
 /// The child's part: runs in the forked copy of the restorer, returns only on error.
-fn child_main(plan: &Plan, err_fd: i32) -> std::result::Result<(), String> {
+fn child_main(plan: &Plan, err_fd: &mut i32) -> std::result::Result<(), String> {
     sp::set_pdeathsig(libc::SIGKILL).map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
     if sp::getppid() != plan.restorer {
         return Err("the restorer exited".into());
@@ -229,13 +242,17 @@ fn child_main(plan: &Plan, err_fd: i32) -> std::result::Result<(), String> {
     // Park our own descriptors above every number the plan uses, drop all others, then
     // open the saved ones at their numbers.
     let park = |fd: i32| sp::dup_at_least(fd, plan.fds.park).map_err(|e| format!("dup: {e}"));
-    let err_hi = park(err_fd)?;
+    let err_hi = park(*err_fd)?;
+    *err_fd = err_hi;
     let image_hi = park(plan.image_fd)?;
     let term_hi = plan.terminal.map(park).transpose()?;
     let _ = sp::close_range(0, plan.fds.park as u32 - 1);
     files::restore_in_child(&rec.fds, term_hi)?;
     let place = |fd: OwnedFd, at: i32| -> std::result::Result<(), String> {
         let raw = fd.into_raw_fd();
+        if raw == at {
+            return Ok(()); // opened right at its place (already close-on-exec)
+        }
         sp::dup3(raw, at, libc::O_CLOEXEC).map_err(|e| format!("dup3 to {at}: {e}"))?;
         sp::close_range(raw as u32, raw as u32).map_err(|e| format!("close: {e}"))
     };
@@ -267,7 +284,7 @@ fn child_main(plan: &Plan, err_fd: i32) -> std::result::Result<(), String> {
 }
 
 /// The restorer's part, with the child stopped at its SIGSTOP. Returns page bytes loaded.
-fn drive_child(plan: &Plan, pages: &[u8]) -> Result<u64> {
+fn drive_child(plan: &Plan, pages: &[u8], extra: &mut Vec<Pid>) -> Result<u64> {
     let rec = plan.rec;
     let pid = Pid(rec.pid);
     let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
@@ -279,23 +296,50 @@ fn drive_child(plan: &Plan, pages: &[u8]) -> Result<u64> {
     let loaded = MmRestore { inj: &mut inj, mem: &mem, helper: plan.helper, pages }
         .rebuild(&child_maps, &rec.mm.vmas, &plan.fds.maps)?;
     log::debug!("address space rebuilt, {loaded} bytes loaded");
-    set_mm_fields(&mut inj, &mem, data, &rec.mm, plan.fds.exe)?;
+    // The child's exe link is the restorer's binary; when that is already the saved exe the
+    // kernel must not be asked to change it (it refuses while the file is mapped).
+    let exe_fd = if same_file_as_own_exe(&rec.mm.exe) { -1 } else { plan.fds.exe };
+    set_mm_fields(&mut inj, &mem, data, &rec.mm, exe_fd)?;
     if rec.mm.xcomp_perm & (1 << XFEATURE_XTILEDATA) != 0 {
         inj.call("arch_prctl(ARCH_REQ_XCOMP_PERM)", libc::SYS_arch_prctl, [ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, 0, 0, 0, 0])?;
     }
     // The restorer's descriptors in the child: image, exe, mapped files.
     inj.call("close_range", libc::SYS_close_range, [plan.fds.image as u64, u32::MAX as u64, 0, 0, 0, 0])?;
-    let thread = &rec.threads[0];
-    threads::restore_kernel_addrs(&mut inj, &mem, data, thread)?;
+    log::debug!("mm fields set, helper descriptors closed");
     task::restore_rlimits(&mut inj, &mem, data, &rec.rlimits)?;
-    signals::restore_pending(&mut inj, &mem, data, pid, None, &rec.shared_pending)?;
-    signals::restore_pending(&mut inj, &mem, data, pid, Some(Pid(thread.tid)), &thread.pending)?;
     inj.call("prctl(PR_SET_PDEATHSIG)", libc::SYS_prctl, [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0])?;
-    task::restore_flags(&mut inj, rec.personality, rec.no_new_privs)?;
-    task::restore_creds(&mut inj, &mem, data, &rec.creds)?;
+    // The other threads, each finished and left stopped with its registers in place.
+    for t in &rec.threads[1..] {
+        let tid = threads::clone_thread(&mut inj, &mem, data, t)?;
+        log::debug!("thread {tid} created");
+        extra.push(tid);
+        let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
+        let mut tinj = Injector::new(pid, tid, plan.helper, regs);
+        finish_thread(&mut tinj, &mem, data, rec, t)?;
+        threads::restore_regs(pid, tid, t)?;
+        log::debug!("thread {tid} ready");
+    }
+    let thread = &rec.threads[0];
+    signals::restore_pending(&mut inj, &mem, data, pid, None, &rec.shared_pending)?;
+    finish_thread(&mut inj, &mem, data, rec, thread)?;
     inj.call("munmap(helper)", libc::SYS_munmap, [plan.helper, HELPER_LEN, 0, 0, 0, 0])?;
     threads::restore_regs(pid, pid, thread)?;
     Ok(loaded)
+}
+
+fn same_file_as_own_exe(f: &stasis_image::FileRef) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/exe").map(|m| m.dev() == f.dev && m.ino() == f.ino).unwrap_or(false)
+}
+
+/// What every thread sets for itself once the address space exists: kernel-held
+/// addresses, its pending signals, no_new_privs, credentials.
+fn finish_thread(inj: &mut Injector, mem: &ChildMem, data: u64, rec: &ProcessRecord, t: &stasis_image::ThreadRecord) -> Result<()> {
+    let pid = Pid(rec.pid);
+    threads::restore_kernel_addrs(inj, mem, data, t)?;
+    signals::restore_pending(inj, mem, data, pid, Some(Pid(t.tid)), &t.pending)?;
+    task::restore_flags(inj, rec.personality, rec.no_new_privs)?;
+    task::restore_creds(inj, mem, data, &rec.creds)
 }
 
 /// prctl(PR_SET_MM, PR_SET_MM_MAP): code/data/brk/stack/args/env boundaries, auxv and the

@@ -152,10 +152,11 @@ pub fn restore_flags(inj: &mut Injector, personality: u32, no_new_privs: bool) -
     Ok(())
 }
 
-/// Injected last of all: groups, gids, uids (in that order: after setresuid a non-root
-/// process could no longer change its groups).
+/// Injected last of all, in every thread (credentials belong to threads; libc makes the
+/// set*id calls of one thread apply to all): groups, gids, uids (in that order: after
+/// setresuid a non-root thread could no longer change its groups).
 pub fn restore_creds(inj: &mut Injector, mem: &ChildMem, at: u64, c: &Creds) -> Result<()> {
-    let cur = read_status(inj.pid)?;
+    let cur = read_status(inj.tid)?;
     if cur.uids == c.uids && cur.gids == c.gids && cur.groups == c.groups {
         return Ok(());
     }

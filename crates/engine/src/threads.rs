@@ -72,8 +72,15 @@ pub fn unregister_inherited_rseq(inj: &mut Injector) -> Result<()> {
     Ok(())
 }
 
-/// Injected once the address space is in place: the kernel-held per-thread addresses.
+/// Injected once the address space is in place: the thread's name and the kernel-held
+/// per-thread addresses. (/proc/PID/task/TID/comm is writable only from inside the
+/// thread group, hence prctl.)
 pub fn restore_kernel_addrs(inj: &mut Injector, mem: &ChildMem, scratch: u64, t: &ThreadRecord) -> Result<()> {
+    let mut name = [0u8; 16];
+    let n = t.comm.len().min(15);
+    name[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
+    mem.write(scratch, &name)?;
+    inj.call("prctl(PR_SET_NAME)", libc::SYS_prctl, [libc::PR_SET_NAME as u64, scratch, 0, 0, 0, 0])?;
     if t.robust_list.0 != 0 {
         inj.call("set_robust_list", libc::SYS_set_robust_list, [t.robust_list.0, t.robust_list.1, 0, 0, 0, 0])?;
     }
@@ -94,4 +101,36 @@ pub fn restore_regs(pid: Pid, tid: Pid, t: &ThreadRecord) -> Result<()> {
     let regs = restart_fixup(&regs_of(pid, t)?, false);
     ptrace::set_regs(tid, &regs).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
     ptrace::set_sigmask(tid, t.sigmask).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))
+}
+
+const THREAD_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM) as u64;
+
+/// Injected clone3 in the main thread: a new thread with the saved TID. With
+/// PTRACE_O_TRACECLONE it starts traced and stopped before running any instruction, so
+/// its registers are set before it ever runs.
+pub fn clone_thread(inj: &mut Injector, mem: &ChildMem, at: u64, t: &ThreadRecord) -> Result<Pid> {
+    let pid = inj.pid;
+    let tid_at = at + 128;
+    let mut args = [0u64; 11];
+    args[0] = THREAD_FLAGS;
+    args[8] = tid_at; // set_tid
+    args[9] = 1; // set_tid_size
+    let bytes: Vec<u8> = args.iter().flat_map(|v| v.to_le_bytes()).collect();
+    mem.write(at, &bytes)?;
+    mem.write(tid_at, &t.tid.to_le_bytes())?;
+    let got = inj.call("clone3(CLONE_THREAD)", libc::SYS_clone3, [at, bytes.len() as u64, 0, 0, 0, 0])?;
+    let tid = Pid(got as i32);
+    if tid.0 != t.tid {
+        return Err(Error::Restore { pid, what: format!("thread {} came back as {tid}", t.tid) });
+    }
+    match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
+        ptrace::WaitStatus::Stopped(..) => {}
+        other => return Err(Error::Restore { pid, what: format!("new thread {tid}: {other:?}") }),
+    }
+    Ok(tid)
 }

@@ -240,7 +240,7 @@ impl ImageWriter {
         E: From<ImageError> + Send,
         F: Fn(u64, &mut [u8]) -> Result<(), E> + Sync,
     {
-        assert!(self.pages_len == 0 && chunk as u64 % PAGE_BLOCK == 0);
+        assert!(self.pages_len == 0 && (chunk as u64).is_multiple_of(PAGE_BLOCK));
         let nblocks = total.div_ceil(PAGE_BLOCK);
         let threads = (threads as u64).clamp(1, nblocks.max(1));
         let per = nblocks.div_ceil(threads) * PAGE_BLOCK;

@@ -72,6 +72,19 @@ struct CloneArgs {
     cgroup: u64,
 }
 
+/// Waits (up to two seconds) until this process has one thread: a thread that was just
+/// joined may still be listed for a moment while the kernel releases it.
+fn wait_single_threaded() -> SysResult<()> {
+    for _ in 0..20_000 {
+        let threads = std::fs::read_dir("/proc/self/task").map_err(|_| Errno(libc::EIO))?.count();
+        if threads == 1 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+    Err(Errno(libc::EBUSY))
+}
+
 /// Who we are after [`fork_with_pid`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Forked {
@@ -84,10 +97,7 @@ pub enum Forked {
 /// one thread, because a forked copy of a multi-threaded process may inherit locks held
 /// by threads that do not exist in the child.
 pub fn fork_with_pid(pid: Option<Pid>) -> SysResult<Forked> {
-    let threads = std::fs::read_dir("/proc/self/task").map_err(|_| Errno(libc::EIO))?.count();
-    if threads != 1 {
-        return Err(Errno(libc::EBUSY));
-    }
+    wait_single_threaded()?;
     let tid: libc::pid_t = pid.map(|p| p.0).unwrap_or(0);
     let args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
@@ -297,4 +307,17 @@ pub fn set_cloexec(fd: RawFd, cloexec: bool) -> SysResult<()> {
     let v = if cloexec { libc::FD_CLOEXEC } else { 0 };
     // SAFETY: plain integer arguments.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, v) } as libc::c_long).map(drop)
+}
+
+/// `write(2)` of all of `data` to a raw descriptor, ignoring errors: for a child about to
+/// `_exit` that reports why through a pipe whose number it moved.
+pub fn write_all_raw(fd: RawFd, mut data: &[u8]) {
+    while !data.is_empty() {
+        // SAFETY: `data` is a live buffer of the given length.
+        let n = unsafe { libc::write(fd, data.as_ptr() as *const libc::c_void, data.len()) };
+        if n <= 0 {
+            return;
+        }
+        data = &data[n as usize..];
+    }
 }

@@ -1,0 +1,134 @@
+//! `stasis restore`: bring a process back from an image, then (unless detached) wait for
+//! it like a shell waits for a job, passing on the signals a user sends to stasis.
+//!
+//! Waiting uses no thread and no timer: SIGCHLD and the forwarded signals are blocked, and
+//! the loop alternates `waitpid(WNOHANG)` with `rt_sigtimedwait`. Because the signals are
+//! blocked before the first `waitpid`, a child that ends after that check leaves SIGCHLD
+//! pending, and the wait returns at once.
+
+use crate::util;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use stasis_engine::{RestoreOptions, Restored};
+use stasis_sys::ptrace::{waitpid, WaitStatus};
+use stasis_sys::Pid;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    /// Directory holding the image.
+    #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Exit as soon as the process runs, instead of waiting for it.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Write the restored PID (decimal and a newline) to this file once it runs.
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+    /// Attach the restored process to this terminal and session (for images dumped with
+    /// --shell-job).
+    #[arg(long)]
+    pub shell_job: bool,
+    /// Write the restore's figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+}
+
+/// Signals sent to stasis that are passed on to the restored process while stasis waits.
+pub const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// [`stasis_engine::RestoreStats`] with durations in seconds, for `--stats-json`.
+#[derive(Serialize, Debug)]
+pub struct RestoreStatsJson {
+    pub pid: i32,
+    pub total: f64,
+    pub validate: f64,
+    pub memory_bytes: u64,
+}
+
+impl RestoreStatsJson {
+    pub fn new(r: &Restored) -> RestoreStatsJson {
+        RestoreStatsJson {
+            pid: r.pid.0,
+            total: r.stats.total.as_secs_f64(),
+            validate: r.stats.validate.as_secs_f64(),
+            memory_bytes: r.stats.memory_bytes,
+        }
+    }
+}
+
+/// One line about a finished restore.
+pub fn summary(r: &Restored) -> String {
+    format!(
+        "restored pid {} in {} (image checked in {}, {} of memory)",
+        r.pid,
+        util::duration(r.stats.total),
+        util::duration(r.stats.validate),
+        util::bytes(r.stats.memory_bytes),
+    )
+}
+
+/// Makes sure SIGCHLD is not ignored: a stasis started with SIGCHLD set to SIG_IGN (which
+/// survives exec) would have its children reaped by the kernel, and waitpid would fail.
+pub fn default_sigchld() -> Result<()> {
+    let dfl = stasis_sys::proc::KernelSigaction::default();
+    stasis_sys::proc::set_sigaction(libc::SIGCHLD, &dfl).context("reset SIGCHLD to default")
+}
+
+pub fn run(args: RestoreArgs, verbose: bool) -> Result<u8> {
+    default_sigchld()?;
+    let opts = RestoreOptions {
+        dir: args.dir.clone(),
+        shell_job: args.shell_job,
+    };
+    log::info!("restoring from {}", opts.dir.display());
+    let restored = stasis_engine::restore(&opts)?;
+    let pid = restored.pid;
+    // Blocked from here on, so nothing sent to stasis from now is lost or kills it while
+    // the restored process runs on without its waiter.
+    if !args.detach {
+        let mut blocked = FORWARDED.to_vec();
+        blocked.push(libc::SIGCHLD);
+        stasis_sys::probe::block_signals(&blocked).context("block signals")?;
+    }
+    if verbose {
+        eprintln!("stasis: {}", summary(&restored));
+    }
+    // The process runs from here on whatever else fails: errors must name it.
+    let running = || format!("restored pid {pid} is running, but");
+    if let Some(path) = &args.pidfile {
+        util::write_atomic(path, format!("{pid}\n").as_bytes()).with_context(running)?;
+    }
+    if let Some(path) = &args.stats_json {
+        util::write_json(path, &RestoreStatsJson::new(&restored)).with_context(running)?;
+    }
+    if args.detach {
+        return Ok(0);
+    }
+    let st = wait_forwarding(pid)?;
+    log::info!("pid {pid} {}", util::describe_status(st));
+    Ok(util::shell_status(st).unwrap_or(1))
+}
+
+/// Waits for `pid` to end, forwarding [`FORWARDED`] signals to it. The caller has blocked
+/// those signals and SIGCHLD.
+fn wait_forwarding(pid: Pid) -> Result<WaitStatus> {
+    let mut wanted = FORWARDED.to_vec();
+    wanted.push(libc::SIGCHLD);
+    loop {
+        let st = waitpid(pid, libc::WNOHANG).with_context(|| format!("waitpid {pid}"))?;
+        if matches!(st, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) {
+            return Ok(st);
+        }
+        let sig = stasis_sys::probe::wait_signal(&wanted).context("wait for signals")?;
+        if sig != libc::SIGCHLD {
+            log::info!("forwarding {} to pid {pid}", crate::names::signal(sig));
+            match stasis_sys::proc::kill(pid, sig) {
+                Ok(()) => {}
+                // Gone already: the next waitpid reports it.
+                Err(e) if e.0 == libc::ESRCH => {}
+                Err(e) => return Err(e).with_context(|| format!("kill {pid}")),
+            }
+        }
+    }
+}
