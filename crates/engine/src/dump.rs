@@ -145,11 +145,11 @@ fn collect(
     let vmas = mm::dump(pid, &maps, writer)?;
     let stat = read_stat(pid)?;
     let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
-        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/auxv").into(), source: e })?;
+        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/auxv").into(), err: e })?;
     let exe_link = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/exe").into(), source: e })?;
+        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/exe").into(), err: e })?;
     let exe_md = std::fs::metadata(format!("/proc/{pid}/exe"))
-        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/exe").into(), source: e })?;
+        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/exe").into(), err: e })?;
     use std::os::unix::ffi::OsStrExt;
     let mm = MmRecord {
         start_code: stat.start_code,

@@ -25,8 +25,8 @@ pub enum Error {
     UnsupportedMapping { pid: Pid, start: u64, end: u64, what: String },
     #[error("pid {pid}: {op}: {errno}")]
     Sys { pid: Pid, op: &'static str, errno: Errno },
-    #[error("pid {pid}: reading {path}: {source}")]
-    Proc { pid: Pid, path: PathBuf, source: std::io::Error },
+    #[error("pid {pid}: reading {path}: {err}")]
+    Proc { pid: Pid, path: PathBuf, err: std::io::Error },
     #[error("pid {pid}: cannot parse {path}: {what}")]
     ProcParse { pid: Pid, path: String, what: String },
     #[error("pid {pid}: injected {call} returned {errno}")]
@@ -47,8 +47,8 @@ pub enum Error {
     FileChanged { pid: Pid, path: String, what: String },
     #[error("restore of pid {pid}: {what}")]
     Restore { pid: Pid, what: String },
-    #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{op} {path}: {err}")]
+    Io { op: &'static str, path: PathBuf, err: std::io::Error },
 }
 
 impl Error {

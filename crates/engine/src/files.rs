@@ -49,21 +49,21 @@ pub fn kind_from_link(link: &str) -> String {
 
 pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<Vec<FdRecord>> {
     let dir = format!("/proc/{pid}/fd");
-    let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc { pid, path: dir.clone().into(), source: e })?;
+    let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc { pid, path: dir.clone().into(), err: e })?;
     let mut fds: Vec<i32> = rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     fds.sort();
     let mut out: Vec<FdRecord> = Vec::new();
     let mut metas: Vec<(u64, u64)> = Vec::new();
     for fd in fds {
         let link = std::fs::read_link(format!("{dir}/{fd}"))
-            .map_err(|e| Error::Proc { pid, path: format!("{dir}/{fd}").into(), source: e })?;
+            .map_err(|e| Error::Proc { pid, path: format!("{dir}/{fd}").into(), err: e })?;
         let link_bytes = link.as_os_str().as_bytes().to_vec();
         let link_str = link.to_string_lossy().into_owned();
         let (path, text) = procfs::read_text(pid, &format!("fdinfo/{fd}"))?;
         let info = procfs::parse_fdinfo(&text).map_err(|what| Error::ProcParse { pid, path, what })?;
         let own = stasis_sys::proc::pidfd_getfd(pidfd, RemoteFd(fd)).map_err(Error::sys(pid, "pidfd_getfd"))?;
         let md = std::fs::metadata(format!("/proc/self/fd/{}", own.as_raw_fd()))
-            .map_err(|e| Error::Proc { pid, path: format!("fd {fd}").into(), source: e })?;
+            .map_err(|e| Error::Proc { pid, path: format!("fd {fd}").into(), err: e })?;
         let ft = md.file_type();
         let cloexec = info.flags & libc::O_CLOEXEC != 0;
         let flags = info.flags & !libc::O_CLOEXEC;

@@ -50,7 +50,7 @@ fn list_tasks(pid: Pid) -> Result<Vec<Pid>> {
     let path = format!("/proc/{pid}/task");
     let rd = std::fs::read_dir(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::NoSuchProcess(pid),
-        _ => Error::Proc { pid, path: path.clone().into(), source: e },
+        _ => Error::Proc { pid, path: path.clone().into(), err: e },
     })?;
     let mut v: Vec<Pid> = rd
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok().map(Pid))

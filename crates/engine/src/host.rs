@@ -25,7 +25,7 @@ pub fn current() -> Result<HostInfo> {
             let mut buf = vec![0u8; (m.end - m.start) as usize];
             File::open("/proc/self/mem")
                 .and_then(|f| f.read_exact_at(&mut buf, m.start))
-                .map_err(|e| Error::Proc { pid, path: "/proc/self/mem".into(), source: e })?;
+                .map_err(|e| Error::Proc { pid, path: "/proc/self/mem".into(), err: e })?;
             hash64(&buf)
         }
         None => 0,

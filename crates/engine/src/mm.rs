@@ -119,7 +119,7 @@ struct Planned {
 /// Saves every mapping of `pid` into `w` and returns the mapping records.
 pub fn dump(pid: Pid, maps: &[MapEntry], w: &mut ImageWriter) -> Result<Vec<Vma>> {
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
-        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/pagemap").into(), source: e })?;
+        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/pagemap").into(), err: e })?;
     let guards_supported = guard_scan_supported(&pagemap);
     let mut planned = Vec::new();
     for m in maps {
@@ -134,7 +134,7 @@ pub fn dump(pid: Pid, maps: &[MapEntry], w: &mut ImageWriter) -> Result<Vec<Vma>
             MapClass::File => {
                 let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
                 let md = std::fs::metadata(&mf)
-                    .map_err(|e| Error::Proc { pid, path: mf.into(), source: e })?;
+                    .map_err(|e| Error::Proc { pid, path: mf.into(), err: e })?;
                 VmaBacking::File(file_ref(m.name.as_bytes(), &md))
             }
         };
@@ -157,7 +157,7 @@ pub fn dump(pid: Pid, maps: &[MapEntry], w: &mut ImageWriter) -> Result<Vec<Vma>
             }
             MapClass::SharedAnonymous => {
                 let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-                let f = File::open(&mf).map_err(|e| Error::Proc { pid, path: mf.into(), source: e })?;
+                let f = File::open(&mf).map_err(|e| Error::Proc { pid, path: mf.into(), err: e })?;
                 vma.pages = shmem_data_runs(&f, m)?;
                 shmem = Some(f);
             }
@@ -266,7 +266,7 @@ fn save_pages(pid: Pid, planned: &mut [Planned], w: &mut ImageWriter) -> Result<
         return Ok(());
     }
     let mem = File::open(format!("/proc/{pid}/mem"))
-        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), source: e })?;
+        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
     let planned: &[Planned] = planned;
     w.write_pages_parallel(total, COPY_THREADS, COPY_CHUNK, |off, buf: &mut [u8]| -> Result<()> {
         // Segments overlapping [off, off + len), cut to that window.
@@ -318,7 +318,7 @@ fn copy_batch(
         for r in ranges {
             let off = vma.file_offset + (r.addr.0 - vma.start);
             f.read_exact_at(&mut out[done..done + r.len], off)
-                .map_err(|e| Error::Proc { pid, path: "shared memory object".into(), source: e })?;
+                .map_err(|e| Error::Proc { pid, path: "shared memory object".into(), err: e })?;
             done += r.len;
         }
         return Ok(());
@@ -338,7 +338,7 @@ fn copy_batch(
         let from = rs.max(done);
         let addr = r.addr.0 + (from - rs) as u64;
         mem.read_exact_at(&mut out[from..re], addr)
-            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem at {addr:#x}").into(), source: e })?;
+            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem at {addr:#x}").into(), err: e })?;
     }
     Ok(())
 }
@@ -452,7 +452,7 @@ impl ChildMem {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|e| Error::Proc { pid, path: path.into(), source: e })?;
+            .map_err(|e| Error::Proc { pid, path: path.into(), err: e })?;
         Ok(ChildMem { pid, file })
     }
 
@@ -460,7 +460,7 @@ impl ChildMem {
         let pid = self.pid;
         self.file
             .write_all_at(data, addr)
-            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem at {addr:#x}").into(), source: e })
+            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem at {addr:#x}").into(), err: e })
     }
 }
 

@@ -32,7 +32,7 @@ impl Parasite {
             .read(true)
             .write(true)
             .open(format!("/proc/{pid}/mem"))
-            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), source: e })?;
+            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
         let ip = find_syscall_in_target(pid, &mem)?;
         ptrace::set_sigmask(thread.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
         thread.injected = true;
@@ -66,7 +66,7 @@ impl Parasite {
         let pid = self.inj.pid;
         self.mem
             .read_exact_at(buf, self.scratch.0 + off)
-            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), source: e })
+            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })
     }
 
     pub fn read_u64(&self, off: u64) -> Result<u64> {

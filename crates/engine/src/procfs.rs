@@ -279,7 +279,7 @@ pub fn read_text(pid: stasis_sys::Pid, name: &str) -> crate::error::Result<(Stri
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && name != "task" => {
             Err(crate::error::Error::NoSuchProcess(pid))
         }
-        Err(e) => Err(crate::error::Error::Proc { pid, path: path.into(), source: e }),
+        Err(e) => Err(crate::error::Error::Proc { pid, path: path.into(), err: e }),
     }
 }
 

@@ -151,7 +151,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         image_fd: reader.file.as_raw_fd(),
         restorer: sp::getpid(),
     };
-    let (mut err_rd, err_wr) = std::io::pipe().map_err(|e| Error::Io { op: "create", path: "pipe".into(), source: e })?;
+    let (mut err_rd, err_wr) = std::io::pipe().map_err(|e| Error::Io { op: "create", path: "pipe".into(), err: e })?;
     let child = match sp::fork_with_pid(Some(pid)) {
         Err(e) if e.0 == libc::EEXIST => {
             check_pid_free(pid)?;

@@ -35,7 +35,7 @@ fn link(pid: Pid, name: &str) -> Result<Vec<u8>> {
     let path = format!("/proc/{pid}/{name}");
     std::fs::read_link(&path)
         .map(|p| p.as_os_str().as_bytes().to_vec())
-        .map_err(|e| Error::Proc { pid, path: path.into(), source: e })
+        .map_err(|e| Error::Proc { pid, path: path.into(), err: e })
 }
 
 pub fn dump(pid: Pid) -> Result<TaskState> {

@@ -23,8 +23,8 @@ pub enum ImageError {
     DirMissing(PathBuf),
     #[error("no complete image in {0}: {IMAGE_FILE} is missing (an interrupted dump leaves none)")]
     NoImage(PathBuf),
-    #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: io::Error },
+    #[error("{op} {path}: {err}")]
+    Io { op: &'static str, path: PathBuf, err: io::Error },
     #[error("{0} is not a stasis image (bad magic)")]
     BadMagic(PathBuf),
     #[error("{path} has unsupported format version {found} (this stasis reads version {FORMAT_VERSION})")]
@@ -139,7 +139,7 @@ fn header_hash(page: &[u8]) -> u64 {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImageError + 'a {
-    move |source| ImageError::Io { op, path: path.to_path_buf(), source }
+    move |source| ImageError::Io { op, path: path.to_path_buf(), err: source }
 }
 
 /// Makes sure `dir` exists as a directory only its owner can enter (0700).
@@ -155,7 +155,7 @@ pub fn prepare_dir(dir: &Path) -> Result<(), ImageError> {
         Ok(_) => Err(ImageError::Io {
             op: "use as image directory",
             path: dir.into(),
-            source: io::Error::from_raw_os_error(libc::ENOTDIR),
+            err: io::Error::from_raw_os_error(libc::ENOTDIR),
         }),
         Err(_) => std::fs::DirBuilder::new()
             .recursive(true)
@@ -307,7 +307,7 @@ impl ImageWriter {
         ciborium::into_writer(meta, &mut enc).map_err(|e| ImageError::Io {
             op: "encode metadata for",
             path: self.tmp.clone(),
-            source: io::Error::other(e.to_string()),
+            err: io::Error::other(e.to_string()),
         })?;
         self.file.write_all(&enc).map_err(io_err("write", &self.tmp))?;
         let header = Header {
@@ -358,7 +358,7 @@ impl ImageReader {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ImageError::NoImage(dir.into()))
             }
-            Err(e) => return Err(ImageError::Io { op: "open", path, source: e }),
+            Err(e) => return Err(ImageError::Io { op: "open", path, err: e }),
         };
         let size = file.metadata().map_err(io_err("stat", &path))?.len();
         let mut page = Vec::with_capacity(HEADER_PAGE as usize);
