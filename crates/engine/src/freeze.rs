@@ -121,9 +121,10 @@ impl Frozen {
     pub fn kill(mut self) -> Result<()> {
         self.done = true;
         stasis_sys::proc::kill(self.pid, libc::SIGKILL).map_err(Error::sys(self.pid, "kill"))?;
-        for t in &self.threads {
-            // As tracer we see each thread's exit first; consuming it lets the real parent
-            // reap the process.
+        // As tracer we see each thread's exit first; consuming them lets the real parent
+        // reap the process. The leader's exit is reported only once every other thread is
+        // gone, so the others go first.
+        for t in self.threads.iter().rev() {
             let _ = ptrace::waitpid(t.tid, libc::__WALL);
         }
         Ok(())
