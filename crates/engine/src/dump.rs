@@ -61,6 +61,9 @@ fn precheck(pid: Pid) -> Result<()> {
     if stat.state == 'Z' {
         return Err(Error::Unsupported { pid, what: "a zombie process".into() });
     }
+    if stat.state == 'T' {
+        return Err(Error::Unsupported { pid, what: "a stopped process (SIGSTOP/SIGTSTP; continue it first)".into() });
+    }
     if status.tracer_pid != 0 {
         return Err(Error::AlreadyTraced { pid, tracer: status.tracer_pid });
     }
@@ -84,16 +87,24 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     let memory_bytes = writer.pages_len();
     let nthreads = frozen.threads.len();
     log::debug!("pid {pid}: state collected, {memory_bytes} bytes of pages written");
-    let image_bytes = writer.finish(&mut image)?;
-    log::debug!("pid {pid}: image complete");
-    if opts.leave_running {
+    // A process that runs on needs no durable image to be safe: release it before the
+    // metadata, fsync and rename. One that will be killed must wait until the image is
+    // complete on disk, or a failed write would lose it.
+    let frozen_for;
+    let image_bytes = if opts.leave_running {
         frozen.release()?;
+        frozen_for = frozen_at.elapsed();
+        writer.finish(&mut image)?
     } else {
+        let n = writer.finish(&mut image)?;
         frozen.kill()?;
-    }
+        frozen_for = frozen_at.elapsed();
+        n
+    };
+    log::debug!("pid {pid}: image complete");
     Ok(DumpStats {
         total: t0.elapsed(),
-        frozen: frozen_at.elapsed(),
+        frozen: frozen_for,
         image_bytes,
         memory_bytes,
         processes: 1,

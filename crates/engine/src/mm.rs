@@ -565,6 +565,9 @@ impl MmRestore<'_> {
                 self.inj.call("madvise", libc::SYS_madvise, [v.start, v.len(), advice as u64, 0, 0, 0])?;
             }
         }
+        if v.flags & vmflags::LOCKED != 0 {
+            self.inj.call("mlock", libc::SYS_mlock, [v.start, v.len(), 0, 0, 0, 0])?;
+        }
         const MADV_GUARD_INSTALL: u64 = 102;
         for g in &v.guards {
             self.inj.call("madvise(MADV_GUARD_INSTALL)", libc::SYS_madvise, [g.addr, g.len(), MADV_GUARD_INSTALL, 0, 0, 0])?;

@@ -139,7 +139,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let own_busy: Vec<(u64, u64)> = own_maps.iter().map(|m| (m.start, m.end)).collect();
     let helper = mm::find_free(&[&own_busy, &mm::busy_ranges(&rec.mm.vmas)], HELPER_LEN)
         .ok_or_else(|| Error::Restore { pid, what: "no free address range for the helper page".into() })?;
-    check_pid_free(pid)?;
+    for t in &rec.threads {
+        check_pid_free(Pid(t.tid))?;
+    }
     let validate = t0.elapsed();
 
     let plan = Plan {

@@ -6,6 +6,7 @@
 //! children run nothing but async-signal-safe system calls, so the probes are safe to run
 //! from a multi-threaded process (such as a test harness).
 
+use crate::proc::CloneArgs;
 use crate::types::{cvt, Errno, Pid, SysResult};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -36,28 +37,13 @@ pub fn fork_idle_child() -> SysResult<Pid> {
     }
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
 
 /// `clone3(NULL, 0)`: a kernel with `clone3` refuses the too-small size with `EINVAL`; one
 /// without it answers `ENOSYS`. Returns the errno the kernel gave.
 pub fn clone3_invalid_call() -> Errno {
     // SAFETY: a NULL argument pointer with size 0 is rejected by the kernel before anything
     // is read or created.
-    let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<CloneArgs>(), 0usize) };
+    let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<crate::proc::CloneArgs>(), 0usize) };
     if r == -1 {
         Errno::last()
     } else {
@@ -161,52 +147,34 @@ const MADV_GUARD_INSTALL: libc::c_int = 102;
 /// slice of its memory: a probe may turn pages of it into guard regions, which fault on
 /// any access.
 pub struct ProbeRegion {
-    addr: u64,
-    len: usize,
+    map: crate::mem::LocalMapping,
 }
 
 impl ProbeRegion {
     /// `mmap(NULL, pages * 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS)`.
     pub fn map(pages: usize) -> SysResult<ProbeRegion> {
-        let len = pages * crate::types::PAGE_SIZE as usize;
-        // SAFETY: a fresh anonymous mapping aliases no Rust object.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Errno::last());
-        }
-        Ok(ProbeRegion {
-            addr: p as u64,
-            len,
-        })
+        let map = crate::mem::LocalMapping::anonymous(pages * crate::types::PAGE_SIZE as usize)?;
+        Ok(ProbeRegion { map })
     }
 
     pub fn addr(&self) -> u64 {
-        self.addr
+        self.map.addr()
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.is_empty()
     }
 
     fn page_addr(&self, page: usize) -> SysResult<u64> {
         let off = page * crate::types::PAGE_SIZE as usize;
-        if off >= self.len {
+        if off >= self.len() {
             return Err(Errno(libc::EINVAL));
         }
-        Ok(self.addr + off as u64)
+        Ok(self.addr() + off as u64)
     }
 
     /// Writes one byte to page `page`, so that it is present and written.
@@ -234,12 +202,6 @@ impl ProbeRegion {
     }
 }
 
-impl Drop for ProbeRegion {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the region this object created; nothing refers into it.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
 
 fn sigmask_of(sigs: &[i32]) -> u64 {
     sigs.iter()
