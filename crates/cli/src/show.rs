@@ -396,6 +396,9 @@ fn file_report(f: &stasis_image::FdRecord) -> FileReport {
         FdKind::CharDevice { path, flags, .. } | FdKind::Terminal { path, flags, .. } => {
             (lossy(path), *flags, None)
         }
+        FdKind::Pipe { ino, write, flags } => {
+            (format!("pipe:[{ino}] ({} end)", if *write { "write" } else { "read" }), *flags, None)
+        }
     };
     FileReport {
         fd: f.fd,

@@ -70,62 +70,231 @@ fn precheck(pid: Pid) -> Result<()> {
     Ok(())
 }
 
+/// One process of the tree: frozen, or a zombie (nothing to freeze).
+struct Member {
+    pid: Pid,
+    frozen: Option<Frozen>,
+}
+
+/// Freezes the tree rooted at `root`, parents before children: a frozen parent cannot
+/// fork, so the children listed after freezing it are all it has.
+fn freeze_tree(root: Pid) -> Result<Vec<Member>> {
+    let mut members = vec![Member { pid: root, frozen: Some(Frozen::freeze(root)?) }];
+    let mut i = 0;
+    while i < members.len() {
+        let pid = members[i].pid;
+        if members[i].frozen.is_some() {
+            for child in children_of(pid)? {
+                let frozen = if read_stat(child)?.state == 'Z' { None } else { Some(Frozen::freeze(child)?) };
+                members.push(Member { pid: child, frozen });
+            }
+        }
+        i += 1;
+    }
+    Ok(members)
+}
+
+fn children_of(pid: Pid) -> Result<Vec<Pid>> {
+    let dir = format!("/proc/{pid}/task");
+    let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc { pid, path: dir.clone().into(), err: e })?;
+    let mut out = Vec::new();
+    for t in rd.flatten() {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        let text = procfs::read_text(pid, &format!("task/{tid}/children"))?.1;
+        out.extend(text.split_whitespace().filter_map(|c| c.parse().ok()).map(Pid));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     let t0 = Instant::now();
-    let pid = Pid(opts.pid);
-    precheck(pid)?;
+    let root = Pid(opts.pid);
+    precheck(root)?;
     let host = host::current()?;
-    let pidfd = stasis_sys::proc::pidfd_open(pid).map_err(|e| match e.0 {
-        libc::ESRCH => Error::NoSuchProcess(pid),
-        _ => Error::Sys { pid, op: "pidfd_open", errno: e },
-    })?;
     let mut writer = ImageWriter::create(&opts.dir)?;
     let frozen_at = Instant::now();
-    let mut frozen = Frozen::freeze(pid)?;
-    log::debug!("pid {pid}: frozen {} thread(s)", frozen.threads.len());
-    let mut image = collect(pid, &pidfd, &mut frozen, &mut writer, opts, host)?;
+    let mut members = freeze_tree(root)?;
+    log::debug!("pid {root}: froze a tree of {} processes", members.len());
+    let (mut image, nthreads) = collect_tree(root, &mut members, &mut writer, opts, host)?;
     let memory_bytes = writer.pages_len();
-    let nthreads = frozen.threads.len();
-    log::debug!("pid {pid}: state collected, {memory_bytes} bytes of pages written");
-    // A process that runs on needs no durable image to be safe: release it before the
+    log::debug!("pid {root}: state collected, {memory_bytes} bytes of pages written");
+    // A tree that runs on needs no durable image to be safe: release it before the
     // metadata, fsync and rename. One that will be killed must wait until the image is
     // complete on disk, or a failed write would lose it.
     let frozen_for;
+    let frozen: Vec<Frozen> = members.into_iter().filter_map(|m| m.frozen).collect();
     let image_bytes = if opts.leave_running {
-        frozen.release()?;
+        release_all(frozen)?;
         frozen_for = frozen_at.elapsed();
         writer.finish(&mut image)?
     } else {
         let n = writer.finish(&mut image)?;
-        frozen.kill()?;
+        kill_all(frozen)?;
         frozen_for = frozen_at.elapsed();
         n
     };
-    log::debug!("pid {pid}: image complete");
+    log::debug!("pid {root}: image complete");
     Ok(DumpStats {
         total: t0.elapsed(),
         frozen: frozen_for,
         image_bytes,
         memory_bytes,
-        processes: 1,
+        processes: image.processes.len(),
         threads: nthreads,
     })
 }
 
-fn collect(
-    pid: Pid,
-    pidfd: &std::os::fd::OwnedFd,
-    frozen: &mut Frozen,
+fn release_all(frozen: Vec<Frozen>) -> Result<()> {
+    let mut first = Ok(());
+    for f in frozen {
+        if let Err(e) = f.release() {
+            first = first.and(Err(e));
+        }
+    }
+    first
+}
+
+/// Kills every process first, then collects the exits: a parent killed before its child
+/// is reaped by nobody here, so the order of kills does not matter.
+fn kill_all(frozen: Vec<Frozen>) -> Result<()> {
+    for f in &frozen {
+        stasis_sys::proc::kill(f.pid, libc::SIGKILL).map_err(Error::sys(f.pid, "kill"))?;
+    }
+    for f in frozen {
+        f.kill()?;
+    }
+    Ok(())
+}
+
+/// Collects every process, then what the processes share: open file descriptions
+/// (numbered across the tree), pipes, and page data (one parallel write for all).
+fn collect_tree(
+    root: Pid,
+    members: &mut [Member],
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     host: stasis_image::HostInfo,
-) -> Result<Image> {
-    let children = procfs::read_text(pid, &format!("task/{pid}/children"))?.1;
-    if !children.trim().is_empty() {
-        return Err(Error::Unsupported { pid, what: format!("child processes (pids {})", children.trim()) });
+) -> Result<(Image, usize)> {
+    let sids: std::collections::HashMap<Pid, i32> =
+        members.iter().map(|m| Ok((m.pid, read_stat(m.pid)?.session))).collect::<Result<_>>()?;
+    let mut procs = Vec::new();
+    let mut fds = Vec::new();
+    let mut pidfds = Vec::new();
+    let mut mms = Vec::new();
+    let mut nthreads = 0;
+    for m in members.iter_mut() {
+        let pid = m.pid;
+        let Some(frozen) = m.frozen.as_mut() else {
+            procs.push(zombie_record(pid)?);
+            fds.push((pid, files::DumpedFds { records: Vec::new(), idents: Vec::new() }));
+            mms.push(None);
+            continue;
+        };
+        let pidfd = stasis_sys::proc::pidfd_open(pid).map_err(Error::sys(pid, "pidfd_open"))?;
+        let (rec, dumped, mm_plan) = collect_process(pid, &pidfd, frozen, opts, &sids, root)?;
+        nthreads += rec.threads.len();
+        procs.push(rec);
+        fds.push((pid, dumped));
+        pidfds.push((pid, pidfd));
+        mms.push(Some(mm_plan));
     }
+    files::assign_descriptions(&mut fds)?;
+    let views: Vec<(Pid, &std::os::fd::OwnedFd, &[stasis_image::FdRecord])> = fds
+        .iter()
+        .filter_map(|(pid, d)| pidfds.iter().find(|(p, _)| p == pid).map(|(_, fd)| (*pid, fd, d.records.as_slice())))
+        .collect();
+    let pipes = files::dump_pipes(&views)?;
+    for (rec, (_, d)) in procs.iter_mut().zip(fds) {
+        rec.fds = d.records;
+    }
+    let vmas = mm::save_all(&mut mms, writer)?;
+    for (rec, v) in procs.iter_mut().zip(vmas) {
+        rec.mm.vmas = v;
+    }
+    let image = Image {
+        stasis_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        host,
+        root_pid: root.0,
+        shell_job: opts.shell_job,
+        processes: procs,
+        pipes,
+        page_block_size: 0,
+        page_block_hashes: Vec::new(),
+    };
+    Ok((image, nthreads))
+}
+
+/// A zombie: who it is and how it ended.
+fn zombie_record(pid: Pid) -> Result<ProcessRecord> {
+    let stat = read_stat(pid)?;
+    let (path, text) = procfs::read_text(pid, "stat")?;
+    let status = text.rsplit(' ').next().and_then(|w| w.trim().parse().ok()).ok_or_else(|| Error::ProcParse {
+        pid,
+        path,
+        what: "no exit code".into(),
+    })?;
+    Ok(ProcessRecord {
+        pid: pid.0,
+        ppid: stat.ppid,
+        pgid: stat.pgrp,
+        sid: stat.session,
+        comm: stat.comm,
+        creds: Default::default(),
+        cwd: b"/".to_vec(),
+        root: b"/".to_vec(),
+        umask: 0,
+        rlimits: Vec::new(),
+        sigactions: Vec::new(),
+        shared_pending: Vec::new(),
+        mm: MmRecord {
+            start_code: 0,
+            end_code: 0,
+            start_data: 0,
+            end_data: 0,
+            start_brk: 0,
+            brk: 0,
+            start_stack: 0,
+            arg_start: 0,
+            arg_end: 0,
+            env_start: 0,
+            env_end: 0,
+            auxv: Vec::new(),
+            exe: stasis_image::FileRef { path: Vec::new(), dev: 0, ino: 0, mode: 0, size: 0, mtime_ns: 0 },
+            xcomp_perm: 0,
+            vmas: Vec::new(),
+        },
+        fds: Vec::new(),
+        threads: Vec::new(),
+        no_new_privs: false,
+        personality: 0,
+        zombie_status: Some(status),
+    })
+}
+
+/// One live process: everything but what it shares with others (descriptions, pipes)
+/// and its page data, which the tree-level steps fill in.
+fn collect_process(
+    pid: Pid,
+    pidfd: &std::os::fd::OwnedFd,
+    frozen: &mut Frozen,
+    opts: &DumpOptions,
+    sids: &std::collections::HashMap<Pid, i32>,
+    root: Pid,
+) -> Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)> {
     let ts = task::dump(pid)?;
-    task::session_plan(pid, ts.sid, opts.shell_job)?;
+    // Sessions: a leader, or the session of its parent inside the tree; only the root may
+    // belong to an outside session, and then only with --shell-job.
+    if pid == root {
+        task::session_plan(pid, ts.sid, opts.shell_job)?;
+    } else if ts.sid != pid.0 && sids.get(&Pid(ts.ppid)) != Some(&ts.sid) {
+        return Err(Error::Unsupported { pid, what: format!("a session (sid {}) other than its parent's", ts.sid) });
+    }
     let fds = files::dump(pid, pidfd, opts.shell_job)?;
 
     // Everything that needs injected calls, then the scratch page is gone again before
@@ -153,7 +322,7 @@ fn collect(
 
     log::debug!("pid {pid}: parasite done");
     let maps = mm::read_maps(pid)?;
-    let vmas = mm::dump(pid, &maps, writer)?;
+    let mm_plan = mm::plan(pid, &maps)?;
     let stat = read_stat(pid)?;
     let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/auxv").into(), err: e })?;
@@ -177,7 +346,7 @@ fn collect(
         auxv: procfs::parse_auxv(&auxv),
         exe: mm::file_ref(exe_link.as_os_str().as_bytes(), &exe_md),
         xcomp_perm,
-        vmas,
+        vmas: Vec::new(),
     };
     let process = ProcessRecord {
         pid: pid.0,
@@ -193,22 +362,12 @@ fn collect(
         sigactions,
         shared_pending: signals::dump_pending(pid, pid, true)?,
         mm,
-        fds,
+        fds: Vec::new(),
         threads: thread_recs,
         no_new_privs: ts.no_new_privs,
         personality: ts.personality,
+        zombie_status: None,
     };
-    Ok(Image {
-        stasis_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        host,
-        root_pid: pid.0,
-        shell_job: opts.shell_job,
-        processes: vec![process],
-        page_block_size: 0,
-        page_block_hashes: Vec::new(),
-    })
+    Ok((process, fds, mm_plan))
 }
+

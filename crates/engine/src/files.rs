@@ -47,13 +47,20 @@ pub fn kind_from_link(link: &str) -> String {
     }
 }
 
-pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<Vec<FdRecord>> {
+/// The descriptors of one process, with the (device, inode) of each for grouping
+/// descriptions across the tree.
+pub struct DumpedFds {
+    pub records: Vec<FdRecord>,
+    pub idents: Vec<(u64, u64)>,
+}
+
+pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<DumpedFds> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc { pid, path: dir.clone().into(), err: e })?;
     let mut fds: Vec<i32> = rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     fds.sort();
     let mut out: Vec<FdRecord> = Vec::new();
-    let mut metas: Vec<(u64, u64)> = Vec::new();
+    let mut idents: Vec<(u64, u64)> = Vec::new();
     for fd in fds {
         let link = std::fs::read_link(format!("{dir}/{fd}"))
             .map_err(|e| Error::Proc { pid, path: format!("{dir}/{fd}").into(), err: e })?;
@@ -88,39 +95,99 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<Vec<FdRecord>>
             } else {
                 return Err(unsupported(format!("character device {}:{} ({link_str})", major(rdev), minor(rdev))));
             }
+        } else if ft.is_fifo() && link_str.starts_with("pipe:") {
+            FdKind::Pipe { ino: md.ino(), write: flags & libc::O_ACCMODE == libc::O_WRONLY, flags }
         } else if ft.is_fifo() {
-            return Err(unsupported(if link_str.starts_with("pipe:") { "pipe".into() } else { format!("fifo {link_str}") }));
+            return Err(unsupported(format!("fifo {link_str}")));
         } else if ft.is_socket() {
             return Err(unsupported("socket".into()));
         } else {
             return Err(unsupported(kind_from_link(&link_str)));
         };
-        let same_as = shared_description(pid, fd, &md, &out, &metas)?;
-        metas.push((md.dev(), md.ino()));
-        out.push(FdRecord { fd, cloexec, kind, same_as });
+        idents.push((md.dev(), md.ino()));
+        out.push(FdRecord { fd, cloexec, kind, same_as: None, desc: 0 });
     }
-    Ok(out)
+    Ok(DumpedFds { records: out, idents })
 }
 
-/// The first earlier descriptor that shares `fd`'s open file description, if any. Only
-/// descriptors of the same file can; kcmp decides among those.
-fn shared_description(
-    pid: Pid,
-    fd: i32,
-    md: &std::fs::Metadata,
-    earlier: &[FdRecord],
-    metas: &[(u64, u64)],
-) -> Result<Option<i32>> {
-    for (r, &(dev, ino)) in earlier.iter().zip(metas) {
-        if r.same_as.is_none() && dev == md.dev() && ino == md.ino() {
-            let same = stasis_sys::proc::kcmp_same_file(pid, RemoteFd(r.fd), pid, RemoteFd(fd))
-                .map_err(Error::sys(pid, "kcmp"))?;
-            if same {
-                return Ok(Some(r.fd));
+/// Numbers the open file descriptions of a whole tree: descriptors of the same file that
+/// kcmp reports as one description get one id, whichever process holds them.
+pub fn assign_descriptions(procs: &mut [(Pid, DumpedFds)]) -> Result<()> {
+    // (process index, descriptor index) of one representative per description so far,
+    // by file identity.
+    let mut reps: std::collections::HashMap<(u64, u64), Vec<(usize, usize, u64)>> = Default::default();
+    let mut next = 1u64;
+    for pi in 0..procs.len() {
+        for fi in 0..procs[pi].1.records.len() {
+            let ident = procs[pi].1.idents[fi];
+            let (pid, fd) = (procs[pi].0, procs[pi].1.records[fi].fd);
+            let cands = reps.entry(ident).or_default();
+            let mut found = None;
+            for &(rp, rf, id) in cands.iter() {
+                let (rpid, rfd) = (procs[rp].0, procs[rp].1.records[rf].fd);
+                if stasis_sys::proc::kcmp_same_file(rpid, RemoteFd(rfd), pid, RemoteFd(fd)).map_err(Error::sys(pid, "kcmp"))? {
+                    found = Some(id);
+                    break;
+                }
+            }
+            let id = found.unwrap_or_else(|| {
+                next += 1;
+                cands.push((pi, fi, next - 1));
+                next - 1
+            });
+            procs[pi].1.records[fi].desc = id;
+        }
+    }
+    Ok(())
+}
+
+/// The pipes of the tree with the bytes in their buffers, read without consuming them
+/// (tee into a pipe of ours). A pipe with an end outside the tree is refused.
+pub fn dump_pipes(procs: &[(Pid, &OwnedFd, &[FdRecord])]) -> Result<Vec<stasis_image::PipeRecord>> {
+    let mut ends: std::collections::BTreeMap<u64, (Option<(Pid, i32)>, Option<(Pid, i32)>)> = Default::default();
+    let mut reader_pidfd: std::collections::HashMap<u64, &OwnedFd> = Default::default();
+    for (pid, pidfd, recs) in procs {
+        for r in recs.iter() {
+            if let FdKind::Pipe { ino, write, .. } = r.kind {
+                let e = ends.entry(ino).or_default();
+                if write {
+                    e.1.get_or_insert((*pid, r.fd));
+                } else if e.0.is_none() {
+                    e.0 = Some((*pid, r.fd));
+                    reader_pidfd.insert(ino, pidfd);
+                }
             }
         }
     }
-    Ok(None)
+    let mut out = Vec::new();
+    for (ino, (rd, wr)) in ends {
+        let (Some((rpid, rfd)), Some(_)) = (rd, wr) else {
+            let (pid, fd) = rd.or(wr).unwrap_or((Pid(0), -1));
+            return Err(Error::UnsupportedFd {
+                pid,
+                fd,
+                kind: format!("pipe:[{ino}] whose other end is outside the dumped tree"),
+            });
+        };
+        let theirs = stasis_sys::proc::pidfd_getfd(reader_pidfd[&ino], RemoteFd(rfd)).map_err(Error::sys(rpid, "pidfd_getfd"))?;
+        let capacity = stasis_sys::proc::pipe_size(theirs.as_raw_fd()).map_err(Error::sys(rpid, "F_GETPIPE_SZ"))?;
+        let queued = stasis_sys::proc::bytes_readable(theirs.as_raw_fd()).map_err(Error::sys(rpid, "FIONREAD"))?;
+        let mut data = Vec::with_capacity(queued);
+        if queued > 0 {
+            let (our_r, our_w) = stasis_sys::proc::pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(Error::sys(rpid, "pipe2"))?;
+            stasis_sys::proc::set_pipe_size(our_w.as_raw_fd(), capacity).map_err(Error::sys(rpid, "F_SETPIPE_SZ"))?;
+            let n = stasis_sys::proc::tee(theirs.as_raw_fd(), our_w.as_raw_fd(), queued).map_err(Error::sys(rpid, "tee"))?;
+            data.resize(n, 0);
+            let mut f = std::fs::File::from(our_r);
+            std::io::Read::read_exact(&mut f, &mut data)
+                .map_err(|e| Error::Proc { pid: rpid, path: format!("pipe:[{ino}]").into(), err: e })?;
+            if n != queued {
+                return Err(Error::Unsupported { pid: rpid, what: format!("pipe:[{ino}]: copied {n} of {queued} queued bytes") });
+            }
+        }
+        out.push(stasis_image::PipeRecord { ino, capacity, data });
+    }
+    Ok(out)
 }
 
 /// Checks before anything is created that every file can be reopened as it was.
@@ -140,44 +207,136 @@ pub fn check(pid: Pid, fds: &[FdRecord]) -> Result<()> {
 /// Flags that must not be replayed when reopening: they act at open time only.
 const OPEN_ONLY: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY;
 
-fn reopen(path: &[u8], flags: i32) -> std::result::Result<OwnedFd, String> {
+fn reopen(pid: Pid, path: &[u8], flags: i32) -> Result<OwnedFd> {
     let p = Path::new(std::ffi::OsStr::from_bytes(path));
-    stasis_sys::proc::open(p, (flags & !OPEN_ONLY) | libc::O_CLOEXEC, 0)
-        .map_err(|e| format!("reopen {}: {e}", p.display()))
+    stasis_sys::proc::open(p, (flags & !OPEN_ONLY) | libc::O_CLOEXEC, 0).map_err(|e| Error::FileChanged {
+        pid,
+        path: p.display().to_string(),
+        what: format!("cannot be opened again: {e}"),
+    })
 }
 
-/// In the restore child: open every saved descriptor at its number. `terminal` is the
-/// restorer's terminal for --shell-job. The child's own descriptors must already sit
-/// above every saved number.
-pub fn restore_in_child(fds: &[FdRecord], terminal: Option<i32>) -> std::result::Result<(), String> {
-    for r in fds {
-        let flags = if r.cloexec { libc::O_CLOEXEC } else { 0 };
-        if let Some(orig) = r.same_as {
-            stasis_sys::proc::dup3(orig, r.fd, flags).map_err(|e| format!("dup3 fd {orig} to {}: {e}", r.fd))?;
-            continue;
-        }
-        let opened = match &r.kind {
-            FdKind::File { file, flags, pos } => {
-                let fd = reopen(&file.path, *flags)?;
-                if file.mode & libc::S_IFMT == libc::S_IFREG {
-                    stasis_sys::proc::seek_to(fd.as_raw_fd(), *pos).map_err(|e| format!("lseek fd {}: {e}", r.fd))?;
+/// The open file description a saved descriptor refers to. Images from before
+/// description ids only know dups inside one process (`same_as`).
+pub fn desc_key(pid: i32, r: &FdRecord) -> u64 {
+    if r.desc != 0 {
+        return r.desc;
+    }
+    (1 << 63) | ((pid as u64) << 24) | r.same_as.unwrap_or(r.fd) as u64
+}
+
+/// Every open file description of an image, opened by the restorer before any process
+/// exists (so that a missing file fails the restore with nothing created), at numbers of
+/// its own choosing. Every restored process is forked from the restorer, inherits all of
+/// them and keeps the ones it needs: descriptions shared across fork stay shared.
+pub struct DescTable {
+    fds: std::collections::HashMap<u64, OwnedFd>,
+}
+
+impl DescTable {
+    pub fn open(procs: &[stasis_image::ProcessRecord], pipes: &[stasis_image::PipeRecord], terminal: Option<i32>) -> Result<DescTable> {
+        let mut fds: std::collections::HashMap<u64, OwnedFd> = Default::default();
+        // Pipe ends already created, by (inode, write end).
+        let mut pipe_ends: std::collections::HashMap<(u64, bool), i32> = Default::default();
+        for p in procs {
+            let pid = Pid(p.pid);
+            for r in &p.fds {
+                let key = desc_key(p.pid, r);
+                if fds.contains_key(&key) {
+                    continue;
                 }
-                Some(fd)
+                let fd = match &r.kind {
+                    FdKind::File { file, flags, pos } => {
+                        let fd = reopen(pid, &file.path, *flags)?;
+                        if file.mode & libc::S_IFMT == libc::S_IFREG {
+                            stasis_sys::proc::seek_to(fd.as_raw_fd(), *pos).map_err(Error::sys(pid, "lseek"))?;
+                        }
+                        fd
+                    }
+                    FdKind::CharDevice { path, flags, .. } => reopen(pid, path, *flags)?,
+                    FdKind::Terminal { .. } => {
+                        let t = terminal.ok_or_else(|| Error::Restore {
+                            pid,
+                            what: format!("fd {} is a terminal but the restorer has none on fd 0-2", r.fd),
+                        })?;
+                        let d = stasis_sys::proc::dup_at_least(t, 3).map_err(Error::sys(pid, "dup"))?;
+                        stasis_sys::proc::owned(d)
+                    }
+                    FdKind::Pipe { ino, write, flags } => {
+                        if !pipe_ends.contains_key(&(*ino, false)) {
+                            let rec = pipes.iter().find(|x| x.ino == *ino).ok_or_else(|| Error::Restore {
+                                pid,
+                                what: format!("fd {}: pipe:[{ino}] has no pipe record", r.fd),
+                            })?;
+                            let (rd, wr) = make_pipe(pid, rec)?;
+                            pipe_ends.insert((*ino, false), rd.as_raw_fd());
+                            pipe_ends.insert((*ino, true), wr.as_raw_fd());
+                            // Park both ends under their first description; a second
+                            // description of the same end is opened through /proc.
+                            let (mine, other) = if *write { (wr, rd) } else { (rd, wr) };
+                            let other_key = (1 << 62) | (*ino << 1) | (!*write as u64);
+                            fds.insert(other_key, other);
+                            set_flags(pid, &mine, *flags)?;
+                            fds.insert(key, mine);
+                            continue;
+                        }
+                        let end = pipe_ends[&(*ino, *write)];
+                        let other_key = (1 << 62) | (*ino << 1) | (*write as u64);
+                        let fd = match fds.remove(&other_key) {
+                            Some(first) => first,
+                            None => reopen(pid, format!("/proc/self/fd/{end}").as_bytes(), *flags)?,
+                        };
+                        set_flags(pid, &fd, *flags)?;
+                        fd
+                    }
+                };
+                fds.insert(key, fd);
             }
-            FdKind::CharDevice { path, flags, .. } => Some(reopen(path, *flags)?),
-            FdKind::Terminal { .. } => None,
-        };
-        let src = match &opened {
-            Some(fd) => fd.as_raw_fd(),
-            None => terminal.ok_or("fd is a terminal but the restorer has none (run restore from a terminal)")?,
-        };
-        if src == r.fd {
-            // reopen() landed exactly on the number: keep it, with the saved close-on-exec.
-            let raw = opened.map(std::os::fd::IntoRawFd::into_raw_fd).unwrap_or(src);
-            stasis_sys::proc::set_cloexec(raw, r.cloexec).map_err(|e| format!("fcntl fd {}: {e}", r.fd))?;
-            continue;
         }
-        stasis_sys::proc::dup3(src, r.fd, flags).map_err(|e| format!("dup3 to fd {}: {e}", r.fd))?;
+        Ok(DescTable { fds })
+    }
+
+    /// (saved number, our number, close-on-exec) for every descriptor of a process.
+    pub fn placement(&self, p: &stasis_image::ProcessRecord) -> Vec<(i32, i32, bool)> {
+        p.fds
+            .iter()
+            .filter_map(|r| self.fds.get(&desc_key(p.pid, r)).map(|fd| (r.fd, fd.as_raw_fd(), r.cloexec)))
+            .collect()
+    }
+}
+
+/// A pipe with the saved capacity and buffered bytes.
+fn make_pipe(pid: Pid, rec: &stasis_image::PipeRecord) -> Result<(OwnedFd, OwnedFd)> {
+    let (rd, wr) = stasis_sys::proc::pipe2(libc::O_CLOEXEC).map_err(Error::sys(pid, "pipe2"))?;
+    stasis_sys::proc::set_pipe_size(wr.as_raw_fd(), rec.capacity).map_err(Error::sys(pid, "F_SETPIPE_SZ"))?;
+    let mut f = std::fs::File::from(wr);
+    std::io::Write::write_all(&mut f, &rec.data)
+        .map_err(|e| Error::Proc { pid, path: format!("pipe:[{}]", rec.ino).into(), err: e })?;
+    Ok((rd, OwnedFd::from(f)))
+}
+
+/// The status flags the kernel lets one change after open (O_NONBLOCK, O_APPEND, ...).
+fn set_flags(pid: Pid, fd: &OwnedFd, flags: i32) -> Result<()> {
+    let settable = libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
+    stasis_sys::proc::set_status_flags(fd.as_raw_fd(), flags & settable).map_err(Error::sys(pid, "F_SETFL"))
+}
+
+/// In the restore child: put every saved descriptor at its number, from the descriptions
+/// inherited from the restorer. `park` is above every saved number and every descriptor the
+/// restorer still needs in the child; what lands there is closed by the restorer later.
+pub fn restore_in_child(placement: &[(i32, i32, bool)], park: i32) -> std::result::Result<(), String> {
+    let mut parked: Vec<(i32, i32)> = Vec::new(); // (our number, parked number)
+    for &(_, src, _) in placement {
+        if !parked.iter().any(|&(s, _)| s == src) {
+            let p = stasis_sys::proc::dup_at_least(src, park).map_err(|e| format!("dup: {e}"))?;
+            parked.push((src, p));
+        }
+    }
+    let _ = stasis_sys::proc::close_range(0, park as u32 - 1);
+    for &(target, src, cloexec) in placement {
+        let from = parked.iter().find(|&&(s, _)| s == src).map(|&(_, p)| p).unwrap_or(src);
+        let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+        stasis_sys::proc::dup3(from, target, flags).map_err(|e| format!("dup3 to fd {target}: {e}"))?;
     }
     Ok(())
 }

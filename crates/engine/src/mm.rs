@@ -116,8 +116,14 @@ struct Planned {
     shmem: Option<File>,
 }
 
-/// Saves every mapping of `pid` into `w` and returns the mapping records.
-pub fn dump(pid: Pid, maps: &[MapEntry], w: &mut ImageWriter) -> Result<Vec<Vma>> {
+/// A process's mappings with the pages to save, before their bytes are copied.
+pub struct MmPlan {
+    pid: Pid,
+    planned: Vec<Planned>,
+}
+
+/// Decides every mapping of `pid`: its record and which pages hold data.
+pub fn plan(pid: Pid, maps: &[MapEntry]) -> Result<MmPlan> {
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/pagemap").into(), err: e })?;
     let guards_supported = guard_scan_supported(&pagemap);
@@ -173,8 +179,7 @@ pub fn dump(pid: Pid, maps: &[MapEntry], w: &mut ImageWriter) -> Result<Vec<Vma>
         planned.push(Planned { vma, shmem });
     }
     log::debug!("pid {pid}: {} mappings scanned", planned.len());
-    save_pages(pid, &mut planned, w)?;
-    Ok(planned.into_iter().map(|p| p.vma).collect())
+    Ok(MmPlan { pid, planned })
 }
 
 fn guard_scan_supported(pagemap: &File) -> bool {
@@ -240,67 +245,87 @@ const MAX_IOV: usize = 1024;
 /// Dump workers: this machine class has two cores; more only adds contention.
 const COPY_THREADS: usize = 2;
 
-/// A stretch of page data: `len` bytes at `addr` in the target, landing at `data_off`.
+/// A stretch of page data: `len` bytes at `addr` in a target, landing at `data_off`.
 #[derive(Clone, Copy)]
 struct Segment {
     data_off: u64,
     addr: u64,
     len: u64,
-    /// Index into `planned`.
+    /// Indexes of the process (into the plans) and of the mapping.
+    proc: usize,
     vma: usize,
 }
 
-/// Copies every planned page into the image, assigning each mapping its data offset, with
-/// several workers reading the target and writing the image at once.
-fn save_pages(pid: Pid, planned: &mut [Planned], w: &mut ImageWriter) -> Result<()> {
+/// Copies the planned pages of every process into the image in one parallel write,
+/// assigning each mapping its data offset. Returns each process's mapping records.
+pub fn save_all(plans: &mut [Option<MmPlan>], w: &mut ImageWriter) -> Result<Vec<Vec<Vma>>> {
     let mut segs = Vec::new();
-    let mut total = 0u64;
-    for (i, p) in planned.iter_mut().enumerate() {
-        p.vma.data_offset = total;
-        for r in &p.vma.pages {
-            segs.push(Segment { data_off: total, addr: r.addr, len: r.len(), vma: i });
-            total += r.len();
+    let mut total = w.pages_len();
+    for (pi, plan) in plans.iter_mut().enumerate() {
+        let Some(plan) = plan else { continue };
+        for (vi, p) in plan.planned.iter_mut().enumerate() {
+            p.vma.data_offset = total;
+            for r in &p.vma.pages {
+                segs.push(Segment { data_off: total, addr: r.addr, len: r.len(), proc: pi, vma: vi });
+                total += r.len();
+            }
         }
     }
-    if total == 0 {
-        return Ok(());
+    if !segs.is_empty() {
+        let mems: Vec<Option<File>> = plans
+            .iter()
+            .map(|p| match p {
+                Some(p) => File::open(format!("/proc/{}/mem", p.pid))
+                    .map(Some)
+                    .map_err(|e| Error::Proc { pid: p.pid, path: format!("/proc/{}/mem", p.pid).into(), err: e }),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        let plans_ref: &[Option<MmPlan>] = plans;
+        w.write_pages_parallel(total, COPY_THREADS, COPY_CHUNK, |off, buf: &mut [u8]| -> Result<()> {
+            fill_chunk(plans_ref, &mems, &segs, off, buf)
+        })?;
     }
-    let mem = File::open(format!("/proc/{pid}/mem"))
-        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
-    let planned: &[Planned] = planned;
-    w.write_pages_parallel(total, COPY_THREADS, COPY_CHUNK, |off, buf: &mut [u8]| -> Result<()> {
-        // Segments overlapping [off, off + len), cut to that window.
-        let end = off + buf.len() as u64;
-        let first = segs.partition_point(|s| s.data_off + s.len <= off);
-        let mut pieces: Vec<Segment> = Vec::new();
-        for s in &segs[first..] {
-            if s.data_off >= end {
-                break;
-            }
-            let from = s.data_off.max(off);
-            let to = (s.data_off + s.len).min(end);
-            pieces.push(Segment { data_off: from, addr: s.addr + (from - s.data_off), len: to - from, vma: s.vma });
+    Ok(plans
+        .iter_mut()
+        .map(|p| p.take().map(|p| p.planned.into_iter().map(|x| x.vma).collect()).unwrap_or_default())
+        .collect())
+}
+
+/// The page data at `[off, off + buf.len())`, read from the processes it belongs to.
+fn fill_chunk(plans: &[Option<MmPlan>], mems: &[Option<File>], segs: &[Segment], off: u64, buf: &mut [u8]) -> Result<()> {
+    // Segments overlapping the window, cut to it.
+    let end = off + buf.len() as u64;
+    let first = segs.partition_point(|s| s.data_off + s.len <= off);
+    let mut pieces: Vec<Segment> = Vec::new();
+    for s in &segs[first..] {
+        if s.data_off >= end {
+            break;
         }
-        // Consecutive pieces of one mapping go in one call.
-        let mut i = 0;
-        while i < pieces.len() {
-            let v = pieces[i].vma;
-            let mut j = i + 1;
-            while j < pieces.len() && pieces[j].vma == v && j - i < MAX_IOV {
-                j += 1;
-            }
-            let at = (pieces[i].data_off - off) as usize;
-            let len: u64 = pieces[i..j].iter().map(|p| p.len).sum();
-            let ranges: Vec<RemoteRange> = pieces[i..j]
-                .iter()
-                .map(|p| RemoteRange { addr: stasis_sys::RemoteAddr(p.addr), len: p.len as usize })
-                .collect();
-            let p = &planned[v];
-            copy_batch(pid, &p.shmem, &p.vma, p.vma.prot & PROT_READ != 0, &mem, &ranges, &mut buf[at..at + len as usize])?;
-            i = j;
+        let from = s.data_off.max(off);
+        let to = (s.data_off + s.len).min(end);
+        pieces.push(Segment { data_off: from, addr: s.addr + (from - s.data_off), len: to - from, ..*s });
+    }
+    // Consecutive pieces of one mapping go in one call.
+    let mut i = 0;
+    while i < pieces.len() {
+        let (pi, vi) = (pieces[i].proc, pieces[i].vma);
+        let mut j = i + 1;
+        while j < pieces.len() && (pieces[j].proc, pieces[j].vma) == (pi, vi) && j - i < MAX_IOV {
+            j += 1;
         }
-        Ok(())
-    })
+        let at = (pieces[i].data_off - off) as usize;
+        let len: u64 = pieces[i..j].iter().map(|p| p.len).sum();
+        let ranges: Vec<RemoteRange> = pieces[i..j]
+            .iter()
+            .map(|p| RemoteRange { addr: stasis_sys::RemoteAddr(p.addr), len: p.len as usize })
+            .collect();
+        let (Some(plan), Some(mem)) = (&plans[pi], &mems[pi]) else { unreachable!("segments only of planned processes") };
+        let p = &plan.planned[vi];
+        copy_batch(plan.pid, &p.shmem, &p.vma, p.vma.prot & PROT_READ != 0, mem, &ranges, &mut buf[at..at + len as usize])?;
+        i = j;
+    }
+    Ok(())
 }
 
 /// Fills `out` with the bytes of `ranges`, in order.

@@ -21,7 +21,7 @@ use crate::inject::Injector;
 use crate::mm::{self, ChildMem, MapFds, MmRestore, HELPER_DATA, HELPER_LEN};
 use crate::task::SessionPlan;
 use crate::{files, host, signals, task, threads};
-use stasis_image::{FdKind, ImageReader, MmRecord, ProcessRecord};
+use stasis_image::{ImageReader, MmRecord, ProcessRecord};
 use stasis_sys::proc::{self as sp, Forked};
 use stasis_sys::ptrace::{self, WaitStatus};
 use stasis_sys::Pid;
@@ -49,7 +49,7 @@ pub struct RestoreStats {
     pub memory_bytes: u64,
 }
 
-/// A restored process, running, and a child of the calling process.
+/// A restored process tree, running, its root a child of the calling process.
 #[derive(Clone, Debug)]
 pub struct Restored {
     pub pid: Pid,
@@ -64,31 +64,51 @@ const CAP_SYS_RESOURCE: u64 = 24;
 
 /// Descriptor numbers the restore child uses for the restorer's needs.
 struct FdPlan {
-    image: i32,
     exe: i32,
     maps: MapFds,
-    /// The child parks its own descriptors (error pipe, terminal, image) at or above this.
+    /// The child parks its own descriptors (status and wait pipes, inherited
+    /// descriptions) at or above this.
     park: i32,
 }
 
 impl FdPlan {
-    fn new(p: &ProcessRecord) -> FdPlan {
+    /// `inherited_top` is above every descriptor the restorer holds: parking above it
+    /// lets a child drop everything it inherited with one close_range.
+    fn new(p: &ProcessRecord, inherited_top: i32) -> FdPlan {
         let base = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
-        let maps = MapFds::plan(&p.mm.vmas, base + 2);
-        let park = base + 2 + maps.files.len() as i32 + 1;
-        FdPlan { image: base, exe: base + 1, maps, park }
+        let maps = MapFds::plan(&p.mm.vmas, base + 1);
+        let park = (base + 1 + maps.files.len() as i32 + 1).max(inherited_top);
+        FdPlan { exe: base, maps, park }
     }
 }
 
-/// Everything the child needs, computed before the fork.
+/// One above the highest descriptor number this process has open.
+fn open_fd_top() -> Result<i32> {
+    let rd = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| Error::Io { op: "read", path: "/proc/self/fd".into(), err: e })?;
+    Ok(rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).max().unwrap_or(2) + 1)
+}
+
+/// Everything a restore child needs, computed before the first fork.
 struct Plan<'a> {
     rec: &'a ProcessRecord,
     session: SessionPlan,
     fds: FdPlan,
+    /// (saved number, inherited number, close-on-exec)
+    placement: Vec<(i32, i32, bool)>,
+    /// Indexes of the children to fork, zombies included.
+    children: Vec<usize>,
+    parent: Pid,
+}
+
+/// What every restore child shares.
+struct Shared<'a> {
+    plans: Vec<Plan<'a>>,
     helper: u64,
-    terminal: Option<i32>,
-    image_fd: i32,
-    restorer: Pid,
+    /// The restore children report "ok PID" or "err PID message" here, one line each.
+    status_fd: i32,
+    /// They then wait reading this pipe, which is never written.
+    wait_fd: i32,
 }
 
 fn check_pid_free(pid: Pid) -> Result<()> {
@@ -114,142 +134,242 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let pages = reader.map_pages()?;
     reader.verify_pages(&pages, 2)?;
     log::debug!("page data checksums verified");
-    let [rec] = img.processes.as_slice() else {
-        return Err(Error::Incompatible(format!("{} processes in the image; this stasis restores one", img.processes.len())));
-    };
-    let pid = Pid(rec.pid);
-    if rec.threads.first().map(|t| t.tid) != Some(rec.pid) {
-        return Err(Error::Restore { pid, what: "the image has no main thread record".into() });
-    }
+    let root_idx = img.processes.iter().position(|p| p.pid == img.root_pid).ok_or_else(|| {
+        Error::Incompatible(format!("the image has no record of its root process {}", img.root_pid))
+    })?;
+    let root_pid = Pid(img.root_pid);
     if img.shell_job && !opts.shell_job {
-        return Err(Error::Restore { pid, what: "the image was dumped with --shell-job; restore it with --shell-job".into() });
+        return Err(Error::Restore { pid: root_pid, what: "the image was dumped with --shell-job; restore it with --shell-job".into() });
     }
-    let session = if rec.sid == rec.pid { SessionPlan::Leader } else { task::session_plan(pid, rec.sid, opts.shell_job)? };
-    let terminal = restorer_terminal();
-    if terminal.is_none() {
-        if let Some(f) = rec.fds.iter().find(|f| matches!(f.kind, FdKind::Terminal { .. })) {
-            return Err(Error::Restore { pid, what: format!("fd {} is a terminal but the restorer has none on fd 0-2", f.fd) });
-        }
-    }
-    mm::check_files(pid, &rec.mm.vmas)?;
-    files::check(pid, &rec.fds)?;
     let caps = read_status(sp::getpid())?.cap_eff;
-    task::check_rlimits(pid, &rec.rlimits, caps & (1 << CAP_SYS_RESOURCE) != 0)?;
-    let own_maps = mm::read_maps(sp::getpid())?;
-    let own_busy: Vec<(u64, u64)> = own_maps.iter().map(|m| (m.start, m.end)).collect();
-    let helper = mm::find_free(&[&own_busy, &mm::busy_ranges(&rec.mm.vmas)], HELPER_LEN)
-        .ok_or_else(|| Error::Restore { pid, what: "no free address range for the helper page".into() })?;
-    for t in &rec.threads {
-        check_pid_free(Pid(t.tid))?;
+    let mut busy: Vec<(u64, u64)> = mm::read_maps(sp::getpid())?.iter().map(|m| (m.start, m.end)).collect();
+    for rec in &img.processes {
+        let pid = Pid(rec.pid);
+        check_pid_free(pid)?;
+        if rec.zombie_status.is_some() {
+            continue;
+        }
+        if rec.threads.first().map(|t| t.tid) != Some(rec.pid) {
+            return Err(Error::Restore { pid, what: "the image has no main thread record".into() });
+        }
+        for t in &rec.threads[1..] {
+            check_pid_free(Pid(t.tid))?;
+        }
+        mm::check_files(pid, &rec.mm.vmas)?;
+        files::check(pid, &rec.fds)?;
+        task::check_rlimits(pid, &rec.rlimits, caps & (1 << CAP_SYS_RESOURCE) != 0)?;
+        busy.extend(mm::busy_ranges(&rec.mm.vmas));
     }
+    let helper = mm::find_free(&[&busy], HELPER_LEN)
+        .ok_or_else(|| Error::Restore { pid: root_pid, what: "no free address range for the helper page".into() })?;
+    let root = &img.processes[root_idx];
+    let root_session = if root.sid == root.pid { SessionPlan::Leader } else { task::session_plan(root_pid, root.sid, opts.shell_job)? };
+    // Every open file description, created before any process exists.
+    let descs = files::DescTable::open(&img.processes, &img.pipes, restorer_terminal())?;
+    let (status_rd, status_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
+    let (wait_rd, wait_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
+    let inherited_top = open_fd_top()?;
+    let plans: Vec<Plan> = img
+        .processes
+        .iter()
+        .enumerate()
+        .map(|(i, rec)| Plan {
+            rec,
+            session: if i == root_idx { root_session } else if rec.sid == rec.pid { SessionPlan::Leader } else { SessionPlan::Inherit },
+            fds: FdPlan::new(rec, inherited_top),
+            placement: descs.placement(rec),
+            children: img
+                .processes
+                .iter()
+                .enumerate()
+                .filter(|(j, c)| *j != root_idx && c.ppid == rec.pid)
+                .map(|(j, _)| j)
+                .collect(),
+            parent: if i == root_idx { sp::getpid() } else { Pid(rec.ppid) },
+        })
+        .collect();
     let validate = t0.elapsed();
-
-    let plan = Plan {
-        rec,
-        session,
-        fds: FdPlan::new(rec),
-        helper,
-        terminal,
-        image_fd: reader.file.as_raw_fd(),
-        restorer: sp::getpid(),
-    };
-    let (mut err_rd, err_wr) = std::io::pipe().map_err(|e| Error::Io { op: "create", path: "pipe".into(), err: e })?;
-    let child = match sp::fork_with_pid(Some(pid)) {
-        Err(e) if e.0 == libc::EEXIST => {
-            check_pid_free(pid)?;
-            return Err(Error::PidTaken { pid, comm: "unknown".into() });
-        }
-        Err(e) if e.0 == libc::EBUSY => {
-            return Err(Error::Restore { pid, what: "the restorer must be single-threaded to fork the restored process".into() })
-        }
-        Err(e) => return Err(Error::Sys { pid, op: "clone3 with set_tid", errno: e }),
-        Ok(Forked::Child) => {
-            drop(err_rd);
-            // child_main moves the pipe's write end; it reports where it is now.
-            let mut err_fd = err_wr.as_raw_fd();
-            let msg = match child_main(&plan, &mut err_fd) {
-                Err(m) => m,
-                Ok(()) => "resumed unexpectedly".to_string(),
-            };
-            sp::write_all_raw(err_fd, msg.as_bytes());
-            sp::exit_now(1);
-        }
-        Ok(Forked::Parent(c)) => c,
-    };
-    drop(err_wr);
-    let guard = ChildGuard { pid: child, armed: true };
-    match ptrace::waitpid(child, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
-        WaitStatus::Stopped(_, libc::SIGSTOP, _) => {}
-        other => {
-            let mut msg = String::new();
-            let _ = err_rd.read_to_string(&mut msg);
-            return Err(Error::Restore {
-                pid,
-                what: if msg.is_empty() { format!("the restore child ended early: {other:?}") } else { msg },
-            });
-        }
+    let shared = Shared { plans, helper, status_fd: status_wr.as_raw_fd(), wait_fd: wait_rd.as_raw_fd() };
+    let root_child = fork_process(&shared, root_idx)?;
+    drop(status_wr);
+    drop(wait_rd);
+    drop(descs);
+    let mut guard = TreeGuard { root: root_child, pids: img.processes.iter().map(|p| Pid(p.pid)).collect(), armed: true };
+    wait_until_ready(&shared, status_rd)?;
+    log::debug!("{} restore children ready", shared.plans.len());
+    let live: Vec<&Plan> = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none()).collect();
+    for p in &live {
+        seize(Pid(p.rec.pid))?;
     }
-    drop(err_rd);
-    ptrace::set_options(child, ptrace::PTRACE_O_TRACESYSGOOD | ptrace::PTRACE_O_EXITKILL | ptrace::PTRACE_O_TRACECLONE)
-        .map_err(Error::sys(pid, "PTRACE_SETOPTIONS"))?;
-    log::debug!("restore child {child} stopped, ready for injection");
-    let mut extra: Vec<Pid> = Vec::new();
-    let memory_bytes = drive_child(&plan, pages.as_slice(), &mut extra)?;
-    for t in extra {
-        ptrace::detach(t, 0).map_err(Error::sys(pid, "PTRACE_DETACH"))?;
+    set_process_groups(&live, helper)?;
+    let mut memory_bytes = 0;
+    let mut all_threads: Vec<Pid> = Vec::new();
+    for p in &live {
+        let mut extra = Vec::new();
+        memory_bytes += drive_child(p, helper, pages.as_slice(), &mut extra)?;
+        all_threads.extend(extra);
+        all_threads.push(Pid(p.rec.pid));
     }
-    guard.release()?;
-    Ok(Restored { pid: child, stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes } })
+    // All tasks resume together: nothing is detached before every one is ready.
+    for t in all_threads {
+        ptrace::detach(t, 0).map_err(Error::sys(t, "PTRACE_DETACH"))?;
+    }
+    guard.armed = false;
+    drop(wait_wr);
+    Ok(Restored { pid: guard.root, stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes } })
 }
 
-/// Kills and reaps the restore child unless released.
-struct ChildGuard {
-    pid: Pid,
+/// Reads the children's reports until every one has closed the status pipe.
+fn wait_until_ready(shared: &Shared, status_rd: OwnedFd) -> Result<()> {
+    let mut text = String::new();
+    std::fs::File::from(status_rd)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::Io { op: "read", path: "restore status pipe".into(), err: e })?;
+    let mut ok = 0;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ' ');
+        let (kind, pid) = (parts.next().unwrap_or(""), parts.next().and_then(|p| p.parse().ok()).unwrap_or(0));
+        match kind {
+            "ok" => ok += 1,
+            _ => return Err(Error::Restore { pid: Pid(pid), what: parts.next().unwrap_or(line).to_string() }),
+        }
+    }
+    let want = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none()).count();
+    if ok != want {
+        return Err(Error::Restore {
+            pid: Pid(shared.plans[0].rec.pid),
+            what: format!("only {ok} of {want} restored processes got ready (one died early)"),
+        });
+    }
+    Ok(())
+}
+
+/// Attaches to a ready restore child (blocked in a read) and stops it.
+fn seize(pid: Pid) -> Result<()> {
+    ptrace::seize(pid, ptrace::PTRACE_O_TRACESYSGOOD | ptrace::PTRACE_O_EXITKILL | ptrace::PTRACE_O_TRACECLONE)
+        .map_err(Error::sys(pid, "PTRACE_SEIZE"))?;
+    ptrace::interrupt(pid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
+    loop {
+        match ptrace::waitpid(pid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
+            WaitStatus::Stopped(_, _, ptrace::PTRACE_EVENT_STOP) => return Ok(()),
+            WaitStatus::Stopped(_, sig, _) => ptrace::cont(pid, sig).map_err(Error::sys(pid, "PTRACE_CONT"))?,
+            other => return Err(Error::Restore { pid, what: format!("restore child ended early: {other:?}") }),
+        }
+    }
+}
+
+/// Process groups, once every process exists: leaders first, then members.
+fn set_process_groups(live: &[&Plan], helper: u64) -> Result<()> {
+    let in_tree = |pgid: i32| live.iter().any(|p| p.rec.pid == pgid);
+    for leaders in [true, false] {
+        for p in live {
+            let r = p.rec;
+            if r.sid == r.pid || (r.pgid == r.pid) != leaders || !in_tree(r.pgid) {
+                continue;
+            }
+            let pid = Pid(r.pid);
+            let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
+            let mut inj = Injector::new(pid, pid, helper, regs);
+            inj.call("setpgid", libc::SYS_setpgid, [0, r.pgid as u64, 0, 0, 0, 0])?;
+        }
+    }
+    Ok(())
+}
+
+/// Kills every restored process and collects every traced thread, unless disarmed.
+struct TreeGuard {
+    root: Pid,
+    pids: Vec<Pid>,
     armed: bool,
 }
 
-impl ChildGuard {
-    fn release(mut self) -> Result<()> {
-        self.armed = false;
-        ptrace::detach(self.pid, 0).map_err(Error::sys(self.pid, "PTRACE_DETACH"))
-    }
-}
-
-impl Drop for ChildGuard {
+impl Drop for TreeGuard {
     fn drop(&mut self) {
-        if self.armed {
-            let _ = sp::kill(self.pid, libc::SIGKILL);
-            // The leader's exit is reported only after every thread is gone, and we, their
-            // tracer, must collect the exit of each traced thread first.
-            loop {
-                match ptrace::waitpid(Pid(-1), libc::__WALL) {
-                    Ok(WaitStatus::Exited(p, _) | WaitStatus::Signaled(p, _)) if p == self.pid => break,
-                    Ok(_) => continue,
-                    Err(_) => break,
-                }
+        if !self.armed {
+            return;
+        }
+        for p in &self.pids {
+            // Only our own restore children can hold these PIDs: they were free before.
+            let _ = sp::kill(*p, libc::SIGKILL);
+        }
+        // A leader's exit is reported only after its threads are gone, and we, their
+        // tracer, must collect each traced thread's exit first.
+        loop {
+            match ptrace::waitpid(Pid(-1), libc::__WALL) {
+                Ok(_) => continue,
+                Err(_) => break,
             }
         }
     }
 }
 
-/// The child's part: runs in the forked copy of the restorer, returns only on error.
-fn child_main(plan: &Plan, err_fd: &mut i32) -> std::result::Result<(), String> {
-    sp::set_pdeathsig(libc::SIGKILL).map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
-    if sp::getppid() != plan.restorer {
-        return Err("the restorer exited".into());
+/// Forks the process `idx` of the plan with its PID; in the child, runs its restore
+/// code and never returns.
+fn fork_process(shared: &Shared, idx: usize) -> Result<Pid> {
+    let rec = shared.plans[idx].rec;
+    let pid = Pid(rec.pid);
+    match sp::fork_with_pid(Some(pid)) {
+        Err(e) if e.0 == libc::EEXIST => {
+            check_pid_free(pid)?;
+            Err(Error::PidTaken { pid, comm: "unknown".into() })
+        }
+        Err(e) if e.0 == libc::EBUSY => {
+            Err(Error::Restore { pid, what: "the restorer must be single-threaded to fork the restored process".into() })
+        }
+        Err(e) => Err(Error::Sys { pid, op: "clone3 with set_tid", errno: e }),
+        Ok(Forked::Parent(c)) => Ok(c),
+        Ok(Forked::Child) => {
+            if let Some(status) = rec.zombie_status {
+                become_zombie(status);
+            }
+            // child_main moves the status pipe; it reports where it is now.
+            let mut status_fd = shared.status_fd;
+            let msg = match child_main(shared, idx, &mut status_fd) {
+                Err(m) => m,
+                Ok(()) => "resumed unexpectedly".to_string(),
+            };
+            sp::write_all_raw(status_fd, format!("err {pid} {}\n", msg.replace('\n', " ")).as_bytes());
+            sp::exit_now(1);
+        }
     }
-    let rec = plan.rec;
-    signals::restore_actions_in_child(&rec.sigactions)?;
+}
 
-    // Park our own descriptors above every number the plan uses, drop all others, then
-    // open the saved ones at their numbers.
+/// A zombie comes back by ending the way it ended: with its exit code, or killed by its
+/// signal (default disposition, unblocked).
+fn become_zombie(status: i32) -> ! {
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        let _ = sp::set_sigaction(sig, &stasis_sys::proc::KernelSigaction::default());
+        let _ = sp::set_own_sigmask(0);
+        let _ = sp::kill(sp::getpid(), sig);
+    }
+    sp::exit_now(libc::WEXITSTATUS(status))
+}
+
+/// The child's part: runs in the forked copy of the restorer (or of its restored parent),
+/// returns only on error.
+fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32) -> std::result::Result<(), String> {
+    let plan = &shared.plans[idx];
+    let rec = plan.rec;
+    sp::set_pdeathsig(libc::SIGKILL).map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    if sp::getppid() != plan.parent {
+        return Err("the parent exited".into());
+    }
+    // No handler may run before its code exists: block everything first.
+    sp::set_own_sigmask(!0).map_err(|e| format!("sigprocmask: {e}"))?;
+    // A session leader starts its session before forking, so its children are in it.
+    if plan.session == SessionPlan::Leader {
+        sp::setsid().map_err(|e| format!("setsid: {e}"))?;
+    }
+    for &c in &plan.children {
+        fork_process(shared, c).map_err(|e| e.to_string())?;
+    }
+    signals::restore_actions_in_child(&rec.sigactions)?;
     let park = |fd: i32| sp::dup_at_least(fd, plan.fds.park).map_err(|e| format!("dup: {e}"));
-    let err_hi = park(*err_fd)?;
-    *err_fd = err_hi;
-    let image_hi = park(plan.image_fd)?;
-    let term_hi = plan.terminal.map(park).transpose()?;
-    let _ = sp::close_range(0, plan.fds.park as u32 - 1);
-    files::restore_in_child(&rec.fds, term_hi)?;
+    let status_hi = park(*status_fd)?;
+    *status_fd = status_hi;
+    let wait_hi = park(shared.wait_fd)?;
+    files::restore_in_child(&plan.placement, plan.fds.park)?;
     let place = |fd: OwnedFd, at: i32| -> std::result::Result<(), String> {
         let raw = fd.into_raw_fd();
         if raw == at {
@@ -258,7 +378,6 @@ fn child_main(plan: &Plan, err_fd: &mut i32) -> std::result::Result<(), String> 
         sp::dup3(raw, at, libc::O_CLOEXEC).map_err(|e| format!("dup3 to {at}: {e}"))?;
         sp::close_range(raw as u32, raw as u32).map_err(|e| format!("close: {e}"))
     };
-    sp::dup3(image_hi, plan.fds.image, libc::O_CLOEXEC).map_err(|e| format!("dup3 image: {e}"))?;
     let exe_path = std::ffi::OsStr::from_bytes(&rec.mm.exe.path);
     let exe = sp::open(exe_path.as_ref(), libc::O_RDONLY | libc::O_CLOEXEC, 0)
         .map_err(|e| format!("open exe {}: {e}", rec.mm.exe.display()))?;
@@ -269,33 +388,30 @@ fn child_main(plan: &Plan, err_fd: &mut i32) -> std::result::Result<(), String> 
             .map_err(|e| format!("open mapped file {}: {e}", f.display()))?;
         place(fd, *at)?;
     }
-    for fd in [Some(image_hi), term_hi].into_iter().flatten() {
-        let _ = sp::close_range(fd as u32, fd as u32);
-    }
-
-    task::restore_in_child(plan.session, &rec.cwd, &rec.root, rec.umask, &rec.comm)?;
+    task::restore_in_child(SessionPlan::Inherit, &rec.cwd, &rec.root, rec.umask, &rec.comm)?;
     // syscall; then int3 so that a stray resume traps instead of running on.
-    stasis_sys::mem::map_helper_region(plan.helper, HELPER_LEN as usize, &[0x0f, 0x05, 0xcc, 0xcc])
-        .map_err(|e| format!("map helper page at {:#x}: {e}", plan.helper))?;
-    ptrace::traceme().map_err(|e| format!("PTRACE_TRACEME: {e}"))?;
-    // From here errors can no longer be reported through the pipe.
-    let _ = sp::close_range(err_hi as u32, err_hi as u32);
-    let me = sp::getpid();
-    sp::kill(me, libc::SIGSTOP).map_err(|e| format!("SIGSTOP: {e}"))?;
-    Ok(())
+    stasis_sys::mem::map_helper_region(shared.helper, HELPER_LEN as usize, &[0x0f, 0x05, 0xcc, 0xcc])
+        .map_err(|e| format!("map helper page at {:#x}: {e}", shared.helper))?;
+    sp::write_all_raw(status_hi, format!("ok {}\n", rec.pid).as_bytes());
+    let _ = sp::close_range(status_hi as u32, status_hi as u32);
+    // Wait for the restorer to seize us; the pipe is never written, and reads end only
+    // if the restorer died.
+    let mut b = [0u8; 1];
+    let _ = sp::read_raw(wait_hi, &mut b);
+    sp::exit_now(1)
 }
 
-/// The restorer's part, with the child stopped at its SIGSTOP. Returns page bytes loaded.
-fn drive_child(plan: &Plan, pages: &[u8], extra: &mut Vec<Pid>) -> Result<u64> {
+/// The restorer's part, with the child seized and stopped. Returns page bytes loaded.
+fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>) -> Result<u64> {
     let rec = plan.rec;
     let pid = Pid(rec.pid);
     let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
-    let mut inj = Injector::new(pid, pid, plan.helper, regs);
+    let mut inj = Injector::new(pid, pid, helper, regs);
     let mem = ChildMem::open(pid)?;
-    let data = plan.helper + HELPER_DATA;
+    let data = helper + HELPER_DATA;
     threads::unregister_inherited_rseq(&mut inj)?;
     let child_maps = mm::read_maps(pid)?;
-    let loaded = MmRestore { inj: &mut inj, mem: &mem, helper: plan.helper, pages }
+    let loaded = MmRestore { inj: &mut inj, mem: &mem, helper, pages }
         .rebuild(&child_maps, &rec.mm.vmas, &plan.fds.maps)?;
     log::debug!("address space rebuilt, {loaded} bytes loaded");
     // The child's exe link is the restorer's binary; when that is already the saved exe the
@@ -306,7 +422,7 @@ fn drive_child(plan: &Plan, pages: &[u8], extra: &mut Vec<Pid>) -> Result<u64> {
         inj.call("arch_prctl(ARCH_REQ_XCOMP_PERM)", libc::SYS_arch_prctl, [ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, 0, 0, 0, 0])?;
     }
     // The restorer's descriptors in the child: image, exe, mapped files.
-    inj.call("close_range", libc::SYS_close_range, [plan.fds.image as u64, u32::MAX as u64, 0, 0, 0, 0])?;
+    inj.call("close_range", libc::SYS_close_range, [plan.fds.exe as u64, u32::MAX as u64, 0, 0, 0, 0])?;
     log::debug!("mm fields set, helper descriptors closed");
     task::restore_rlimits(&mut inj, &mem, data, &rec.rlimits)?;
     inj.call("prctl(PR_SET_PDEATHSIG)", libc::SYS_prctl, [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0])?;
@@ -316,15 +432,18 @@ fn drive_child(plan: &Plan, pages: &[u8], extra: &mut Vec<Pid>) -> Result<u64> {
         log::debug!("thread {tid} created");
         extra.push(tid);
         let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
-        let mut tinj = Injector::new(pid, tid, plan.helper, regs);
+        let mut tinj = Injector::new(pid, tid, helper, regs);
         finish_thread(&mut tinj, &mem, data, rec, t)?;
         threads::restore_regs(pid, tid, t)?;
         log::debug!("thread {tid} ready");
     }
     let thread = &rec.threads[0];
+    // Signals that arrived during the restore (SIGCHLD of a re-created zombie) are not
+    // the program's: drop them before queueing the saved ones.
+    signals::drain_pending(&mut inj, &mem, data)?;
     signals::restore_pending(&mut inj, &mem, data, pid, None, &rec.shared_pending)?;
     finish_thread(&mut inj, &mem, data, rec, thread)?;
-    inj.call("munmap(helper)", libc::SYS_munmap, [plan.helper, HELPER_LEN, 0, 0, 0, 0])?;
+    inj.call("munmap(helper)", libc::SYS_munmap, [helper, HELPER_LEN, 0, 0, 0, 0])?;
     threads::restore_regs(pid, pid, thread)?;
     Ok(loaded)
 }

@@ -112,3 +112,19 @@ pub fn restore_pending(inj: &mut Injector, mem: &ChildMem, at: u64, pid: Pid, ti
     }
     Ok(())
 }
+
+/// Injected: dequeues every pending signal (rt_sigtimedwait with a zero timeout, until
+/// none is left).
+pub fn drain_pending(inj: &mut Injector, mem: &ChildMem, at: u64) -> Result<()> {
+    let mut b = [0u8; 24];
+    b[0..8].copy_from_slice(&(!0u64).to_le_bytes()); // the set: every signal
+    // b[8..24]: a zero timespec
+    mem.write(at, &b)?;
+    for _ in 0..1024 {
+        let r = inj.raw(libc::SYS_rt_sigtimedwait, [at, 0, at + 8, 8, 0, 0])?;
+        if r < 0 {
+            return Ok(()); // EAGAIN: nothing pending
+        }
+    }
+    Err(Error::Restore { pid: inj.pid, what: "pending signals keep arriving during restore".into() })
+}

@@ -234,7 +234,8 @@ impl ImageWriter {
     /// contiguous, block-aligned share of the data; it asks `fill(offset, buf)` for the
     /// bytes at `offset` (relative to the start of this call's data), hashes them block by
     /// block while they are still in cache, and writes them at their place in the file.
-    /// Must be called before any other page data is written.
+    /// Must be called once, before any other page data is written; `fill` offsets are
+    /// relative to the start of page data.
     pub fn write_pages_parallel<E, F>(&mut self, total: u64, threads: usize, chunk: usize, fill: F) -> Result<(), E>
     where
         E: From<ImageError> + Send,

@@ -14,6 +14,9 @@ pub struct Image {
     /// expected and are replaced by the restorer's own on restore.
     pub shell_job: bool,
     pub processes: Vec<ProcessRecord>,
+    /// Pipes whose both ends are in the image, with the bytes sitting in their buffers.
+    #[serde(default)]
+    pub pipes: Vec<PipeRecord>,
     /// Filled by the writer: page data is hashed in blocks of this many bytes.
     pub page_block_size: u64,
     pub page_block_hashes: Vec<u64>,
@@ -71,6 +74,10 @@ pub struct ProcessRecord {
     /// personality(2) flags.
     #[serde(default)]
     pub personality: u32,
+    /// A zombie: exited, not yet reaped by its parent; its raw wait status. A zombie has
+    /// no memory, descriptors or threads.
+    #[serde(default)]
+    pub zombie_status: Option<i32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -231,9 +238,13 @@ pub struct FdRecord {
     pub kind: FdKind,
     /// A lower descriptor of the same process sharing this one's open file description
     /// (a dup): restore duplicates it instead of opening again, so offset and flags
-    /// stay shared.
+    /// stay shared. (Images since format 1.1 use `desc` instead.)
     #[serde(default)]
     pub same_as: Option<i32>,
+    /// Open file description: descriptors (of any process of the image) with the same
+    /// non-zero id share one description, as after dup() or fork().
+    #[serde(default)]
+    pub desc: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -244,6 +255,8 @@ pub enum FdKind {
     CharDevice { #[serde(with = "serde_bytes")] path: Vec<u8>, rdev: u64, flags: i32 },
     /// A terminal; with --shell-job it becomes the restorer's terminal.
     Terminal { #[serde(with = "serde_bytes")] path: Vec<u8>, rdev: u64, flags: i32 },
+    /// One end of a pipe whose both ends are in the image (see `Image::pipes`).
+    Pipe { ino: u64, write: bool, flags: i32 },
 }
 
 impl FdKind {
@@ -252,8 +265,19 @@ impl FdKind {
             FdKind::File { .. } => "file",
             FdKind::CharDevice { .. } => "chardev",
             FdKind::Terminal { .. } => "tty",
+            FdKind::Pipe { .. } => "pipe",
         }
     }
+}
+
+/// A pipe inside the image: its identity (inode at dump time), capacity and the bytes in
+/// its buffer, in order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PipeRecord {
+    pub ino: u64,
+    pub capacity: u32,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -322,3 +322,57 @@ pub fn write_all_raw(fd: RawFd, mut data: &[u8]) {
         data = &data[n as usize..];
     }
 }
+
+/// `pipe2(flags)`: (read end, write end).
+pub fn pipe2(flags: i32) -> SysResult<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid two-element out array.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), flags) } as libc::c_long)?;
+    // SAFETY: the kernel just returned these two new descriptors; we own them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `fcntl(fd, F_GETPIPE_SZ)`.
+pub fn pipe_size(fd: RawFd) -> SysResult<u32> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) } as libc::c_long).map(|v| v as u32)
+}
+
+/// `fcntl(fd, F_SETPIPE_SZ, size)`.
+pub fn set_pipe_size(fd: RawFd, size: u32) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size as libc::c_int) } as libc::c_long).map(drop)
+}
+
+/// `ioctl(fd, FIONREAD)`: bytes waiting in a pipe.
+pub fn bytes_readable(fd: RawFd) -> SysResult<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the valid pointer.
+    cvt(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } as libc::c_long)?;
+    Ok(n as usize)
+}
+
+/// `tee(in, out, len, SPLICE_F_NONBLOCK)`: duplicates pipe data without consuming it.
+pub fn tee(fd_in: RawFd, fd_out: RawFd, len: usize) -> SysResult<usize> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::tee(fd_in, fd_out, len, libc::SPLICE_F_NONBLOCK) } as libc::c_long).map(|n| n as usize)
+}
+
+/// `fcntl(fd, F_SETFL, flags)`: status flags of the open file description.
+pub fn set_status_flags(fd: RawFd, flags: i32) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } as libc::c_long).map(drop)
+}
+
+/// Takes ownership of a descriptor number this process just received from a wrapper above
+/// (for example [`dup_at_least`]).
+pub fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: callers pass a descriptor they created and nobody else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// `read(2)` into `buf` from a raw descriptor.
+pub fn read_raw(fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
+    // SAFETY: `buf` is a live, writable buffer of the given length.
+    cvt(unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } as libc::c_long).map(|n| n as usize)
+}
