@@ -110,12 +110,20 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<DumpedFds> {
     Ok(DumpedFds { records: out, idents })
 }
 
+/// (device, inode) of an open file.
+type FileIdent = (u64, u64);
+/// (process index, descriptor index, description id) of the first descriptor seen of a
+/// description.
+type Representative = (usize, usize, u64);
+/// A descriptor (process, number) of the read end and of the write end of a pipe.
+type PipeEnds = (Option<(Pid, i32)>, Option<(Pid, i32)>);
+
 /// Numbers the open file descriptions of a whole tree: descriptors of the same file that
 /// kcmp reports as one description get one id, whichever process holds them.
 pub fn assign_descriptions(procs: &mut [(Pid, DumpedFds)]) -> Result<()> {
     // (process index, descriptor index) of one representative per description so far,
     // by file identity.
-    let mut reps: std::collections::HashMap<(u64, u64), Vec<(usize, usize, u64)>> = Default::default();
+    let mut reps: std::collections::HashMap<FileIdent, Vec<Representative>> = Default::default();
     let mut next = 1u64;
     for pi in 0..procs.len() {
         for fi in 0..procs[pi].1.records.len() {
@@ -144,7 +152,7 @@ pub fn assign_descriptions(procs: &mut [(Pid, DumpedFds)]) -> Result<()> {
 /// The pipes of the tree with the bytes in their buffers, read without consuming them
 /// (tee into a pipe of ours). A pipe with an end outside the tree is refused.
 pub fn dump_pipes(procs: &[(Pid, &OwnedFd, &[FdRecord])]) -> Result<Vec<stasis_image::PipeRecord>> {
-    let mut ends: std::collections::BTreeMap<u64, (Option<(Pid, i32)>, Option<(Pid, i32)>)> = Default::default();
+    let mut ends: std::collections::BTreeMap<u64, PipeEnds> = Default::default();
     let mut reader_pidfd: std::collections::HashMap<u64, &OwnedFd> = Default::default();
     for (pid, pidfd, recs) in procs {
         for r in recs.iter() {

@@ -294,12 +294,7 @@ impl Drop for TreeGuard {
         }
         // A leader's exit is reported only after its threads are gone, and we, their
         // tracer, must collect each traced thread's exit first.
-        loop {
-            match ptrace::waitpid(Pid(-1), libc::__WALL) {
-                Ok(_) => continue,
-                Err(_) => break,
-            }
-        }
+        while ptrace::waitpid(Pid(-1), libc::__WALL).is_ok() {}
     }
 }
 
