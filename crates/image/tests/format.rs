@@ -61,7 +61,7 @@ fn sample() -> Image {
                     guards: vec![],
                 }],
             },
-            fds: vec![FdRecord { fd: 0, cloexec: false, kind: FdKind::File { file, flags: 0, pos: 7 }, same_as: None }],
+            fds: vec![FdRecord { fd: 0, cloexec: false, kind: FdKind::File { file, flags: 0, pos: 7 }, same_as: None, desc: 0 }],
             threads: vec![ThreadRecord {
                 tid: 1234,
                 comm: "true".into(),
@@ -76,7 +76,9 @@ fn sample() -> Image {
             }],
             no_new_privs: false,
             personality: 0,
+            zombie_status: None,
         }],
+        pipes: vec![],
         page_block_size: 0,
         page_block_hashes: vec![],
     }
