@@ -425,15 +425,18 @@ fn a_killed_dumper_leaves_the_target_running_and_no_image() {
         .stderr(Stdio::null());
     let mut dumper = Proc::spawned(cmd.spawn().expect("spawn stasis dump"), "stasis dump");
 
+    // Halfway: the target is frozen and page data is being written (the partial image has
+    // grown past its header page). The injected phase right after the freeze is a known,
+    // sub-millisecond gap.
     wait_until(
         Duration::from_secs(30),
-        "the dumper has seized the target",
+        "the dumper is writing the image",
         || {
             assert!(
                 is_alive(dumper.pid()),
                 "the dump finished before it could be interrupted"
             );
-            tracer_pid(pid).is_some_and(|t| t != 0)
+            tracer_pid(pid).is_some_and(|t| t != 0) && partial_image_exists(&image)
         },
     );
     dumper.signal(libc::SIGKILL);
@@ -597,4 +600,14 @@ fn shell_job_in_a_pty() {
         status.success() && last == Some("PASS"),
         "shell job: {status}, terminal output:\n{text}"
     );
+}
+
+/// A dump in progress past its first megabyte of page data.
+fn partial_image_exists(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|rd| {
+        rd.flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with(".stasis.img.partial-")
+                && e.metadata().is_ok_and(|m| m.len() > 1 << 20)
+        })
+    })
 }

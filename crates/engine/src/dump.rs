@@ -287,16 +287,6 @@ fn collect_process(
     sids: &std::collections::HashMap<Pid, i32>,
     root: Pid,
 ) -> Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)> {
-    let ts = task::dump(pid)?;
-    // Sessions: a leader, or the session of its parent inside the tree; only the root may
-    // belong to an outside session, and then only with --shell-job.
-    if pid == root {
-        task::session_plan(pid, ts.sid, opts.shell_job)?;
-    } else if ts.sid != pid.0 && sids.get(&Pid(ts.ppid)) != Some(&ts.sid) {
-        return Err(Error::Unsupported { pid, what: format!("a session (sid {}) other than its parent's", ts.sid) });
-    }
-    let fds = files::dump(pid, pidfd, opts.shell_job)?;
-
     // Everything that needs injected calls, then the scratch page is gone again before
     // the memory layout is read.
     let status = read_status(pid)?;
@@ -319,6 +309,16 @@ fn collect_process(
     for t in &frozen.threads {
         t.restore_state().map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
     }
+
+    let ts = task::dump(pid)?;
+    // Sessions: a leader, or the session of its parent inside the tree; only the root may
+    // belong to an outside session, and then only with --shell-job.
+    if pid == root {
+        task::session_plan(pid, ts.sid, opts.shell_job)?;
+    } else if ts.sid != pid.0 && sids.get(&Pid(ts.ppid)) != Some(&ts.sid) {
+        return Err(Error::Unsupported { pid, what: format!("a session (sid {}) other than its parent's", ts.sid) });
+    }
+    let fds = files::dump(pid, pidfd, opts.shell_job)?;
 
     log::debug!("pid {pid}: parasite done");
     let maps = mm::read_maps(pid)?;
