@@ -58,6 +58,7 @@ round_trip_tests! {
     wait_in_ppoll: "waits" ["ppoll"] x 1;
     wait_in_poll: "waits" ["poll"] x 1;
     signals: "signals" [] x 1;
+    sa_onstack_without_altstack: "onstack" [] x 2;
     filemap: "filemap" [DIR_ARG] x 1;
     protmap: "protmap" [] x 1;
     growth: "growth" [] x 1;

@@ -82,10 +82,10 @@ pub fn restore_actions_in_child(actions: &[SigAction]) -> std::result::Result<()
 }
 
 /// Injected in the restored thread: its alternate signal stack.
+/// Always set, disabled ones included: the restore child inherited the restorer's own
+/// alternate stack, which points into memory that no longer exists.
 pub fn restore_altstack(inj: &mut Injector, mem: &ChildMem, at: u64, ss: &AltStack) -> Result<()> {
-    if ss.flags & SS_DISABLE != 0 {
-        return Ok(()); // the default state of a new thread
-    }
+    let ss = if ss.flags & SS_DISABLE != 0 { AltStack { sp: 0, flags: SS_DISABLE, size: 0 } } else { *ss };
     let mut b = [0u8; 24];
     b[0..8].copy_from_slice(&ss.sp.to_le_bytes());
     // On-stack is a state, not a setting: the kernel derives it from the stack pointer.
