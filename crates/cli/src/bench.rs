@@ -206,6 +206,7 @@ fn one_run(exe: &Path, size: u64, work: &Path, n: usize) -> Result<Sample> {
     let restored = stasis_engine::restore(&RestoreOptions {
         dir: images.clone(),
         shell_job: false,
+        inherit_fds: Vec::new(),
     })?;
     let restore_s = t.elapsed().as_secs_f64();
     Child::new(restored.pid).kill()?;

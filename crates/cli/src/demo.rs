@@ -199,6 +199,7 @@ pub fn run() -> Result<u8> {
     let restored = stasis_engine::restore(&RestoreOptions {
         dir: images.clone(),
         shell_job: false,
+        inherit_fds: Vec::new(),
     })?;
     let mut again = Child::new(restored.pid);
     say!("  {}", crate::restore::summary(&restored));

@@ -32,6 +32,33 @@ pub struct RestoreArgs {
     /// Write the restore's figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+    /// fd[N]:KEY — connect what the image calls KEY (e.g. pipe:[1234], a pipe that led
+    /// outside the dumped tree) to descriptor N of stasis. Repeatable.
+    #[arg(long = "inherit-fd", value_name = "fd[N]:KEY", value_parser = parse_inherit_fd)]
+    pub inherit_fd: Vec<(i32, String)>,
+}
+
+/// Parses CRIU's `fd[N]:KEY` spelling.
+fn parse_inherit_fd(s: &str) -> std::result::Result<(i32, String), String> {
+    let bad = || format!("expected fd[N]:KEY, such as fd[3]:pipe:[1234], not {s:?}");
+    let rest = s.strip_prefix("fd[").ok_or_else(bad)?;
+    let (n, key) = rest.split_once("]:").ok_or_else(bad)?;
+    let n: i32 = n.parse().map_err(|_| bad())?;
+    if key.is_empty() {
+        return Err(bad());
+    }
+    Ok((n, key.to_string()))
+}
+
+#[cfg(test)]
+mod inherit_fd_tests {
+    #[test]
+    fn parses_criu_spelling() {
+        assert_eq!(super::parse_inherit_fd("fd[3]:pipe:[1234]"), Ok((3, "pipe:[1234]".to_string())));
+        assert!(super::parse_inherit_fd("3:pipe:[1]").is_err());
+        assert!(super::parse_inherit_fd("fd[x]:pipe:[1]").is_err());
+        assert!(super::parse_inherit_fd("fd[3]:").is_err());
+    }
 }
 
 /// Signals sent to stasis that are passed on to the restored process while stasis waits.
@@ -80,6 +107,7 @@ pub fn run(args: RestoreArgs, verbose: bool) -> Result<u8> {
     let opts = RestoreOptions {
         dir: args.dir.clone(),
         shell_job: args.shell_job,
+        inherit_fds: args.inherit_fd.clone(),
     };
     log::info!("restoring from {}", opts.dir.display());
     let restored = stasis_engine::restore(&opts)?;

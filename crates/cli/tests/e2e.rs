@@ -59,6 +59,7 @@ round_trip_tests! {
     wait_in_poll: "waits" ["poll"] x 1;
     signals: "signals" [] x 1;
     sa_onstack_without_altstack: "onstack" [] x 2;
+    widowed_pipe_with_queued_bytes: "pipe_holder" [] x 2;
     filemap: "filemap" [DIR_ARG] x 1;
     protmap: "protmap" [] x 1;
     growth: "growth" [] x 1;
@@ -243,9 +244,9 @@ fn dump_of_a_traced_process_is_refused() {
 }
 
 #[test]
-fn dump_of_a_process_holding_a_pipe_is_refused() {
-    let fixture = Fixture::start("pipe_holder", &[]);
-    assert_dump_refused(&fixture, &["fd 10", "pipe"]);
+fn dump_of_a_process_holding_a_socket_is_refused() {
+    let fixture = Fixture::start("pipe_holder", &["socket"]);
+    assert_dump_refused(&fixture, &["fd 10", "socket"]);
     fixture.finish();
 }
 

@@ -149,12 +149,30 @@ pub fn assign_descriptions(procs: &mut [(Pid, DumpedFds)]) -> Result<()> {
     Ok(())
 }
 
-/// The pipes of the tree with the bytes in their buffers, read without consuming them
-/// (tee into a pipe of ours). A pipe with an end outside the tree is refused.
+/// The bytes queued in a pipe, read without consuming them (tee into a pipe of ours).
+fn pipe_contents(pid: Pid, ino: u64, read_end: &OwnedFd, capacity: u32) -> Result<Vec<u8>> {
+    let queued = stasis_sys::proc::bytes_readable(read_end.as_raw_fd()).map_err(Error::sys(pid, "FIONREAD"))?;
+    let mut data = vec![0u8; queued];
+    if queued == 0 {
+        return Ok(data);
+    }
+    let (our_r, our_w) = stasis_sys::proc::pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(Error::sys(pid, "pipe2"))?;
+    stasis_sys::proc::set_pipe_size(our_w.as_raw_fd(), capacity).map_err(Error::sys(pid, "F_SETPIPE_SZ"))?;
+    let n = stasis_sys::proc::tee(read_end.as_raw_fd(), our_w.as_raw_fd(), queued).map_err(Error::sys(pid, "tee"))?;
+    if n != queued {
+        return Err(Error::Unsupported { pid, what: format!("pipe:[{ino}]: copied {n} of {queued} queued bytes") });
+    }
+    let mut f = std::fs::File::from(our_r);
+    std::io::Read::read_exact(&mut f, &mut data)
+        .map_err(|e| Error::Proc { pid, path: format!("pipe:[{ino}]").into(), err: e })?;
+    Ok(data)
+}
+
+/// The pipes of the tree: capacity and buffered bytes of those inside it; those with an
+/// end held outside it are marked external (restore then needs --inherit-fd).
 pub fn dump_pipes(procs: &[(Pid, &OwnedFd, &[FdRecord])]) -> Result<Vec<stasis_image::PipeRecord>> {
     let mut ends: std::collections::BTreeMap<u64, PipeEnds> = Default::default();
-    let mut reader_pidfd: std::collections::HashMap<u64, &OwnedFd> = Default::default();
-    for (pid, pidfd, recs) in procs {
+    for (pid, _, recs) in procs {
         for r in recs.iter() {
             if let FdKind::Pipe { ino, write, .. } = r.kind {
                 let e = ends.entry(ino).or_default();
@@ -162,38 +180,35 @@ pub fn dump_pipes(procs: &[(Pid, &OwnedFd, &[FdRecord])]) -> Result<Vec<stasis_i
                     e.1.get_or_insert((*pid, r.fd));
                 } else if e.0.is_none() {
                     e.0 = Some((*pid, r.fd));
-                    reader_pidfd.insert(ino, pidfd);
                 }
             }
         }
     }
     let mut out = Vec::new();
     for (ino, (rd, wr)) in ends {
-        let (Some((rpid, rfd)), Some(_)) = (rd, wr) else {
-            let (pid, fd) = rd.or(wr).unwrap_or((Pid(0), -1));
-            return Err(Error::UnsupportedFd {
-                pid,
-                fd,
-                kind: format!("pipe:[{ino}] whose other end is outside the dumped tree"),
-            });
+        let (pid, fd) = rd.or(wr).unwrap_or((Pid(0), -1));
+        let pidfd = procs.iter().find(|(p, _, _)| *p == pid).map(|(_, f, _)| *f);
+        let theirs = match pidfd {
+            Some(f) => stasis_sys::proc::pidfd_getfd(f, RemoteFd(fd)).map_err(Error::sys(pid, "pidfd_getfd"))?,
+            None => continue,
         };
-        let theirs = stasis_sys::proc::pidfd_getfd(reader_pidfd[&ino], RemoteFd(rfd)).map_err(Error::sys(rpid, "pidfd_getfd"))?;
-        let capacity = stasis_sys::proc::pipe_size(theirs.as_raw_fd()).map_err(Error::sys(rpid, "F_GETPIPE_SZ"))?;
-        let queued = stasis_sys::proc::bytes_readable(theirs.as_raw_fd()).map_err(Error::sys(rpid, "FIONREAD"))?;
-        let mut data = Vec::with_capacity(queued);
-        if queued > 0 {
-            let (our_r, our_w) = stasis_sys::proc::pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(Error::sys(rpid, "pipe2"))?;
-            stasis_sys::proc::set_pipe_size(our_w.as_raw_fd(), capacity).map_err(Error::sys(rpid, "F_SETPIPE_SZ"))?;
-            let n = stasis_sys::proc::tee(theirs.as_raw_fd(), our_w.as_raw_fd(), queued).map_err(Error::sys(rpid, "tee"))?;
-            data.resize(n, 0);
-            let mut f = std::fs::File::from(our_r);
-            std::io::Read::read_exact(&mut f, &mut data)
-                .map_err(|e| Error::Proc { pid: rpid, path: format!("pipe:[{ino}]").into(), err: e })?;
-            if n != queued {
-                return Err(Error::Unsupported { pid: rpid, what: format!("pipe:[{ino}]: copied {n} of {queued} queued bytes") });
+        let capacity = stasis_sys::proc::pipe_size(theirs.as_raw_fd()).map_err(Error::sys(pid, "F_GETPIPE_SZ"))?;
+        if rd.is_none() || wr.is_none() {
+            // One end only. Nobody at all holds the other (POLLHUP: no writers; POLLERR:
+            // no readers): a widowed pipe, restored exactly. Else the other end is outside.
+            let ev = stasis_sys::proc::poll_now(theirs.as_raw_fd(), libc::POLLIN).map_err(Error::sys(pid, "poll"))?;
+            let widowed = if rd.is_some() { ev & libc::POLLHUP != 0 } else { ev & libc::POLLERR != 0 };
+            if !widowed {
+                log::debug!("pid {pid}: fd {fd}: pipe:[{ino}] leads outside the tree");
+                out.push(stasis_image::PipeRecord { ino, capacity, data: Vec::new(), external: true });
+                continue;
             }
         }
-        out.push(stasis_image::PipeRecord { ino, capacity, data });
+        let data = match rd {
+            Some((rpid, _)) => pipe_contents(rpid, ino, &theirs, capacity)?,
+            None => Vec::new(),
+        };
+        out.push(stasis_image::PipeRecord { ino, capacity, data, external: false });
     }
     Ok(out)
 }
@@ -242,7 +257,13 @@ pub struct DescTable {
 }
 
 impl DescTable {
-    pub fn open(procs: &[stasis_image::ProcessRecord], pipes: &[stasis_image::PipeRecord], terminal: Option<i32>) -> Result<DescTable> {
+    /// `inherited` maps `pipe:[INO]` (as --inherit-fd names it) to a descriptor of ours.
+    pub fn open(
+        procs: &[stasis_image::ProcessRecord],
+        pipes: &[stasis_image::PipeRecord],
+        terminal: Option<i32>,
+        inherited: &[(i32, String)],
+    ) -> Result<DescTable> {
         let mut fds: std::collections::HashMap<u64, OwnedFd> = Default::default();
         // Pipe ends already created, by (inode, write end).
         let mut pipe_ends: std::collections::HashMap<(u64, bool), i32> = Default::default();
@@ -269,6 +290,16 @@ impl DescTable {
                         })?;
                         let d = stasis_sys::proc::dup_at_least(t, 3).map_err(Error::sys(pid, "dup"))?;
                         stasis_sys::proc::owned(d)
+                    }
+                    FdKind::Pipe { ino, .. } if pipes.iter().any(|x| x.ino == *ino && x.external) => {
+                        let id = format!("pipe:[{ino}]");
+                        let ours = inherited.iter().find(|(_, k)| *k == id).map(|(fd, _)| *fd).ok_or_else(|| {
+                            Error::Restore {
+                                pid,
+                                what: format!("fd {} was {id}, whose other end was outside the image; restore with --inherit-fd fd[N]:{id} to connect it to descriptor N of stasis", r.fd),
+                            }
+                        })?;
+                        stasis_sys::proc::owned(stasis_sys::proc::dup_at_least(ours, 3).map_err(Error::sys(pid, "dup"))?)
                     }
                     FdKind::Pipe { ino, write, flags } => {
                         if !pipe_ends.contains_key(&(*ino, false)) {

@@ -34,9 +34,16 @@ impl FrozenThread {
         ptrace::set_sigmask(self.tid, self.sigmask)
     }
 
-    fn put_back(&self) -> stasis_sys::SysResult<()> {
-        self.restore_state()?;
-        ptrace::detach(self.tid, 0)
+    /// Releases the thread. After injections it sits at a syscall-exit stop; moved to an
+    /// interrupt stop first, it gets its exact original registers and the kernel's own
+    /// restart handling (a signal arriving right then is handled as in the original).
+    fn put_back(&self, pid: Pid) -> Result<()> {
+        if self.injected {
+            crate::inject::to_interrupt_stop(pid, self.tid)?;
+            ptrace::set_regs(self.tid, &self.regs).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+        }
+        ptrace::set_sigmask(self.tid, self.sigmask).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
+        ptrace::detach(self.tid, 0).map_err(Error::sys(pid, "PTRACE_DETACH"))
     }
 }
 
@@ -135,8 +142,8 @@ impl Frozen {
         self.done = true;
         let mut first_err = None;
         for t in &self.threads {
-            if let Err(e) = t.put_back() {
-                first_err.get_or_insert(Error::Sys { pid: self.pid, op: "PTRACE_DETACH", errno: e });
+            if let Err(e) = t.put_back(self.pid) {
+                first_err.get_or_insert(e);
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -147,7 +154,7 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         if !self.done {
             for t in &self.threads {
-                let _ = t.put_back();
+                let _ = t.put_back(self.pid);
             }
         }
     }

@@ -89,6 +89,28 @@ impl Injector {
     }
 }
 
+/// Moves a seized thread from a syscall stop to an interrupt stop (PTRACE_EVENT_STOP),
+/// without it running a user instruction: the interrupt is handled on its way out of the
+/// kernel. Registers set at such a stop get the kernel's own system-call restart
+/// handling when the thread resumes, signal delivery included (a handler makes an
+/// interrupted call return EINTR, none restarts it), exactly as for any ptrace stop.
+pub fn to_interrupt_stop(pid: Pid, tid: Pid) -> Result<()> {
+    ptrace::interrupt(tid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
+    ptrace::cont(tid, 0).map_err(Error::sys(pid, "PTRACE_CONT"))?;
+    loop {
+        match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
+            WaitStatus::Stopped(_, _, ptrace::PTRACE_EVENT_STOP) => return Ok(()),
+            WaitStatus::Stopped(_, sig, ev) => {
+                return Err(Error::UnexpectedStop { pid, tid, what: format!("signal {sig}, event {ev}, moving to an interrupt stop") })
+            }
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                return Err(Error::TargetDied { pid, what: format!("thread {tid} ended moving to an interrupt stop") })
+            }
+            WaitStatus::StillAlive => {}
+        }
+    }
+}
+
 pub const ERESTARTSYS: i64 = -512;
 pub const ERESTARTNOINTR: i64 = -513;
 pub const ERESTARTNOHAND: i64 = -514;

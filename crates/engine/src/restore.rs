@@ -36,6 +36,9 @@ pub struct RestoreOptions {
     pub dir: PathBuf,
     /// Attach terminals to the restorer's terminal and join its session.
     pub shell_job: bool,
+    /// `--inherit-fd fd[N]:KEY`: descriptor N of the restorer stands for the object the
+    /// image calls KEY (such as `pipe:[1234]`, a pipe that led outside the tree).
+    pub inherit_fds: Vec<(i32, String)>,
 }
 
 /// Figures of one restore.
@@ -165,7 +168,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let root = &img.processes[root_idx];
     let root_session = if root.sid == root.pid { SessionPlan::Leader } else { task::session_plan(root_pid, root.sid, opts.shell_job)? };
     // Every open file description, created before any process exists.
-    let descs = files::DescTable::open(&img.processes, &img.pipes, restorer_terminal())?;
+    let descs = files::DescTable::open(&img.processes, &img.pipes, restorer_terminal(), &opts.inherit_fds)?;
     let (status_rd, status_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
     let (wait_rd, wait_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
     let inherited_top = open_fd_top()?;

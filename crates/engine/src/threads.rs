@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::freeze::FrozenThread;
-use crate::inject::{restart_fixup, Injector};
+use crate::inject::{to_interrupt_stop, Injector};
 use crate::mm::ChildMem;
 use crate::parasite::Parasite;
 use crate::signals;
@@ -91,15 +91,17 @@ pub fn restore_kernel_addrs(inj: &mut Injector, mem: &ChildMem, scratch: u64, t:
     signals::restore_altstack(inj, mem, scratch, &t.altstack)
 }
 
-/// At the exit stop of the last injected call: the thread's own registers, with an
-/// interrupted system call set up to continue as the kernel would have continued it.
+/// After the last injected call: the thread's own registers, set at an interrupt stop so
+/// that the kernel itself continues an interrupted system call (see
+/// inject::to_interrupt_stop). A restored task has a fresh restart block, so a
+/// restart-block call returns EINTR, as after a signal.
 pub fn restore_regs(pid: Pid, tid: Pid, t: &ThreadRecord) -> Result<()> {
+    to_interrupt_stop(pid, tid)?;
     if !t.xstate.is_empty() {
         ptrace::set_regset(tid, ptrace::NT_X86_XSTATE, &t.xstate)
             .map_err(Error::sys(pid, "PTRACE_SETREGSET NT_X86_XSTATE"))?;
     }
-    let regs = restart_fixup(&regs_of(pid, t)?, false);
-    ptrace::set_regs(tid, &regs).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+    ptrace::set_regs(tid, &regs_of(pid, t)?).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
     ptrace::set_sigmask(tid, t.sigmask).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))
 }
 

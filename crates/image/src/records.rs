@@ -278,6 +278,10 @@ pub struct PipeRecord {
     pub capacity: u32,
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+    /// The other end was held outside the tree: restore connects the ends in the image to
+    /// what `--inherit-fd fd[N]:pipe:[INO]` names (no data or capacity are saved).
+    #[serde(default)]
+    pub external: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

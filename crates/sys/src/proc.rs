@@ -376,3 +376,11 @@ pub fn read_raw(fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
     // SAFETY: `buf` is a live, writable buffer of the given length.
     cvt(unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) } as libc::c_long).map(|n| n as usize)
 }
+
+/// `poll(2)` on one descriptor with a zero timeout: the returned events.
+pub fn poll_now(fd: RawFd, events: i16) -> SysResult<i16> {
+    let mut p = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: one valid pollfd for the call.
+    cvt(unsafe { libc::poll(&mut p, 1, 0) } as libc::c_long)?;
+    Ok(p.revents)
+}
