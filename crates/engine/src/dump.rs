@@ -200,6 +200,7 @@ fn collect_tree(
         pidfds.push((pid, pidfd));
         mms.push(Some(mm_plan));
     }
+    refuse_shared_tables(&procs)?;
     files::assign_descriptions(&mut fds)?;
     let views: Vec<(Pid, &std::os::fd::OwnedFd, &[stasis_image::FdRecord])> = fds
         .iter()
@@ -228,6 +229,28 @@ fn collect_tree(
         page_block_hashes: Vec::new(),
     };
     Ok((image, nthreads))
+}
+
+/// Processes created with CLONE_VM (vfork), CLONE_FILES, CLONE_FS or CLONE_SIGHAND share
+/// kernel objects with their parent that this version restores as private copies: refused
+/// rather than restored subtly different.
+fn refuse_shared_tables(procs: &[ProcessRecord]) -> Result<()> {
+    use stasis_sys::proc::{kcmp_shares, Shared};
+    let live = |pid: i32| procs.iter().any(|p| p.pid == pid && p.zombie_status.is_none());
+    for p in procs.iter().filter(|p| p.zombie_status.is_none() && live(p.ppid)) {
+        let (pid, parent) = (Pid(p.pid), Pid(p.ppid));
+        for (what, name) in [
+            (Shared::Vm, "its address space (vfork/CLONE_VM)"),
+            (Shared::Files, "its descriptor table (CLONE_FILES)"),
+            (Shared::Fs, "its cwd/root/umask (CLONE_FS)"),
+            (Shared::Sighand, "its signal handlers (CLONE_SIGHAND)"),
+        ] {
+            if kcmp_shares(pid, parent, what).map_err(Error::sys(pid, "kcmp"))? {
+                return Err(Error::Unsupported { pid, what: format!("sharing {name} with its parent {parent}") });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A zombie: who it is and how it ended.

@@ -35,6 +35,21 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, fd: RemoteFd) -> SysResult<OwnedFd> {
 
 const KCMP_FILE: u64 = 0;
 
+/// Kernel objects two tasks may share after clone(): `kcmp` types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shared {
+    Vm = 1,
+    Files = 2,
+    Fs = 3,
+    Sighand = 4,
+}
+
+/// `kcmp(p1, p2, type, 0, 0) == 0`: do two tasks share this object?
+pub fn kcmp_shares(p1: Pid, p2: Pid, what: Shared) -> SysResult<bool> {
+    let r = syscall6(libc::SYS_kcmp, [p1.0 as u64, p2.0 as u64, what as u64, 0, 0, 0])?;
+    Ok(r == 0)
+}
+
 /// `kcmp(pid1, pid2, KCMP_FILE, fd1, fd2) == 0`: do two descriptors share one open file
 /// description?
 pub fn kcmp_same_file(p1: Pid, fd1: RemoteFd, p2: Pid, fd2: RemoteFd) -> SysResult<bool> {
