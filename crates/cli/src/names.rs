@@ -173,12 +173,14 @@ pub fn sa_flags(flags: u64) -> Vec<String> {
         (0x4000_0000, "SA_NODEFER"),
         (0x8000_0000, "SA_RESETHAND"),
     ];
-    let mut out: Vec<String> = KNOWN
-        .iter()
-        .filter(|(b, _)| flags & b != 0)
-        .map(|(_, n)| n.to_string())
-        .collect();
-    let rest = flags & !KNOWN.iter().fold(0, |m, (b, _)| m | b);
+    flag_names(flags, &KNOWN)
+}
+
+/// The names of the bits of `flags` that `known` names, then whatever is left in hex.
+fn flag_names(flags: u64, known: &[(u64, &str)]) -> Vec<String> {
+    let mut out: Vec<String> =
+        known.iter().filter(|(b, _)| flags & b != 0).map(|(_, n)| n.to_string()).collect();
+    let rest = flags & !known.iter().fold(0, |m, (b, _)| m | b);
     if rest != 0 {
         out.push(format!("{rest:#x}"));
     }
@@ -187,26 +189,8 @@ pub fn sa_flags(flags: u64) -> Vec<String> {
 
 /// `RLIMIT_NOFILE` for a resource number.
 pub fn rlimit(resource: u32) -> String {
-    const NAMES: [&str; 16] = [
-        "CPU",
-        "FSIZE",
-        "DATA",
-        "STACK",
-        "CORE",
-        "RSS",
-        "NPROC",
-        "NOFILE",
-        "MEMLOCK",
-        "AS",
-        "LOCKS",
-        "SIGPENDING",
-        "MSGQUEUE",
-        "NICE",
-        "RTPRIO",
-        "RTTIME",
-    ];
-    match NAMES.get(resource as usize) {
-        Some(n) => format!("RLIMIT_{n}"),
+    match stasis_engine::task::RLIMIT_NAMES.get(resource as usize) {
+        Some(n) => n.to_string(),
         None => format!("rlimit {resource}"),
     }
 }
@@ -239,16 +223,7 @@ pub fn vm_flags(flags: u64) -> Vec<String> {
         (LOCKED, "locked"),
         (MERGEABLE, "mergeable"),
     ];
-    let mut out: Vec<String> = KNOWN
-        .iter()
-        .filter(|(b, _)| flags & b != 0)
-        .map(|(_, n)| n.to_string())
-        .collect();
-    let rest = flags & !KNOWN.iter().fold(0, |m, (b, _)| m | b);
-    if rest != 0 {
-        out.push(format!("{rest:#x}"));
-    }
-    out
+    flag_names(flags, &KNOWN)
 }
 
 #[cfg(test)]
