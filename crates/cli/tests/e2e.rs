@@ -613,3 +613,28 @@ fn partial_image_exists(dir: &Path) -> bool {
         })
     })
 }
+
+/// A dumper killed while one of its injected calls runs in the target: the thread returns
+/// through the sigframe the parasite prepared and continues with every register intact
+/// (the regs fixture checks general, SSE/AVX/AVX-512 and mask registers). Call 1 (mmap),
+/// 2 (sigaltstack) and the last (munmap) are the known unprotected ones; 3..=7 are
+/// rt_sigaction/brk/arch_prctl/prctl calls.
+#[test]
+fn a_dumper_killed_during_an_injected_call_leaves_registers_intact() {
+    for n in [3, 5, 7] {
+        let fixture = Fixture::start("regs", &[]);
+        let image = fixture.dir().join("img");
+        let mut cmd = stasis_command(&dump_args(fixture.pid(), &image, &[]));
+        cmd.env("STASIS_FAULT_KILL_AT_INJECTION", n.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut dumper = Proc::spawned(cmd.spawn().expect("spawn stasis dump"), "stasis dump");
+        let status = dumper.wait(EXIT_TIMEOUT);
+        assert!(!status.success(), "the dumper was to be killed at injection {n}");
+        wait_until(Duration::from_secs(5), "the target is no longer traced", || {
+            tracer_pid(fixture.pid()) == Some(0)
+        });
+        fixture.finish();
+    }
+}

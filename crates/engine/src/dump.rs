@@ -313,8 +313,9 @@ fn collect_process(
     // Everything that needs injected calls, then the scratch page is gone again before
     // the memory layout is read.
     let status = read_status(pid)?;
+    let nthreads = frozen.threads.len();
     let main = &mut frozen.threads[0];
-    let mut p = Parasite::start(pid, main)?;
+    let mut p = Parasite::start(pid, main, nthreads)?;
     let sigactions = signals::dump_actions(&mut p, status.sig_caught | status.sig_ignored)?;
     let brk = p.inj.call("brk", libc::SYS_brk, [0, 0, 0, 0, 0, 0])?;
     const PERM_AT: u64 = 12288;

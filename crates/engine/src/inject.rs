@@ -45,6 +45,7 @@ impl Injector {
         let pid = self.pid;
         ptrace::set_regs(self.tid, &r).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
         self.wait_syscall_stop(nr)?; // entry
+        fault_point();
         self.wait_syscall_stop(nr)?; // exit
         let out = ptrace::get_regs(self.tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
         Ok(out.rax as i64)
@@ -108,6 +109,21 @@ pub fn to_interrupt_stop(pid: Pid, tid: Pid) -> Result<()> {
             }
             WaitStatus::StillAlive => {}
         }
+    }
+}
+
+/// Fault injection for tests of rule 1: with `STASIS_FAULT_KILL_AT_INJECTION=N` in the
+/// environment, the process SIGKILLs itself while its N-th injected call (counting from 1)
+/// is in flight, as a dumper killed at that instant would be.
+fn fault_point() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static AT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let at = *AT.get_or_init(|| {
+        std::env::var("STASIS_FAULT_KILL_AT_INJECTION").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    });
+    if at != 0 && COUNT.fetch_add(1, Ordering::Relaxed) + 1 == at {
+        let _ = stasis_sys::proc::kill(stasis_sys::proc::getpid(), libc::SIGKILL);
     }
 }
 

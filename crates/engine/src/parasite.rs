@@ -1,64 +1,139 @@
-//! A dump-time session of injected system calls in a frozen thread, with a scratch page
+//! A dump-time session of injected system calls in a frozen thread, with a scratch area
 //! in the target for the calls' input and output structures.
 //!
-//! The scratch page is mapped by an injected mmap and removed by an injected munmap before
+//! The scratch area is mapped by an injected mmap and removed by an injected munmap before
 //! the session ends, so the memory layout read afterwards is the program's own. During the
 //! session every signal is blocked in the thread so that none is delivered to it while it
 //! runs our calls; the freeze guard puts the thread's own mask back.
+//!
+//! A dumper killed by SIGKILL in the middle of the session must not leave a thread with
+//! borrowed registers (the kernel detaches it and it runs on). So, once the scratch area
+//! exists, each thread gets an `rt_sigframe` there holding its own context (registers
+//! adjusted as the kernel would for a restart, signal mask, alternate stack, XSAVE image),
+//! and its calls run from a `syscall; ret` pair with the stack pointer at that frame,
+//! whose return slot holds the program's own signal trampoline (`mov $15,%rax; syscall`):
+//! a thread orphaned mid-call returns into rt_sigreturn and continues where it was. Only
+//! the mmap, one sigaltstack query per thread and the final munmap run unprotected.
 
 use crate::error::{Error, Result};
 use crate::freeze::FrozenThread;
-use crate::inject::{find_syscall_insn, Injector};
+use crate::inject::{restart_fixup, Injector};
 use crate::procfs;
-use stasis_sys::ptrace;
+use stasis_image::AltStack;
+use stasis_sys::ptrace::{self, UserRegs};
 use stasis_sys::{Pid, RemoteAddr};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+/// Bytes for call arguments and results, at the start of the scratch area.
 pub const SCRATCH_LEN: u64 = 16 * 4096;
+/// One sigframe slot per thread after that: header, registers and an XSAVE image.
+const FRAME_SLOT: u64 = 16 * 4096;
+const ALT_OUT: u64 = SCRATCH_LEN - 64;
+
+/// Addresses in the target that make protected calls possible.
+#[derive(Clone, Copy)]
+struct Trampolines {
+    /// `syscall; ret`
+    syscall_ret: u64,
+    /// `mov $15,%rax; syscall` (rt_sigreturn), the program's own sa_restorer code.
+    sigreturn: u64,
+}
 
 pub struct Parasite {
     pub inj: Injector,
     mem: File,
     pub scratch: RemoteAddr,
+    scratch_len: u64,
     syscall_ip: u64,
+    tramp: Option<Trampolines>,
+    /// The current thread's alternate signal stack.
+    pub altstack: AltStack,
+    /// Registers for unprotected calls in the current thread.
+    plain: UserRegs,
+    slot: u64,
     open: bool,
 }
 
 impl Parasite {
-    /// Starts a session in `thread` of process `pid`.
-    pub fn start(pid: Pid, thread: &mut FrozenThread) -> Result<Parasite> {
+    /// Starts a session in `thread` of process `pid`, with room for `nthreads` frames.
+    pub fn start(pid: Pid, thread: &mut FrozenThread, nthreads: usize) -> Result<Parasite> {
         let mem = File::options()
             .read(true)
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
-        let ip = find_syscall_in_target(pid, &mem)?;
+        let (ip, tramp) = find_code(pid, &mem)?;
         ptrace::set_sigmask(thread.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
         thread.injected = true;
         let mut inj = Injector::new(pid, thread.tid, ip, thread.regs);
+        let scratch_len = SCRATCH_LEN + FRAME_SLOT * nthreads as u64;
         let scratch = inj.call(
             "mmap",
             libc::SYS_mmap,
             [
                 0,
-                SCRATCH_LEN,
+                scratch_len,
                 (libc::PROT_READ | libc::PROT_WRITE) as u64,
                 (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
                 u64::MAX,
                 0,
             ],
         )?;
-        Ok(Parasite { inj, mem, scratch: RemoteAddr(scratch), syscall_ip: ip, open: true })
+        let mut p = Parasite {
+            inj,
+            mem,
+            scratch: RemoteAddr(scratch),
+            scratch_len,
+            syscall_ip: ip,
+            tramp,
+            altstack: AltStack::default(),
+            plain: thread.regs,
+            slot: 0,
+            open: true,
+        };
+        p.arm(thread)?;
+        Ok(p)
     }
 
-    /// Runs the following calls in another frozen thread of the same process (the scratch
-    /// page is shared by all threads).
+    /// Runs the following calls in another frozen thread of the same process.
     pub fn use_thread(&mut self, thread: &mut FrozenThread) -> Result<()> {
         let pid = self.inj.pid;
         ptrace::set_sigmask(thread.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
         thread.injected = true;
+        self.slot += 1;
+        self.arm(thread)
+    }
+
+    /// Reads the thread's alternate stack (unprotected: the frame needs it), then writes
+    /// its sigframe and switches to protected calls.
+    fn arm(&mut self, thread: &FrozenThread) -> Result<()> {
+        let pid = self.inj.pid;
+        self.plain = thread.regs;
         self.inj = Injector::new(pid, thread.tid, self.syscall_ip, thread.regs);
+        let out = self.scratch.0 + ALT_OUT;
+        self.inj.call("sigaltstack", libc::SYS_sigaltstack, [0, out, 0, 0, 0, 0])?;
+        let mut b = [0u8; 24];
+        self.read(ALT_OUT, &mut b)?;
+        self.altstack = AltStack {
+            sp: u64::from_le_bytes(b[0..8].try_into().unwrap_or_default()),
+            flags: i32::from_le_bytes(b[8..12].try_into().unwrap_or_default()),
+            size: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
+        };
+        let Some(t) = self.tramp else { return Ok(()) };
+        let slot = SCRATCH_LEN + self.slot.min((self.scratch_len - SCRATCH_LEN) / FRAME_SLOT - 1) * FRAME_SLOT;
+        let frame = self.scratch.0 + slot;
+        let xstate = ptrace::get_regset(thread.tid, ptrace::NT_X86_XSTATE, stasis_sys::cpu::xsave_size())
+            .map_err(Error::sys(pid, "PTRACE_GETREGSET NT_X86_XSTATE"))?;
+        let resume = restart_fixup(&thread.regs, true);
+        let bytes = sigframe(frame, t.sigreturn, &resume, thread.sigmask, &self.altstack, &xstate);
+        if bytes.len() as u64 > FRAME_SLOT {
+            return Ok(()); // an XSAVE area larger than a slot: stay unprotected
+        }
+        self.write(slot, &bytes)?;
+        let mut base = thread.regs;
+        base.rsp = frame;
+        self.inj = Injector::new(pid, thread.tid, t.syscall_ret, base);
         Ok(())
     }
 
@@ -69,42 +144,161 @@ impl Parasite {
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })
     }
 
+    fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
+        let pid = self.inj.pid;
+        self.mem
+            .write_all_at(buf, self.scratch.0 + off)
+            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })
+    }
+
     pub fn read_u64(&self, off: u64) -> Result<u64> {
         let mut b = [0u8; 8];
         self.read(off, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
 
-    /// Removes the scratch page.
+    /// Removes the scratch area, from the current thread (unprotected: its frame goes).
     pub fn finish(mut self) -> Result<()> {
         self.open = false;
-        self.inj
-            .call("munmap", libc::SYS_munmap, [self.scratch.0, SCRATCH_LEN, 0, 0, 0, 0])
-            .map(drop)
+        let (pid, tid) = (self.inj.pid, self.inj.tid);
+        let mut inj = Injector::new(pid, tid, self.syscall_ip, self.plain);
+        inj.call("munmap", libc::SYS_munmap, [self.scratch.0, self.scratch_len, 0, 0, 0, 0]).map(drop)
     }
 }
 
 impl Drop for Parasite {
     fn drop(&mut self) {
         if self.open {
-            let _ = self.inj.raw(libc::SYS_munmap, [self.scratch.0, SCRATCH_LEN, 0, 0, 0, 0]);
+            let mut inj = Injector::new(self.inj.pid, self.inj.tid, self.syscall_ip, self.plain);
+            let _ = inj.raw(libc::SYS_munmap, [self.scratch.0, self.scratch_len, 0, 0, 0, 0]);
         }
     }
 }
 
-/// A `syscall` instruction in the target: in its vDSO, else in any executable mapping.
-fn find_syscall_in_target(pid: Pid, mem: &File) -> Result<u64> {
+const UC_FP_XSTATE: u64 = 1;
+const UC_SIGCONTEXT_SS: u64 = 2;
+const UC_STRICT_RESTORE_SS: u64 = 4;
+const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+const FP_XSTATE_MAGIC2: u32 = 0x4650_5845;
+/// Offset of `struct _fpx_sw_bytes` in the legacy FXSAVE area.
+const SW_BYTES: usize = 464;
+
+/// An x86-64 `rt_sigframe` at `at`: return slot, ucontext (flags, link, stack, sigcontext,
+/// mask), siginfo, then the XSAVE image 64-byte aligned with its trailing magic. What
+/// rt_sigreturn reads to put a thread back into `regs`. Pure: bytes out.
+pub fn sigframe(at: u64, restorer: u64, regs: &UserRegs, mask: u64, alt: &AltStack, xstate: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 440];
+    let put = |f: &mut Vec<u8>, off: usize, v: u64| f[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    put(&mut f, 0, restorer);
+    let fp_off = (at + 440).next_multiple_of(64) - at;
+    let flags = UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS | if xstate.is_empty() { 0 } else { UC_FP_XSTATE };
+    put(&mut f, 8, flags);
+    put(&mut f, 24, alt.sp);
+    f[32..36].copy_from_slice(&alt.flags.to_le_bytes());
+    put(&mut f, 40, alt.size);
+    // struct sigcontext at 48.
+    let r = regs;
+    for (i, v) in [
+        r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi, r.rsi, r.rbp, r.rbx, r.rdx,
+        r.rax, r.rcx, r.rsp, r.rip, r.eflags,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        put(&mut f, 48 + i * 8, v);
+    }
+    let segs = (r.cs & 0xffff) | ((r.gs & 0xffff) << 16) | ((r.fs & 0xffff) << 32) | ((r.ss & 0xffff) << 48);
+    put(&mut f, 48 + 18 * 8, segs);
+    if !xstate.is_empty() {
+        put(&mut f, 48 + 23 * 8, at + fp_off); // fpstate pointer
+    }
+    put(&mut f, 304, mask);
+    if xstate.is_empty() {
+        return f;
+    }
+    f.resize(fp_off as usize, 0);
+    let fp = f.len();
+    f.extend_from_slice(xstate);
+    // Software bytes of a signal frame's XSAVE image. (In the ptrace image the same bytes
+    // hold XCR0, which is the feature mask wanted here.)
+    let xfeatures = xstate
+        .get(SW_BYTES..SW_BYTES + 8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        .unwrap_or(0);
+    let size = xstate.len() as u32;
+    let mut sw = [0u8; 48];
+    sw[0..4].copy_from_slice(&FP_XSTATE_MAGIC1.to_le_bytes());
+    sw[4..8].copy_from_slice(&(size + 4).to_le_bytes()); // extended_size: with MAGIC2
+    sw[8..16].copy_from_slice(&xfeatures.to_le_bytes());
+    sw[16..20].copy_from_slice(&size.to_le_bytes());
+    f[fp + SW_BYTES..fp + SW_BYTES + 48].copy_from_slice(&sw);
+    f.extend_from_slice(&FP_XSTATE_MAGIC2.to_le_bytes());
+    f
+}
+
+/// A `syscall` instruction (preferably in the vDSO) and, if the program has them, a
+/// `syscall; ret` pair and an rt_sigreturn trampoline.
+fn find_code(pid: Pid, mem: &File) -> Result<(u64, Option<Trampolines>)> {
     let (path, text) = procfs::read_text(pid, "maps")?;
     let maps = procfs::parse_smaps(&text).map_err(|what| Error::ProcParse { pid, path, what })?;
-    let mut candidates: Vec<&procfs::MapEntry> = maps.iter().filter(|m| m.exec).collect();
+    let mut candidates: Vec<&procfs::MapEntry> = maps.iter().filter(|m| m.exec && m.read).collect();
     candidates.sort_by_key(|m| m.name != "[vdso]");
+    let (mut plain, mut syscall_ret, mut sigreturn) = (None, None, None);
+    const SIGRETURN: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
     for m in candidates {
-        let mut buf = vec![0u8; (m.end - m.start).min(1 << 20) as usize];
-        if mem.read_exact_at(&mut buf, m.start).is_ok() {
-            if let Some(ip) = find_syscall_insn(&buf, m.start) {
-                return Ok(ip);
-            }
+        let mut buf = vec![0u8; (m.end - m.start).min(8 << 20) as usize];
+        if mem.read_exact_at(&mut buf, m.start).is_err() {
+            continue;
+        }
+        let find = |pat: &[u8]| buf.windows(pat.len()).position(|w| w == pat).map(|i| m.start + i as u64);
+        plain = plain.or_else(|| find(&[0x0f, 0x05]));
+        syscall_ret = syscall_ret.or_else(|| find(&[0x0f, 0x05, 0xc3]));
+        sigreturn = sigreturn.or_else(|| find(&SIGRETURN));
+        if plain.is_some() && syscall_ret.is_some() && sigreturn.is_some() {
+            break;
         }
     }
-    Err(Error::Unsupported { pid, what: "a process without any syscall instruction mapped".into() })
+    let plain = plain.ok_or_else(|| Error::Unsupported { pid, what: "a process without any syscall instruction mapped".into() })?;
+    let tramp = match (syscall_ret, sigreturn) {
+        (Some(syscall_ret), Some(sigreturn)) => Some(Trampolines { syscall_ret, sigreturn }),
+        _ => {
+            log::debug!("pid {pid}: no rt_sigreturn trampoline found: injected calls run unprotected");
+            None
+        }
+    };
+    Ok((plain, tramp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sigframe_layout() {
+        let regs = UserRegs { rip: 0x1111, rsp: 0x2222, rax: 0x3333, r8: 0x8, cs: 0x33, ss: 0x2b, ..Default::default() };
+        let mut xs = vec![0u8; 832];
+        xs[SW_BYTES..SW_BYTES + 8].copy_from_slice(&0xe7u64.to_le_bytes()); // XCR0, as ptrace gives it
+        let alt = AltStack { sp: 0x5000, flags: 0, size: 0x2000 };
+        let f = sigframe(0x10_0000, 0xabc, &regs, 0x4000, &alt, &xs);
+        let word = |o: usize| u64::from_le_bytes(f[o..o + 8].try_into().unwrap());
+        assert_eq!(word(0), 0xabc);
+        assert_eq!(word(8), 7);
+        assert_eq!((word(24), word(40)), (0x5000, 0x2000));
+        assert_eq!(word(48), 0x8); // r8 first
+        assert_eq!(word(48 + 13 * 8), 0x3333); // rax
+        assert_eq!(word(48 + 15 * 8), 0x2222); // rsp
+        assert_eq!(word(48 + 16 * 8), 0x1111); // rip
+        assert_eq!(word(48 + 18 * 8) & 0xffff, 0x33); // cs
+        assert_eq!(word(48 + 18 * 8) >> 48, 0x2b); // ss
+        let fp = word(48 + 23 * 8);
+        assert_eq!(fp % 64, 0);
+        assert_eq!(word(304), 0x4000);
+        let fpo = (fp - 0x10_0000) as usize;
+        let u32_at = |o: usize| u32::from_le_bytes(f[o..o + 4].try_into().unwrap());
+        assert_eq!(u32_at(fpo + SW_BYTES), FP_XSTATE_MAGIC1);
+        assert_eq!(u32_at(fpo + SW_BYTES + 4), 836);
+        assert_eq!(word(fpo + SW_BYTES + 8), 0xe7);
+        assert_eq!(u32_at(fpo + SW_BYTES + 16), 832);
+        assert_eq!(u32_at(fpo + 832), FP_XSTATE_MAGIC2);
+    }
 }

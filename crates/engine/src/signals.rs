@@ -47,19 +47,6 @@ pub fn dump_actions(p: &mut Parasite, non_default: u64) -> Result<Vec<SigAction>
         .collect())
 }
 
-/// Reads the alternate signal stack of the thread the parasite runs in.
-pub fn dump_altstack(p: &mut Parasite) -> Result<AltStack> {
-    const AT: u64 = 4096;
-    p.inj.call("sigaltstack", libc::SYS_sigaltstack, [0, p.scratch.0 + AT, 0, 0, 0, 0])?;
-    let mut b = [0u8; 24];
-    p.read(AT, &mut b)?;
-    Ok(AltStack {
-        sp: u64::from_le_bytes(b[0..8].try_into().unwrap_or_default()),
-        flags: i32::from_le_bytes(b[8..12].try_into().unwrap_or_default()),
-        size: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
-    })
-}
-
 /// Queued signals of a thread (`shared` false) or of its whole process (`shared` true).
 pub fn dump_pending(pid: Pid, tid: Pid, shared: bool) -> Result<Vec<SigInfo>> {
     let raw = ptrace::peek_siginfo(tid, shared).map_err(Error::sys(pid, "PTRACE_PEEKSIGINFO"))?;

@@ -29,7 +29,7 @@ pub fn dump(pid: Pid, t: &FrozenThread, p: &mut Parasite) -> Result<ThreadRecord
     const TID_AT: u64 = 8192;
     p.inj.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, [PR_GET_TID_ADDRESS, p.scratch.0 + TID_AT, 0, 0, 0, 0])?;
     let clear_child_tid = p.read_u64(TID_AT)?;
-    let altstack = signals::dump_altstack(p)?;
+    let altstack = p.altstack;
     let comm = crate::procfs::read_text(pid, &format!("task/{tid}/comm"))?.1;
     Ok(ThreadRecord {
         tid: tid.0,
