@@ -291,9 +291,15 @@ impl Drop for TreeGuard {
         if !self.armed {
             return;
         }
-        for p in &self.pids {
-            // Only our own restore children can hold these PIDs: they were free before.
-            let _ = sp::kill(*p, libc::SIGKILL);
+        // Ours are the processes whose parent is the restorer or another of ours: a PID
+        // the image names may have been taken by an unrelated process meanwhile.
+        let me = sp::getpid();
+        let ours = |p: &Pid| {
+            read_stat(*p).is_ok_and(|st| st.ppid == me.0 || self.pids.iter().any(|q| q.0 == st.ppid))
+        };
+        let victims: Vec<Pid> = self.pids.iter().copied().filter(ours).collect();
+        for p in victims {
+            let _ = sp::kill(p, libc::SIGKILL);
         }
         // A leader's exit is reported only after its threads are gone, and we, their
         // tracer, must collect each traced thread's exit first.
