@@ -85,13 +85,32 @@ fn freeze_tree(root: Pid) -> Result<Vec<Member>> {
         let pid = members[i].pid;
         if members[i].frozen.is_some() {
             for child in children_of(pid)? {
-                let frozen = if read_stat(child)?.state == 'Z' { None } else { Some(Frozen::freeze(child)?) };
+                let frozen = freeze_child(child)?;
                 members.push(Member { pid: child, frozen });
             }
         }
         i += 1;
     }
     Ok(members)
+}
+
+/// Freezes a child of a frozen process; `None` if it is a zombie. A child exiting while
+/// it is being frozen can only become a zombie (its parent is frozen and cannot reap it),
+/// so that is what it is recorded as.
+fn freeze_child(child: Pid) -> Result<Option<Frozen>> {
+    if read_stat(child)?.state == 'Z' {
+        return Ok(None);
+    }
+    match Frozen::freeze(child) {
+        Ok(f) => Ok(Some(f)),
+        Err(e @ (Error::TargetDied { .. } | Error::NoSuchProcess(_) | Error::Sys { .. })) => {
+            match read_stat(child) {
+                Ok(st) if matches!(st.state, 'Z' | 'X') => Ok(None),
+                _ => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn children_of(pid: Pid) -> Result<Vec<Pid>> {
@@ -328,7 +347,7 @@ fn collect_process(
         p.use_thread(t)?;
         thread_recs.push(threads::dump(pid, t, &mut p)?);
     }
-    p.use_thread(&mut frozen.threads[0])?;
+    // The scratch area goes from whichever thread ran last: all share the address space.
     p.finish()?;
     for t in &frozen.threads {
         t.restore_state().map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
