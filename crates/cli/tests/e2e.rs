@@ -638,3 +638,28 @@ fn a_dumper_killed_during_an_injected_call_leaves_registers_intact() {
         fixture.finish();
     }
 }
+
+/// `stasis dump` of itself (a shell that execs stasis with its own PID), and of a tree that
+/// contains it (the shell that runs it): both refused, the shell unharmed.
+#[test]
+fn dump_of_stasis_itself_or_a_tree_containing_it_is_refused() {
+    let dir = TempDir::new("self");
+    let stasis = env!("CARGO_BIN_EXE_stasis");
+    let image = dir.join("img");
+    for (script, want) in [
+        (format!("exec {stasis} dump -t $$ -D {}", image.display()), "stasis itself"),
+        (format!("{stasis} dump -t $$ -D {}; echo shell-alive", image.display()), "contains stasis itself"),
+    ] {
+        let mut cmd = hermetic_command("sh");
+        cmd.arg("-c").arg(&script);
+        let out = run(cmd, COMMAND_TIMEOUT);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{script}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        if !script.starts_with("exec") {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("shell-alive"));
+        } else {
+            assert!(!out.status.success());
+        }
+    }
+}

@@ -85,6 +85,12 @@ fn freeze_tree(root: Pid) -> Result<Vec<Member>> {
         let pid = members[i].pid;
         if members[i].frozen.is_some() {
             for child in children_of(pid)? {
+                if child == stasis_sys::proc::getpid() {
+                    return Err(Error::Unsupported {
+                        pid: root,
+                        what: format!("a tree that contains stasis itself (pid {child}, child of {pid})"),
+                    });
+                }
                 let frozen = freeze_child(child)?;
                 members.push(Member { pid: child, frozen });
             }
