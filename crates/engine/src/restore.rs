@@ -430,6 +430,8 @@ fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>) -> 
     log::debug!("mm fields set, helper descriptors closed");
     task::restore_rlimits(&mut inj, &mem, data, &rec.rlimits)?;
     inj.call("prctl(PR_SET_PDEATHSIG)", libc::SYS_prctl, [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0])?;
+    // Per-task flags before the threads exist, which then inherit them.
+    task::restore_flags(&mut inj, rec.personality, rec.no_new_privs)?;
     // The other threads, each finished and left stopped with its registers in place.
     for t in &rec.threads[1..] {
         let tid = threads::clone_thread(&mut inj, &mem, data, t)?;
@@ -437,7 +439,7 @@ fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>) -> 
         extra.push(tid);
         let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
         let mut tinj = Injector::new(pid, tid, helper, regs);
-        finish_thread(&mut tinj, &mem, data, rec, t)?;
+        finish_thread(&mut tinj, &mem, data, rec, t, true)?;
         threads::restore_regs(pid, tid, t)?;
         log::debug!("thread {tid} ready");
     }
@@ -446,7 +448,7 @@ fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>) -> 
     // the program's: drop them before queueing the saved ones.
     signals::drain_pending(&mut inj, &mem, data)?;
     signals::restore_pending(&mut inj, &mem, data, pid, None, &rec.shared_pending)?;
-    finish_thread(&mut inj, &mem, data, rec, thread)?;
+    finish_thread(&mut inj, &mem, data, rec, thread, false)?;
     inj.call("munmap(helper)", libc::SYS_munmap, [helper, HELPER_LEN, 0, 0, 0, 0])?;
     threads::restore_regs(pid, pid, thread)?;
     Ok(loaded)
@@ -458,12 +460,19 @@ fn same_file_as_own_exe(f: &stasis_image::FileRef) -> bool {
 }
 
 /// What every thread sets for itself once the address space exists: kernel-held
-/// addresses, its pending signals, no_new_privs, credentials.
-fn finish_thread(inj: &mut Injector, mem: &ChildMem, data: u64, rec: &ProcessRecord, t: &stasis_image::ThreadRecord) -> Result<()> {
+/// addresses, its pending signals, credentials (last: dropping them would forbid the
+/// clone3 with set_tid that makes the next thread). `fresh`: see restore_kernel_addrs.
+fn finish_thread(
+    inj: &mut Injector,
+    mem: &ChildMem,
+    data: u64,
+    rec: &ProcessRecord,
+    t: &stasis_image::ThreadRecord,
+    fresh: bool,
+) -> Result<()> {
     let pid = Pid(rec.pid);
-    threads::restore_kernel_addrs(inj, mem, data, t)?;
+    threads::restore_kernel_addrs(inj, mem, data, t, fresh)?;
     signals::restore_pending(inj, mem, data, pid, Some(Pid(t.tid)), &t.pending)?;
-    task::restore_flags(inj, rec.personality, rec.no_new_privs)?;
     task::restore_creds(inj, mem, data, &rec.creds)
 }
 

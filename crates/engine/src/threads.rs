@@ -75,7 +75,9 @@ pub fn unregister_inherited_rseq(inj: &mut Injector) -> Result<()> {
 /// Injected once the address space is in place: the thread's name and the kernel-held
 /// per-thread addresses. (/proc/PID/task/TID/comm is writable only from inside the
 /// thread group, hence prctl.)
-pub fn restore_kernel_addrs(inj: &mut Injector, mem: &ChildMem, scratch: u64, t: &ThreadRecord) -> Result<()> {
+/// `fresh`: a thread just made by [`clone_thread`], which already has its clear_child_tid
+/// (CLONE_CHILD_CLEARTID) and no alternate stack; each call saved is a round trip less.
+pub fn restore_kernel_addrs(inj: &mut Injector, mem: &ChildMem, scratch: u64, t: &ThreadRecord, fresh: bool) -> Result<()> {
     let mut name = [0u8; 16];
     let n = t.comm.len().min(15);
     name[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
@@ -84,9 +86,14 @@ pub fn restore_kernel_addrs(inj: &mut Injector, mem: &ChildMem, scratch: u64, t:
     if t.robust_list.0 != 0 {
         inj.call("set_robust_list", libc::SYS_set_robust_list, [t.robust_list.0, t.robust_list.1, 0, 0, 0, 0])?;
     }
-    inj.call("set_tid_address", libc::SYS_set_tid_address, [t.clear_child_tid, 0, 0, 0, 0, 0])?;
+    if !fresh {
+        inj.call("set_tid_address", libc::SYS_set_tid_address, [t.clear_child_tid, 0, 0, 0, 0, 0])?;
+    }
     if let Some(r) = t.rseq {
         inj.call("rseq", libc::SYS_rseq, [r.addr, r.len as u64, 0, r.sig as u64, 0, 0])?;
+    }
+    if fresh && t.altstack.flags & libc::SS_DISABLE != 0 {
+        return Ok(());
     }
     signals::restore_altstack(inj, mem, scratch, &t.altstack)
 }
@@ -112,7 +119,9 @@ const THREAD_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_THREAD
     | libc::CLONE_SYSVSEM) as u64;
 
-/// Injected clone3 in the main thread: a new thread with the saved TID. With
+/// Injected clone3 in the main thread: a new thread with the saved TID and
+/// clear_child_tid. It inherits the main thread's personality, no_new_privs and
+/// credentials as they are at that moment. With
 /// PTRACE_O_TRACECLONE it starts traced and stopped before running any instruction, so
 /// its registers are set before it ever runs.
 pub fn clone_thread(inj: &mut Injector, mem: &ChildMem, at: u64, t: &ThreadRecord) -> Result<Pid> {
@@ -120,6 +129,10 @@ pub fn clone_thread(inj: &mut Injector, mem: &ChildMem, at: u64, t: &ThreadRecor
     let tid_at = at + 128;
     let mut args = [0u64; 11];
     args[0] = THREAD_FLAGS;
+    if t.clear_child_tid != 0 {
+        args[0] |= libc::CLONE_CHILD_CLEARTID as u64;
+        args[2] = t.clear_child_tid; // child_tid
+    }
     args[8] = tid_at; // set_tid
     args[9] = 1; // set_tid_size
     let bytes: Vec<u8> = args.iter().flat_map(|v| v.to_le_bytes()).collect();
