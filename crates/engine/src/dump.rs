@@ -1,6 +1,8 @@
-//! The dump pipeline, top to bottom: check the target, freeze it, collect every kind of
-//! state while page data streams into the image, write the metadata and rename the image
-//! into place, then release (kill, or let it run on).
+//! The dump pipeline, top to bottom: check the root, freeze the tree (each parent before
+//! listing its children), collect every process (injected calls first, right after the
+//! freeze), then what the processes share (open file descriptions, pipes) and all page data
+//! in one parallel write, write the metadata and rename the image into place, then release
+//! (kill, or let it run on).
 //!
 //! Every error path drops the freeze guard, which puts registers and signal mask back and
 //! detaches: the target runs on as if nothing happened. The image writer removes its

@@ -1,19 +1,26 @@
-//! The restore pipeline.
+//! The restore pipeline, for a whole tree.
 //!
 //! 1. Read the image and check everything before any process exists: checksums of every
-//!    byte, host compatibility, the files it needs, limits we can set, the PID is free.
-//! 2. Fork a child with the saved PID (clone3 set_tid). In ordinary code it sets what a
-//!    process sets on itself: signal dispositions (all signals blocked), descriptors,
-//!    session, cwd, root, umask, name; it maps a helper page holding a `syscall`
-//!    instruction at an address the saved layout leaves free, asks to be traced and stops.
-//! 3. The restorer, its tracer, injects the rest through that instruction: rseq off, the
-//!    address space replaced (mm::MmRestore), mm fields (PR_SET_MM_MAP), per-thread kernel
-//!    addresses, limits, pending signals, credentials; the last injected call unmaps the
-//!    helper page, and at its exit stop the saved registers and signal mask go in.
-//! 4. Detach: the process runs on from where it was dumped.
+//!    byte, host compatibility, the files it needs, limits we can set, every PID and TID
+//!    is free. Open every open file description once (files::DescTable): files, devices,
+//!    pipes with their buffered bytes, descriptors named by --inherit-fd.
+//! 2. Fork the root with its PID (clone3 set_tid). Each restore child starts its session
+//!    if it led one, forks its own children (zombies included) with their PIDs, then sets
+//!    what a process sets on itself: signal dispositions (all signals blocked),
+//!    descriptors (from the inherited descriptions), cwd, root, umask, name; it maps a
+//!    helper page holding a `syscall` instruction at an address every saved layout leaves
+//!    free, reports "ok" on the status pipe and waits in a read.
+//! 3. The restorer seizes every process and injects the rest through that instruction:
+//!    process groups, rseq off, the address space replaced (mm::MmRestore), mm fields
+//!    (PR_SET_MM_MAP), limits, threads (clone3 with set_tid), per-thread kernel
+//!    addresses, pending signals, credentials; the last injected call unmaps the helper
+//!    page, and the saved registers and signal mask go in at an interrupt stop, so that
+//!    the kernel's own restart logic continues an interrupted system call.
+//! 4. Detach every thread of every process at the end: all resume together.
 //!
-//! Until the detach the child is killed with the restorer (PDEATHSIG, then
-//! PTRACE_O_EXITKILL), and every error kills and reaps it: a failed restore leaves nothing.
+//! Until the detach every restore child dies with its parent (PDEATHSIG, then
+//! PTRACE_O_EXITKILL), and every error kills and reaps them: a failed restore leaves
+//! nothing.
 
 use crate::error::{Error, Result};
 use crate::freeze::{read_stat, read_status};

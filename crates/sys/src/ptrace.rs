@@ -104,11 +104,6 @@ pub fn interrupt(tid: Pid) -> SysResult<()> {
     ptrace(PTRACE_INTERRUPT, tid, 0, 0).map(drop)
 }
 
-/// `PTRACE_TRACEME`, called by a child that wants its parent to trace it.
-pub fn traceme() -> SysResult<()> {
-    ptrace(libc::PTRACE_TRACEME, Pid(0), 0, 0).map(drop)
-}
-
 /// `PTRACE_SETOPTIONS`.
 pub fn set_options(tid: Pid, options: u64) -> SysResult<()> {
     ptrace(libc::PTRACE_SETOPTIONS, tid, 0, options).map(drop)
