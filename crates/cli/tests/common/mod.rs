@@ -459,18 +459,18 @@ impl Fixture {
         File::create(&self.log).unwrap_or_else(|e| panic!("truncate {}: {e}", self.log.display()));
     }
 
+    /// Runs stasis and asserts success, showing the fixture's log if not.
+    fn stasis_ok(&self, args: &[OsString]) {
+        let out = stasis(args);
+        assert!(out.status.success(), "{}\n{}", describe(args, &out), self.log_text());
+    }
+
     /// `stasis dump -t PID -D DIR/<image> <extra>`; asserts success and
     /// returns the image directory.
     pub fn dump(&self, image: &str, extra: &[&str]) -> PathBuf {
         let dir = self.dir.join(image);
         let args = dump_args(self.pid(), &dir, extra);
-        let out = stasis(&args);
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            describe(&args, &out),
-            self.log_text()
-        );
+        self.stasis_ok(&args);
         dir
     }
 
@@ -494,13 +494,7 @@ impl Fixture {
             image.file_name().unwrap_or_default().to_string_lossy()
         ));
         let args = restore_detached_args(image, &pidfile);
-        let out = stasis(&args);
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            describe(&args, &out),
-            self.log_text()
-        );
+        self.stasis_ok(&args);
         let restored = read_pidfile(&pidfile);
         // Adopt whatever runs now, so it is cleaned up even if it is wrong.
         self.proc = Proc::adopted(restored, format!("{} (restored)", self.name));
