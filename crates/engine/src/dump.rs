@@ -10,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::freeze::{read_stat, read_status, Frozen};
-use crate::parasite::Parasite;
+use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
 use crate::{files, host, mm, signals, task, threads};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
@@ -211,6 +211,7 @@ fn collect_tree(
     let mut pidfds = Vec::new();
     let mut mms = Vec::new();
     let mut nthreads = 0;
+    let mut code = CodeCache::default();
     for m in members.iter_mut() {
         let pid = m.pid;
         let Some(frozen) = m.frozen.as_mut() else {
@@ -220,7 +221,7 @@ fn collect_tree(
             continue;
         };
         let pidfd = stasis_sys::proc::pidfd_open(pid).map_err(Error::sys(pid, "pidfd_open"))?;
-        let (rec, dumped, mm_plan) = collect_process(pid, &pidfd, frozen, opts, &sids, root)?;
+        let (rec, dumped, mm_plan) = collect_process(pid, &pidfd, frozen, opts, &sids, root, &mut code)?;
         nthreads += rec.threads.len();
         procs.push(rec);
         fds.push((pid, dumped));
@@ -336,13 +337,14 @@ fn collect_process(
     opts: &DumpOptions,
     sids: &std::collections::HashMap<Pid, i32>,
     root: Pid,
+    code: &mut CodeCache,
 ) -> Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)> {
     // Everything that needs injected calls, then the scratch page is gone again before
     // the memory layout is read.
     let status = read_status(pid)?;
     let nthreads = frozen.threads.len();
     let main = &mut frozen.threads[0];
-    let mut p = Parasite::start(pid, main, nthreads)?;
+    let mut p = Parasite::start(pid, main, nthreads, code)?;
     let sigactions = signals::dump_actions(&mut p, status.sig_caught | status.sig_ignored)?;
     let brk = p.inj.call("brk", libc::SYS_brk, [0, 0, 0, 0, 0, 0])?;
     const PERM_AT: u64 = 12288;
@@ -375,7 +377,7 @@ fn collect_process(
     let maps = mm::read_maps(pid)?;
     let mm_plan = mm::plan(pid, &maps)?;
     let stat = read_stat(pid)?;
-    let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
+    let auxv = procfs::read_proc_file(&format!("/proc/{pid}/auxv"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/auxv").into(), err: e })?;
     let exe_link = std::fs::read_link(format!("/proc/{pid}/exe"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/exe").into(), err: e })?;

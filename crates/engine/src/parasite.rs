@@ -57,13 +57,14 @@ pub struct Parasite {
 
 impl Parasite {
     /// Starts a session in `thread` of process `pid`, with room for `nthreads` frames.
-    pub fn start(pid: Pid, thread: &mut FrozenThread, nthreads: usize) -> Result<Parasite> {
+    /// `code` remembers where earlier processes had the instructions injection needs.
+    pub fn start(pid: Pid, thread: &mut FrozenThread, nthreads: usize, code: &mut CodeCache) -> Result<Parasite> {
         let mem = File::options()
             .read(true)
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
-        let (ip, tramp) = find_code(pid, &mem)?;
+        let (ip, tramp) = find_code(pid, &mem, code)?;
         ptrace::set_sigmask(thread.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
         thread.injected = true;
         let mut inj = Injector::new(pid, thread.tid, ip, thread.regs);
@@ -238,22 +239,73 @@ pub fn sigframe(at: u64, restorer: u64, regs: &UserRegs, mask: u64, alt: &AltSta
 
 /// A `syscall` instruction (preferably in the vDSO) and, if the program has them, a
 /// `syscall; ret` pair and an rt_sigreturn trampoline.
-fn find_code(pid: Pid, mem: &File) -> Result<(u64, Option<Trampolines>)> {
+/// The code addresses found in one executable mapping: `syscall`, `syscall; ret` and the
+/// rt_sigreturn trampoline.
+#[derive(Clone, Copy, Default)]
+struct Found {
+    plain: Option<u64>,
+    syscall_ret: Option<u64>,
+    sigreturn: Option<u64>,
+}
+
+const SYSCALL: &[u8] = &[0x0f, 0x05];
+const SYSCALL_RET: &[u8] = &[0x0f, 0x05, 0xc3];
+const SIGRETURN: &[u8] = &[0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
+
+/// What earlier processes of one dump had at the same place: processes of a tree mostly
+/// map the same libc at the same address, and scanning it costs more than everything else
+/// the parasite does. A hit is checked against the process's own bytes before use.
+#[derive(Default)]
+pub struct CodeCache {
+    by_mapping: std::collections::HashMap<(u64, u64, u64, u64, u64), Found>,
+}
+
+fn has_bytes(mem: &File, at: Option<u64>, pat: &[u8]) -> bool {
+    let Some(at) = at else { return true };
+    let mut b = [0u8; 16];
+    mem.read_exact_at(&mut b[..pat.len()], at).is_ok() && &b[..pat.len()] == pat
+}
+
+fn scan(m: &procfs::MapEntry, mem: &File) -> Option<Found> {
+    let mut buf = vec![0u8; (m.end - m.start).min(8 << 20) as usize];
+    mem.read_exact_at(&mut buf, m.start).ok()?;
+    let find = |pat: &[u8]| find_bytes(&buf, pat).map(|i| m.start + i as u64);
+    Some(Found { plain: find(SYSCALL), syscall_ret: find(SYSCALL_RET), sigreturn: find(SIGRETURN) })
+}
+
+/// First position of `pat` in `hay`, looking only where its first byte occurs.
+fn find_bytes(hay: &[u8], pat: &[u8]) -> Option<usize> {
+    let (first, rest) = pat.split_first()?;
+    let mut from = 0;
+    while let Some(i) = hay[from..].iter().position(|b| b == first) {
+        let at = from + i;
+        if hay.len() - at < pat.len() {
+            return None;
+        }
+        if &hay[at + 1..at + pat.len()] == rest {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+fn find_code(pid: Pid, mem: &File, cache: &mut CodeCache) -> Result<(u64, Option<Trampolines>)> {
     let (path, text) = procfs::read_text(pid, "maps")?;
     let maps = procfs::parse_smaps(&text).map_err(|what| Error::ProcParse { pid, path, what })?;
     let mut candidates: Vec<&procfs::MapEntry> = maps.iter().filter(|m| m.exec && m.read).collect();
     candidates.sort_by_key(|m| m.name != "[vdso]");
     let (mut plain, mut syscall_ret, mut sigreturn) = (None, None, None);
-    const SIGRETURN: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
     for m in candidates {
-        let mut buf = vec![0u8; (m.end - m.start).min(8 << 20) as usize];
-        if mem.read_exact_at(&mut buf, m.start).is_err() {
-            continue;
-        }
-        let find = |pat: &[u8]| buf.windows(pat.len()).position(|w| w == pat).map(|i| m.start + i as u64);
-        plain = plain.or_else(|| find(&[0x0f, 0x05]));
-        syscall_ret = syscall_ret.or_else(|| find(&[0x0f, 0x05, 0xc3]));
-        sigreturn = sigreturn.or_else(|| find(&SIGRETURN));
+        let key = (m.start, m.end, m.offset, m.inode, ((m.dev_major as u64) << 32) | m.dev_minor as u64);
+        let cached = cache.by_mapping.get(&key).copied().filter(|f| {
+            has_bytes(mem, f.plain, SYSCALL) && has_bytes(mem, f.syscall_ret, SYSCALL_RET) && has_bytes(mem, f.sigreturn, SIGRETURN)
+        });
+        let Some(f) = cached.or_else(|| scan(m, mem)) else { continue };
+        cache.by_mapping.insert(key, f);
+        plain = plain.or(f.plain);
+        syscall_ret = syscall_ret.or(f.syscall_ret);
+        sigreturn = sigreturn.or(f.sigreturn);
         if plain.is_some() && syscall_ret.is_some() && sigreturn.is_some() {
             break;
         }
@@ -272,6 +324,14 @@ fn find_code(pid: Pid, mem: &File) -> Result<(u64, Option<Trampolines>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_first_occurrence() {
+        assert_eq!(find_bytes(b"xx\x0f\x05\x0f\x05\xc3", SYSCALL_RET), Some(4));
+        assert_eq!(find_bytes(b"\x0f\x05", SYSCALL), Some(0));
+        assert_eq!(find_bytes(b"\x0f", SYSCALL), None);
+        assert_eq!(find_bytes(b"", SYSCALL), None);
+    }
 
     #[test]
     fn sigframe_layout() {

@@ -274,13 +274,23 @@ pub fn parse_auxv(bytes: &[u8]) -> Vec<u64> {
 /// process is reported as such everywhere. Returns the path for error messages.
 pub fn read_text(pid: stasis_sys::Pid, name: &str) -> crate::error::Result<(String, String)> {
     let path = format!("/proc/{pid}/{name}");
-    match std::fs::read_to_string(&path) {
+    match read_proc_file(&path).and_then(|b| String::from_utf8(b).map_err(std::io::Error::other)) {
         Ok(t) => Ok((path, t)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && name != "task" => {
             Err(crate::error::Error::NoSuchProcess(pid))
         }
         Err(e) => Err(crate::error::Error::Proc { pid, path: path.into(), err: e }),
     }
+}
+
+/// The bytes of a /proc file. Unlike std::fs::read it asks for no size hint (/proc files
+/// say 0: a wasted statx and a small probe read per file, which add up over a tree) and
+/// reads into a buffer big enough for most of them at once.
+pub fn read_proc_file(path: &str) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = Vec::with_capacity(16 << 10);
+    std::io::Read::read_to_end(&mut f, &mut buf)?;
+    Ok(buf)
 }
 
 #[cfg(test)]
