@@ -207,6 +207,7 @@ fn one_run(exe: &Path, size: u64, work: &Path, n: usize) -> Result<Sample> {
         dir: images.clone(),
         shell_job: false,
         inherit_fds: Vec::new(),
+        pidns: false,
     })?;
     let restore_s = t.elapsed().as_secs_f64();
     Child::new(restored.pid).kill()?;

@@ -200,6 +200,7 @@ pub fn run() -> Result<u8> {
         dir: images.clone(),
         shell_job: false,
         inherit_fds: Vec::new(),
+        pidns: false,
     })?;
     let mut again = Child::new(restored.pid);
     say!("  {}", crate::restore::summary(&restored));

@@ -36,6 +36,13 @@ pub struct RestoreArgs {
     /// outside the dumped tree) to descriptor N of stasis. Repeatable.
     #[arg(long = "inherit-fd", value_name = "fd[N]:KEY", value_parser = parse_inherit_fd)]
     pub inherit_fd: Vec<(i32, String)>,
+    /// Restore into a fresh PID namespace: the saved PIDs are kept inside it and never
+    /// collide, so one image can run several times side by side. The root's parent is a
+    /// small init (stasis-init, PID 1 inside); the tree gets a private mount namespace
+    /// with the namespace's own /proc. Needed for images of trees that had a PID
+    /// namespace of their own.
+    #[arg(long)]
+    pub pidns: bool,
 }
 
 /// Parses CRIU's `fd[N]:KEY` spelling.
@@ -68,6 +75,9 @@ pub const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc
 #[derive(Serialize, Debug)]
 pub struct RestoreStatsJson {
     pub pid: i32,
+    /// With --pidns: the root's PID inside its namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid_in_ns: Option<i32>,
     pub total: f64,
     pub validate: f64,
     pub memory_bytes: u64,
@@ -77,6 +87,7 @@ impl RestoreStatsJson {
     pub fn new(r: &Restored) -> RestoreStatsJson {
         RestoreStatsJson {
             pid: r.pid.0,
+            pid_in_ns: r.pid_in_ns.map(|p| p.0),
             total: r.stats.total.as_secs_f64(),
             validate: r.stats.validate.as_secs_f64(),
             memory_bytes: r.stats.memory_bytes,
@@ -86,8 +97,12 @@ impl RestoreStatsJson {
 
 /// One line about a finished restore.
 pub fn summary(r: &Restored) -> String {
+    let ns = match r.pid_in_ns {
+        Some(inner) => format!(" (pid {inner} in its own PID namespace, whose init is pid {})", r.child),
+        None => String::new(),
+    };
     format!(
-        "restored pid {} in {} (image checked in {}, {} of memory)",
+        "restored pid {}{ns} in {} (image checked in {}, {} of memory)",
         r.pid,
         util::duration(r.stats.total),
         util::duration(r.stats.validate),
@@ -108,10 +123,12 @@ pub fn run(args: RestoreArgs, verbose: bool) -> Result<u8> {
         dir: args.dir.clone(),
         shell_job: args.shell_job,
         inherit_fds: args.inherit_fd.clone(),
+        pidns: args.pidns,
     };
     log::info!("restoring from {}", opts.dir.display());
     let restored = stasis_engine::restore(&opts)?;
     let pid = restored.pid;
+    let child = restored.child;
     // Blocked from here on, so nothing sent to stasis from now is lost or kills it while
     // the restored process runs on without its waiter.
     if !args.detach {
@@ -133,18 +150,19 @@ pub fn run(args: RestoreArgs, verbose: bool) -> Result<u8> {
     if args.detach {
         return Ok(0);
     }
-    let st = wait_forwarding(pid)?;
+    let st = wait_forwarding(child, pid)?;
     log::info!("pid {pid} {}", util::describe_status(st));
     Ok(util::shell_status(st).unwrap_or(1))
 }
 
-/// Waits for `pid` to end, forwarding [`FORWARDED`] signals to it. The caller has blocked
-/// those signals and SIGCHLD.
-fn wait_forwarding(pid: Pid) -> Result<WaitStatus> {
+/// Waits for `child` (the root, or the init of its PID namespace) to end, forwarding
+/// [`FORWARDED`] signals to the root `pid`. The caller has blocked those signals and
+/// SIGCHLD.
+fn wait_forwarding(child: Pid, pid: Pid) -> Result<WaitStatus> {
     let mut wanted = FORWARDED.to_vec();
     wanted.push(libc::SIGCHLD);
     loop {
-        let st = waitpid(pid, libc::WNOHANG).with_context(|| format!("waitpid {pid}"))?;
+        let st = waitpid(child, libc::WNOHANG).with_context(|| format!("waitpid {child}"))?;
         if matches!(st, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) {
             return Ok(st);
         }

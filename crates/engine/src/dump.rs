@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::freeze::{read_stat, read_status, Frozen};
 use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
-use crate::{files, host, mm, signals, task, threads};
+use crate::{files, host, mm, pidns, signals, task, threads};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
 use stasis_sys::Pid;
 use std::path::PathBuf;
@@ -183,13 +183,14 @@ fn release_all(frozen: Vec<Frozen>) -> Result<()> {
     first
 }
 
-/// Kills every process first, then collects the exits: a parent killed before its child
-/// is reaped by nobody here, so the order of kills does not matter.
+/// Kills every process first, then collects the exits, children before parents: a PID
+/// namespace's init ends only after every other task of its namespace is gone, and as
+/// their tracer we must collect those first.
 fn kill_all(frozen: Vec<Frozen>) -> Result<()> {
     for f in &frozen {
         stasis_sys::proc::kill(f.pid, libc::SIGKILL).map_err(Error::sys(f.pid, "kill"))?;
     }
-    for f in frozen {
+    for f in frozen.into_iter().rev() {
         f.kill()?;
     }
     Ok(())
@@ -204,6 +205,11 @@ fn collect_tree(
     opts: &DumpOptions,
     host: stasis_image::HostInfo,
 ) -> Result<(Image, usize)> {
+    let tasks: Vec<(Pid, Vec<Pid>)> = members
+        .iter()
+        .map(|m| (m.pid, m.frozen.as_ref().map(|f| f.threads.iter().map(|t| t.tid).collect()).unwrap_or_default()))
+        .collect();
+    let view = pidns::TreeView::read(&tasks)?;
     let sids: std::collections::HashMap<Pid, i32> =
         members.iter().map(|m| Ok((m.pid, read_stat(m.pid)?.session))).collect::<Result<_>>()?;
     let mut procs = Vec::new();
@@ -242,6 +248,10 @@ fn collect_tree(
     for (rec, v) in procs.iter_mut().zip(vmas) {
         rec.mm.vmas = v;
     }
+    // Last: everything above used our PIDs to reach the processes.
+    if let Some(v) = &view {
+        v.translate(&mut procs)?;
+    }
     let image = Image {
         stasis_version: env!("CARGO_PKG_VERSION").to_string(),
         created_unix_ms: std::time::SystemTime::now()
@@ -249,8 +259,9 @@ fn collect_tree(
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         host,
-        root_pid: root.0,
+        root_pid: procs[0].pid,
         shell_job: opts.shell_job,
+        pid_namespace: view.is_some(),
         processes: procs,
         pipes,
         page_block_size: 0,

@@ -22,12 +22,15 @@ pub struct Injector {
     pub tid: Pid,
     syscall_ip: u64,
     base: UserRegs,
+    /// PTRACE_GETEVENTMSG of the last PTRACE_EVENT_* stop inside an injected call (the
+    /// new task's PID, as we see it, for a clone).
+    pub event_msg: Option<u64>,
 }
 
 impl Injector {
     /// `base` supplies segment registers and flags; `syscall_ip` the instruction to run.
     pub fn new(pid: Pid, tid: Pid, syscall_ip: u64, base: UserRegs) -> Injector {
-        Injector { pid, tid, syscall_ip, base }
+        Injector { pid, tid, syscall_ip, base, event_msg: None }
     }
 
     /// Runs one system call; returns the raw result (negative errno on failure).
@@ -60,6 +63,7 @@ impl Injector {
                 // PTRACE_EVENT_CLONE and friends, inside an injected clone: go on to the
                 // syscall's exit stop.
                 WaitStatus::Stopped(_, libc::SIGTRAP, ev) if ev != 0 => {
+                    self.event_msg = Some(ptrace::event_msg(self.tid).map_err(Error::sys(pid, "PTRACE_GETEVENTMSG"))?);
                     ptrace::syscall(self.tid, 0).map_err(Error::sys(pid, "PTRACE_SYSCALL"))?;
                 }
                 WaitStatus::Stopped(_, sig, ev) => {

@@ -18,6 +18,7 @@ pub mod host;
 pub mod inject;
 pub mod mm;
 pub mod parasite;
+pub mod pidns;
 pub mod procfs;
 pub mod restore;
 pub mod signals;

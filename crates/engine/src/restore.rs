@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::freeze::{read_stat, read_status};
 use crate::inject::Injector;
 use crate::mm::{self, ChildMem, MapFds, MmRestore, HELPER_DATA, HELPER_LEN};
+use crate::pidns::{self, PidMap};
 use crate::task::SessionPlan;
 use crate::{files, host, signals, task, threads};
 use stasis_image::{ImageReader, MmRecord, ProcessRecord};
@@ -46,6 +47,9 @@ pub struct RestoreOptions {
     /// `--inherit-fd fd[N]:KEY`: descriptor N of the restorer stands for the object the
     /// image calls KEY (such as `pipe:[1234]`, a pipe that led outside the tree).
     pub inherit_fds: Vec<(i32, String)>,
+    /// Restore into a fresh PID namespace (and a private mount namespace with its own
+    /// /proc): the saved PIDs never collide with running processes.
+    pub pidns: bool,
 }
 
 /// Figures of one restore.
@@ -59,10 +63,16 @@ pub struct RestoreStats {
     pub memory_bytes: u64,
 }
 
-/// A restored process tree, running, its root a child of the calling process.
+/// A restored process tree, running.
 #[derive(Clone, Debug)]
 pub struct Restored {
+    /// The root, as the caller sees it.
     pub pid: Pid,
+    /// The caller's child to wait for: the root, or with `--pidns` the namespace's init,
+    /// which ends with the root's status once the last process of the namespace is gone.
+    pub child: Pid,
+    /// With `--pidns`: the root's PID inside its namespace (the saved one).
+    pub pid_in_ns: Option<Pid>,
     pub stats: RestoreStats,
 }
 
@@ -114,6 +124,9 @@ struct Plan<'a> {
 /// What every restore child shares.
 struct Shared<'a> {
     plans: Vec<Plan<'a>>,
+    /// The process that is PID 1 of a fresh namespace and mounts its /proc (a root whose
+    /// saved PID is 1, restored with --pidns).
+    mounts_proc: Option<usize>,
     helper: u64,
     /// The restore children report "ok PID" or "err PID message" here, one line each.
     status_fd: i32,
@@ -148,6 +161,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         Error::Incompatible(format!("the image has no record of its root process {}", img.root_pid))
     })?;
     let root_pid = Pid(img.root_pid);
+    if img.pid_namespace && !opts.pidns {
+        return Err(Error::Restore {
+            pid: root_pid,
+            what: "the tree lived in a PID namespace of its own; restore it with --pidns".into(),
+        });
+    }
     if img.shell_job && !opts.shell_job {
         return Err(Error::Restore { pid: root_pid, what: "the image was dumped with --shell-job; restore it with --shell-job".into() });
     }
@@ -155,14 +174,16 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let mut busy: Vec<(u64, u64)> = mm::read_maps(sp::getpid())?.iter().map(|m| (m.start, m.end)).collect();
     for rec in &img.processes {
         let pid = Pid(rec.pid);
-        check_pid_free(pid)?;
+        if !opts.pidns {
+            check_pid_free(pid)?;
+        }
         if rec.zombie_status.is_some() {
             continue;
         }
         if rec.threads.first().map(|t| t.tid) != Some(rec.pid) {
             return Err(Error::Restore { pid, what: "the image has no main thread record".into() });
         }
-        for t in &rec.threads[1..] {
+        for t in rec.threads[1..].iter().filter(|_| !opts.pidns) {
             check_pid_free(Pid(t.tid))?;
         }
         mm::check_files(pid, &rec.mm.vmas)?;
@@ -178,7 +199,16 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let descs = files::DescTable::open(&img.processes, &img.pipes, restorer_terminal(), &opts.inherit_fds)?;
     let (status_rd, status_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
     let (wait_rd, wait_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
+    // --pidns: the namespace's init waits on this for the word that the restore worked.
+    let ctl = if opts.pidns { Some(sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?) } else { None };
     let inherited_top = open_fd_top()?;
+    // The root's parent: us, the namespace's init (PID 1), or nobody for a root that is
+    // PID 1 itself.
+    let root_parent = match (opts.pidns, root.pid) {
+        (false, _) => sp::getpid(),
+        (true, 1) => Pid(0),
+        (true, _) => Pid(1),
+    };
     let plans: Vec<Plan> = img
         .processes
         .iter()
@@ -195,30 +225,59 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 .filter(|(j, c)| *j != root_idx && c.ppid == rec.pid)
                 .map(|(j, _)| j)
                 .collect(),
-            parent: if i == root_idx { sp::getpid() } else { Pid(rec.ppid) },
+            parent: if i == root_idx { root_parent } else { Pid(rec.ppid) },
         })
         .collect();
     let validate = t0.elapsed();
-    let shared = Shared { plans, helper, status_fd: status_wr.as_raw_fd(), wait_fd: wait_rd.as_raw_fd() };
-    let root_child = fork_process(&shared, root_idx)?;
+    let shared = Shared {
+        plans,
+        mounts_proc: (opts.pidns && root.pid == 1).then_some(root_idx),
+        helper,
+        status_fd: status_wr.as_raw_fd(),
+        wait_fd: wait_rd.as_raw_fd(),
+    };
+    // Only our next child goes into the new namespace: we return to our own at once (a
+    // process whose children would land elsewhere may not even start threads).
+    let own_ns = match opts.pidns {
+        true => {
+            let ns = sp::open("/proc/self/ns/pid".as_ref(), libc::O_RDONLY | libc::O_CLOEXEC, 0)
+                .map_err(Error::sys(root_pid, "open /proc/self/ns/pid"))?;
+            sp::unshare(libc::CLONE_NEWPID).map_err(Error::sys(root_pid, "unshare(CLONE_NEWPID)"))?;
+            Some(ns)
+        }
+        false => None,
+    };
+    let first = match &ctl {
+        Some((ctl_rd, _)) if root.pid != 1 => fork_ns_init(&shared, root_idx, ctl_rd.as_raw_fd(), !opts.shell_job),
+        _ => fork_process(&shared, root_idx),
+    };
+    if let Some(ns) = own_ns {
+        sp::setns(ns.as_raw_fd(), libc::CLONE_NEWPID).map_err(Error::sys(root_pid, "setns back to our PID namespace"))?;
+    }
+    let first = first?;
     drop(status_wr);
     drop(wait_rd);
     drop(descs);
-    let mut guard = TreeGuard { root: root_child, pids: img.processes.iter().map(|p| Pid(p.pid)).collect(), armed: true };
+    let mut guard = TreeGuard {
+        ns_init: opts.pidns.then_some(first),
+        pids: img.processes.iter().map(|p| Pid(p.pid)).collect(),
+        armed: true,
+    };
     wait_until_ready(&shared, status_rd)?;
     log::debug!("{} restore children ready", shared.plans.len());
+    let pids = if opts.pidns { PidMap::walk(first)? } else { PidMap::default() };
     let live: Vec<&Plan> = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none()).collect();
     for p in &live {
-        seize(Pid(p.rec.pid))?;
+        seize(pids.outer(p.rec.pid))?;
     }
-    set_process_groups(&live, helper)?;
+    set_process_groups(&live, helper, &pids)?;
     let mut memory_bytes = 0;
     let mut all_threads: Vec<Pid> = Vec::new();
     for p in &live {
         let mut extra = Vec::new();
-        memory_bytes += drive_child(p, helper, pages.as_slice(), &mut extra)?;
+        memory_bytes += drive_child(p, helper, pages.as_slice(), &mut extra, &pids)?;
         all_threads.extend(extra);
-        all_threads.push(Pid(p.rec.pid));
+        all_threads.push(pids.outer(p.rec.pid));
     }
     // All tasks resume together: nothing is detached before every one is ready.
     for t in all_threads {
@@ -226,7 +285,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
     guard.armed = false;
     drop(wait_wr);
-    Ok(Restored { pid: guard.root, stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes } })
+    if let Some((_, ctl_wr)) = &ctl {
+        sp::write_all_raw(ctl_wr.as_raw_fd(), b"g");
+    }
+    Ok(Restored {
+        pid: pids.outer(root.pid),
+        child: first,
+        pid_in_ns: opts.pidns.then_some(root_pid),
+        stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes },
+    })
 }
 
 /// Reads the children's reports until every one has closed the status pipe.
@@ -269,7 +336,7 @@ fn seize(pid: Pid) -> Result<()> {
 }
 
 /// Process groups, once every process exists: leaders first, then members.
-fn set_process_groups(live: &[&Plan], helper: u64) -> Result<()> {
+fn set_process_groups(live: &[&Plan], helper: u64, pids: &PidMap) -> Result<()> {
     let in_tree = |pgid: i32| live.iter().any(|p| p.rec.pid == pgid);
     for leaders in [true, false] {
         for p in live {
@@ -277,7 +344,7 @@ fn set_process_groups(live: &[&Plan], helper: u64) -> Result<()> {
             if r.sid == r.pid || (r.pgid == r.pid) != leaders || !in_tree(r.pgid) {
                 continue;
             }
-            let pid = Pid(r.pid);
+            let pid = pids.outer(r.pid);
             let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
             let mut inj = Injector::new(pid, pid, helper, regs);
             inj.call("setpgid", libc::SYS_setpgid, [0, r.pgid as u64, 0, 0, 0, 0])?;
@@ -288,7 +355,8 @@ fn set_process_groups(live: &[&Plan], helper: u64) -> Result<()> {
 
 /// Kills every restored process and collects every traced thread, unless disarmed.
 struct TreeGuard {
-    root: Pid,
+    /// With --pidns: the namespace's PID 1, whose death kills everything in it.
+    ns_init: Option<Pid>,
     pids: Vec<Pid>,
     armed: bool,
 }
@@ -304,7 +372,10 @@ impl Drop for TreeGuard {
         let ours = |p: &Pid| {
             read_stat(*p).is_ok_and(|st| st.ppid == me.0 || self.pids.iter().any(|q| q.0 == st.ppid))
         };
-        let victims: Vec<Pid> = self.pids.iter().copied().filter(ours).collect();
+        let victims: Vec<Pid> = match self.ns_init {
+            Some(init) => vec![init],
+            None => self.pids.iter().copied().filter(ours).collect(),
+        };
         for p in victims {
             let _ = sp::kill(p, libc::SIGKILL);
         }
@@ -345,6 +416,38 @@ fn fork_process(shared: &Shared, idx: usize) -> Result<Pid> {
     }
 }
 
+/// Forks PID 1 of the fresh PID namespace (see pidns), which forks the root. It leads a
+/// session of its own unless the root must join the restorer's (--shell-job).
+fn fork_ns_init(shared: &Shared, root_idx: usize, ctl: i32, setsid: bool) -> Result<Pid> {
+    let root_pid = Pid(shared.plans[root_idx].rec.pid);
+    match sp::fork_with_pid(None) {
+        Err(e) => Err(Error::Sys { pid: root_pid, op: "clone3 (PID namespace init)", errno: e }),
+        Ok(Forked::Parent(c)) => Ok(c),
+        Ok(Forked::Child) => {
+            let fail = |msg: String| -> ! {
+                sp::write_all_raw(shared.status_fd, format!("err {root_pid} namespace init: {msg}\n").as_bytes());
+                sp::exit_now(1)
+            };
+            let _ = sp::set_comm(b"stasis-init");
+            if let Err(e) = sp::set_own_sigmask(!0) {
+                fail(format!("sigprocmask: {e}"));
+            }
+            if let Err(e) = pidns::mount_own_proc() {
+                fail(e);
+            }
+            if setsid {
+                if let Err(e) = sp::setsid() {
+                    fail(format!("setsid: {e}"));
+                }
+            }
+            match fork_process(shared, root_idx) {
+                Ok(root) => pidns::init_loop(ctl, root),
+                Err(e) => fail(e.to_string()),
+            }
+        }
+    }
+}
+
 /// A zombie comes back by ending the way it ended: with its exit code, or killed by its
 /// signal (default disposition, unblocked).
 fn become_zombie(status: i32) -> ! {
@@ -368,6 +471,9 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32) -> std::result::
     }
     // No handler may run before its code exists: block everything first.
     sp::set_own_sigmask(!0).map_err(|e| format!("sigprocmask: {e}"))?;
+    if shared.mounts_proc == Some(idx) {
+        pidns::mount_own_proc()?;
+    }
     // A session leader starts its session before forking, so its children are in it.
     if plan.session == SessionPlan::Leader {
         sp::setsid().map_err(|e| format!("setsid: {e}"))?;
@@ -413,9 +519,10 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32) -> std::result::
 }
 
 /// The restorer's part, with the child seized and stopped. Returns page bytes loaded.
-fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>) -> Result<u64> {
+fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>, pids: &PidMap) -> Result<u64> {
     let rec = plan.rec;
-    let pid = Pid(rec.pid);
+    // As we see it (ptrace, /proc); injected calls use the saved numbers.
+    let pid = pids.outer(rec.pid);
     let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
     let mut inj = Injector::new(pid, pid, helper, regs);
     let mem = ChildMem::open(pid)?;
@@ -454,7 +561,7 @@ fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>) -> 
     // Signals that arrived during the restore (SIGCHLD of a re-created zombie) are not
     // the program's: drop them before queueing the saved ones.
     signals::drain_pending(&mut inj, &mem, data)?;
-    signals::restore_pending(&mut inj, &mem, data, pid, None, &rec.shared_pending)?;
+    signals::restore_pending(&mut inj, &mem, data, Pid(rec.pid), None, &rec.shared_pending)?;
     finish_thread(&mut inj, &mem, data, rec, thread, false)?;
     inj.call("munmap(helper)", libc::SYS_munmap, [helper, HELPER_LEN, 0, 0, 0, 0])?;
     threads::restore_regs(pid, pid, thread)?;

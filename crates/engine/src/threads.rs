@@ -138,11 +138,14 @@ pub fn clone_thread(inj: &mut Injector, mem: &ChildMem, at: u64, t: &ThreadRecor
     let bytes: Vec<u8> = args.iter().flat_map(|v| v.to_le_bytes()).collect();
     mem.write(at, &bytes)?;
     mem.write(tid_at, &t.tid.to_le_bytes())?;
+    inj.event_msg = None;
     let got = inj.call("clone3(CLONE_THREAD)", libc::SYS_clone3, [at, bytes.len() as u64, 0, 0, 0, 0])?;
-    let tid = Pid(got as i32);
-    if tid.0 != t.tid {
-        return Err(Error::Restore { pid, what: format!("thread {} came back as {tid}", t.tid) });
+    if got as i32 != t.tid {
+        return Err(Error::Restore { pid, what: format!("thread {} came back as {got}", t.tid) });
     }
+    // clone3 answers with the TID the process sees; ptrace needs the one we see (they
+    // differ inside a PID namespace of its own).
+    let tid = inj.event_msg.map(|m| Pid(m as i32)).unwrap_or(Pid(t.tid));
     match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
         ptrace::WaitStatus::Stopped(..) => {}
         other => return Err(Error::Restore { pid, what: format!("new thread {tid}: {other:?}") }),

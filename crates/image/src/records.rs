@@ -17,6 +17,10 @@ pub struct Image {
     /// Pipes whose both ends are in the image, with the bytes sitting in their buffers.
     #[serde(default)]
     pub pipes: Vec<PipeRecord>,
+    /// The tree lived in a PID namespace of its own: every PID in the image is the one the
+    /// tree saw itself, and restore needs `--pidns`.
+    #[serde(default)]
+    pub pid_namespace: bool,
     /// Filled by the writer: page data is hashed in blocks of this many bytes.
     pub page_block_size: u64,
     pub page_block_hashes: Vec<u64>,

@@ -167,6 +167,31 @@ pub fn chroot(path: &Path) -> SysResult<()> {
     cvt(unsafe { libc::chroot(c.as_ptr()) } as libc::c_long).map(drop)
 }
 
+/// `unshare(2)` of the given CLONE_NEW* flags.
+pub fn unshare(flags: i32) -> SysResult<()> {
+    // SAFETY: plain integer argument.
+    cvt(unsafe { libc::unshare(flags) } as libc::c_long).map(drop)
+}
+
+/// `setns(2)`: join the namespace `fd` refers to (`nstype` one CLONE_NEW* flag or 0).
+pub fn setns(fd: RawFd, nstype: i32) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::setns(fd, nstype) } as libc::c_long).map(drop)
+}
+
+/// `mount(2)`; `source` and `fstype` may be absent (a propagation change).
+pub fn mount(source: Option<&Path>, target: &Path, fstype: Option<&str>, flags: u64) -> SysResult<()> {
+    let src = source.map(cstr).transpose()?;
+    let tgt = cstr(target)?;
+    let fs = fstype.map(|f| CString::new(f).map_err(|_| Errno(libc::EINVAL))).transpose()?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every string is NUL-terminated and alive for the call; null is allowed for
+    // source and fstype; no data argument.
+    cvt(unsafe { libc::mount(ptr(&src), tgt.as_ptr(), ptr(&fs), flags as libc::c_ulong, std::ptr::null()) }
+        as libc::c_long)
+    .map(drop)
+}
+
 /// `umask(2)`; returns the previous mask.
 pub fn umask(mask: u32) -> u32 {
     // SAFETY: plain integer argument; cannot fail.
