@@ -95,7 +95,7 @@ impl TreeView {
 fn innermost(pid: Pid, col: &[i32]) -> Result<i32> {
     col.last().copied().ok_or_else(|| Error::ProcParse {
         pid,
-        path: format!("/proc/{pid}/status").into(),
+        path: format!("/proc/{pid}/status"),
         what: "no NSpid/NSpgid/NSsid line".into(),
     })
 }
@@ -139,9 +139,9 @@ impl PidMap {
 /// namespace's own /proc, so that /proc/self and /proc/PID agree with getpid() inside.
 pub fn mount_own_proc() -> std::result::Result<(), String> {
     sp::unshare(libc::CLONE_NEWNS).map_err(|e| format!("unshare(CLONE_NEWNS): {e}"))?;
-    let flags = (libc::MS_REC | libc::MS_PRIVATE) as u64;
+    let flags = libc::MS_REC | libc::MS_PRIVATE;
     sp::mount(None, "/".as_ref(), None, flags).map_err(|e| format!("make / private: {e}"))?;
-    let flags = (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) as u64;
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     sp::mount(Some("proc".as_ref()), "/proc".as_ref(), Some("proc"), flags).map_err(|e| format!("mount /proc: {e}"))
 }
 
