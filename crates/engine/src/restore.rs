@@ -12,7 +12,7 @@
 //!    free, reports "ok" on the status pipe and waits in a read.
 //! 3. The restorer seizes every process and injects the rest through that instruction:
 //!    process groups, rseq off, the address space replaced (mm::MmRestore), mm fields
-//!    (PR_SET_MM_MAP), limits, threads (clone3 with set_tid), per-thread kernel
+//!    (PR_SET_MM_MAP), file locks (after the last injected close), limits, threads (clone3 with set_tid), per-thread kernel
 //!    addresses, pending signals, credentials; the last injected call unmaps the helper
 //!    page, and the saved registers and signal mask go in at an interrupt stop, so that
 //!    the kernel's own restart logic continues an interrupted system call.
@@ -27,7 +27,7 @@ use crate::freeze::{read_stat, read_status};
 use crate::inject::Injector;
 use crate::mm::{self, ChildMem, MapFds, MmRestore, HELPER_DATA, HELPER_LEN};
 use crate::task::SessionPlan;
-use crate::{files, host, signals, task, threads};
+use crate::{files, host, locks, signals, task, threads};
 use stasis_image::{ImageReader, MmRecord, ProcessRecord};
 use stasis_sys::proc::{self as sp, Forked};
 use stasis_sys::ptrace::{self, WaitStatus};
@@ -175,7 +175,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let root = &img.processes[root_idx];
     let root_session = if root.sid == root.pid { SessionPlan::Leader } else { task::session_plan(root_pid, root.sid, opts.shell_job)? };
     // Every open file description, created before any process exists.
-    let descs = files::DescTable::open(&img.processes, &img.pipes, restorer_terminal(), &opts.inherit_fds)?;
+    let descs = files::DescTable::open(&img.processes, &img.pipes, &img.fifos, restorer_terminal(), &opts.inherit_fds)?;
     let (status_rd, status_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
     let (wait_rd, wait_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
     let inherited_top = open_fd_top()?;
@@ -435,6 +435,8 @@ fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>) -> 
     // The restorer's descriptors in the child: image, exe, mapped files.
     inj.call("close_range", libc::SYS_close_range, [plan.fds.exe as u64, u32::MAX as u64, 0, 0, 0, 0])?;
     log::debug!("mm fields set, helper descriptors closed");
+    // After the last close in the child: a close drops its POSIX locks on that file.
+    locks::restore(&mut inj, &mem, data, &rec.locks)?;
     task::restore_rlimits(&mut inj, &mem, data, &rec.rlimits)?;
     inj.call("prctl(PR_SET_PDEATHSIG)", libc::SYS_prctl, [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0])?;
     // Per-task flags before the threads exist, which then inherit them.
