@@ -356,6 +356,12 @@ impl DescTable {
         Ok(DescTable { fds })
     }
 
+    /// Our copy of the description behind descriptor `fd` of a process.
+    pub fn raw_fd(&self, p: &stasis_image::ProcessRecord, fd: i32) -> Option<i32> {
+        let r = p.fds.iter().find(|r| r.fd == fd)?;
+        self.fds.get(&desc_key(p.pid, r)).map(|f| f.as_raw_fd())
+    }
+
     /// (saved number, our number, close-on-exec) for every descriptor of a process.
     pub fn placement(&self, p: &stasis_image::ProcessRecord) -> Vec<(i32, i32, bool)> {
         p.fds

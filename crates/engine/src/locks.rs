@@ -155,6 +155,45 @@ pub fn describe(l: &LockRecord) -> String {
     format!("{} {ty} lock{range}", l.kind.name())
 }
 
+const F_OFD_GETLK: i32 = 36;
+
+/// Before any process exists: every lock must be free to take again. `desc` gives the
+/// restorer's own copy of the description behind a saved descriptor (DescTable), which
+/// holds no lock yet; a flock lock is probed by taking and dropping it at once.
+pub fn check(pid: Pid, locks: &[LockRecord], desc: impl Fn(i32) -> Option<std::os::fd::RawFd>) -> Result<()> {
+    for l in locks {
+        let Some(fd) = desc(l.fd) else {
+            return Err(Error::Restore { pid, what: format!("fd {}: its {} has no descriptor", l.fd, describe(l)) });
+        };
+        let taken = |holder: Option<i32>| {
+            let by = holder.filter(|&p| p > 0).map(|p| format!(" (pid {p})")).unwrap_or_default();
+            Error::Restore {
+                pid,
+                what: format!("fd {}: cannot take its {} again: another process{by} holds a conflicting lock now", l.fd, describe(l)),
+            }
+        };
+        match l.kind {
+            LockKind::Flock => {
+                let op = if l.write { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+                match stasis_sys::proc::flock(fd, op) {
+                    Ok(()) => stasis_sys::proc::flock(fd, libc::LOCK_UN).map_err(Error::sys(pid, "flock(LOCK_UN)"))?,
+                    Err(e) if e.0 == libc::EWOULDBLOCK => return Err(taken(None)),
+                    Err(e) => return Err(Error::Sys { pid, op: "flock", errno: e }),
+                }
+            }
+            LockKind::Posix | LockKind::Ofd => {
+                let cmd = if l.kind == LockKind::Posix { libc::F_GETLK } else { F_OFD_GETLK };
+                let (ty, holder) = stasis_sys::proc::get_lock(fd, cmd, l.write, l.start, l.len)
+                    .map_err(Error::sys(pid, "F_GETLK"))?;
+                if ty != libc::F_UNLCK as i32 {
+                    return Err(taken(Some(holder)));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Injected into the stopped restore child, after its last close: takes each of its locks
 /// again, without waiting. `at` is scratch memory in the child.
 pub fn restore(inj: &mut Injector, mem: &ChildMem, at: u64, locks: &[LockRecord]) -> Result<()> {

@@ -3,7 +3,8 @@
 //! 1. Read the image and check everything before any process exists: checksums of every
 //!    byte, host compatibility, the files it needs, limits we can set, every PID and TID
 //!    is free. Open every open file description once (files::DescTable): files, devices,
-//!    pipes with their buffered bytes, descriptors named by --inherit-fd.
+//!    pipes and FIFOs with their buffered bytes, descriptors named by --inherit-fd; check
+//!    that every saved file lock is free to take again.
 //! 2. Fork the root with its PID (clone3 set_tid). Each restore child starts its session
 //!    if it led one, forks its own children (zombies included) with their PIDs, then sets
 //!    what a process sets on itself: signal dispositions (all signals blocked),
@@ -176,6 +177,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let root_session = if root.sid == root.pid { SessionPlan::Leader } else { task::session_plan(root_pid, root.sid, opts.shell_job)? };
     // Every open file description, created before any process exists.
     let descs = files::DescTable::open(&img.processes, &img.pipes, &img.fifos, restorer_terminal(), &opts.inherit_fds)?;
+    for p in &img.processes {
+        locks::check(Pid(p.pid), &p.locks, |fd| descs.raw_fd(p, fd))?;
+    }
     let (status_rd, status_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
     let (wait_rd, wait_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
     let inherited_top = open_fd_top()?;
