@@ -235,7 +235,7 @@ fn collect_tree(
         .collect();
     let pipes = files::dump_pipes(&views)?;
     let fifos = fifo::dump(&views)?;
-    let held: Vec<(Pid, &[stasis_image::FdRecord], &[Vec<locks::HeldLock>])> =
+    let held: Vec<locks::ProcLocks> =
         fds.iter().map(|(pid, d)| (*pid, d.records.as_slice(), d.locks.as_slice())).collect();
     let lock_recs = locks::assign(&held);
     for ((rec, (_, d)), l) in procs.iter_mut().zip(fds).zip(lock_recs) {

@@ -141,7 +141,7 @@ impl Anchors {
     /// Opens one saved description of a FIFO; the first one of a FIFO also fills it.
     pub fn open(&mut self, pid: Pid, file: &FileRef, flags: i32, fifos: &[FifoRecord]) -> Result<OwnedFd> {
         let id = (file.dev, file.ino);
-        if !self.0.contains_key(&id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.0.entry(id) {
             let rec = fifos.iter().find(|f| (f.dev, f.ino) == id).ok_or_else(|| Error::Restore {
                 pid,
                 what: format!("fifo {} has no fifo record", file.display()),
@@ -156,7 +156,7 @@ impl Anchors {
             let mut f = std::fs::File::from(anchor);
             std::io::Write::write_all(&mut f, &rec.data)
                 .map_err(|e| Error::Io { op: "write", path: what().into(), err: e })?;
-            self.0.insert(id, OwnedFd::from(f));
+            slot.insert(OwnedFd::from(f));
         }
         files::reopen(pid, &file.path, flags)
     }

@@ -90,12 +90,15 @@ pub fn from_fdinfo(pid: Pid, fd: i32, link: &str, fdinfo: &str) -> Result<Vec<He
     Ok(out)
 }
 
+/// A process, its descriptors and, alike, the locks fdinfo listed for each.
+pub type ProcLocks<'a> = (Pid, &'a [FdRecord], &'a [Vec<HeldLock>]);
+
 /// Decides which process takes each lock again: a POSIX lock its owner; a lock of a
 /// description (flock, OFD) one process holding that description, the one that took it
 /// when that is known and in the tree. `procs`: each process's descriptors (with their
 /// description ids) and, alike, the locks fdinfo listed for each. Returns each process's
 /// locks, in the order of `procs`.
-pub fn assign(procs: &[(Pid, &[FdRecord], &[Vec<HeldLock>])]) -> Vec<Vec<LockRecord>> {
+pub fn assign(procs: &[ProcLocks]) -> Vec<Vec<LockRecord>> {
     let mut out: Vec<Vec<LockRecord>> = vec![Vec::new(); procs.len()];
     // Locks of descriptions: (description, lock) -> (process index, descriptor).
     let mut shared: Vec<((u64, HeldLock), (usize, i32))> = Vec::new();
@@ -185,7 +188,7 @@ pub fn check(pid: Pid, locks: &[LockRecord], desc: impl Fn(i32) -> Option<std::o
                 let cmd = if l.kind == LockKind::Posix { libc::F_GETLK } else { F_OFD_GETLK };
                 let (ty, holder) = stasis_sys::proc::get_lock(fd, cmd, l.write, l.start, l.len)
                     .map_err(Error::sys(pid, "F_GETLK"))?;
-                if ty != libc::F_UNLCK as i32 {
+                if ty != libc::F_UNLCK {
                     return Err(taken(Some(holder)));
                 }
             }
