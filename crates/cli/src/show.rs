@@ -168,6 +168,10 @@ pub struct FileReport {
     /// A lower descriptor sharing this one's open file description (a dup).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub same_as: Option<i32>,
+    /// File locks the process takes through this descriptor on restore, such as
+    /// "posix write lock on bytes 0-9".
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<String>,
 }
 
 #[derive(Serialize, Debug)]
@@ -340,7 +344,7 @@ fn process_report(p: &ProcessRecord) -> ProcessReport {
             xcomp_perm: hex(mm.xcomp_perm),
         },
         mappings: mm.vmas.iter().map(mapping_report).collect(),
-        files: p.fds.iter().map(file_report).collect(),
+        files: p.fds.iter().map(|f| file_report(f, &p.locks)).collect(),
         threads: p.threads.iter().map(thread_report).collect(),
         signals: SignalsReport {
             handlers: p
@@ -390,7 +394,7 @@ fn mapping_report(v: &Vma) -> MappingReport {
     }
 }
 
-fn file_report(f: &stasis_image::FdRecord) -> FileReport {
+fn file_report(f: &stasis_image::FdRecord, locks: &[stasis_image::LockRecord]) -> FileReport {
     let (path, flags, offset) = match &f.kind {
         FdKind::File { file, flags, pos } => (file.display(), *flags, Some(*pos)),
         FdKind::CharDevice { path, flags, .. } | FdKind::Terminal { path, flags, .. } => {
@@ -399,6 +403,7 @@ fn file_report(f: &stasis_image::FdRecord) -> FileReport {
         FdKind::Pipe { ino, write, flags } => {
             (format!("pipe:[{ino}] ({} end)", if *write { "write" } else { "read" }), *flags, None)
         }
+        FdKind::Fifo { file, flags } => (file.display(), *flags, None),
     };
     FileReport {
         fd: f.fd,
@@ -409,6 +414,7 @@ fn file_report(f: &stasis_image::FdRecord) -> FileReport {
         offset,
         cloexec: f.cloexec,
         same_as: f.same_as,
+        locks: locks.iter().filter(|l| l.fd == f.fd).map(stasis_engine::locks::describe).collect(),
     }
 }
 
@@ -665,6 +671,11 @@ fn process_text(o: &mut String, p: &ProcessReport, rec: &ProcessRecord) {
             .same_as
             .map(|d| format!(" (same open file as fd {d})"))
             .unwrap_or_default();
+        let shared = if f.locks.is_empty() {
+            shared
+        } else {
+            format!("{shared} [{}]", f.locks.join(", "))
+        };
         let _ = writeln!(
             o,
             "    {:>4} {:<8} {:<36} {:>10}  {}{shared}",

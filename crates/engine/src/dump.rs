@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::freeze::{read_stat, read_status, Frozen};
 use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
-use crate::{files, host, mm, pidns, signals, task, threads};
+use crate::{fifo, files, host, locks, mm, pidns, signals, task, threads};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
 use stasis_sys::Pid;
 use std::path::PathBuf;
@@ -222,7 +222,7 @@ fn collect_tree(
         let pid = m.pid;
         let Some(frozen) = m.frozen.as_mut() else {
             procs.push(zombie_record(pid)?);
-            fds.push((pid, files::DumpedFds { records: Vec::new(), idents: Vec::new() }));
+            fds.push((pid, files::DumpedFds::default()));
             mms.push(None);
             continue;
         };
@@ -241,8 +241,13 @@ fn collect_tree(
         .filter_map(|(pid, d)| pidfds.iter().find(|(p, _)| p == pid).map(|(_, fd)| (*pid, fd, d.records.as_slice())))
         .collect();
     let pipes = files::dump_pipes(&views)?;
-    for (rec, (_, d)) in procs.iter_mut().zip(fds) {
+    let fifos = fifo::dump(&views)?;
+    let held: Vec<locks::ProcLocks> =
+        fds.iter().map(|(pid, d)| (*pid, d.records.as_slice(), d.locks.as_slice())).collect();
+    let lock_recs = locks::assign(&held);
+    for ((rec, (_, d)), l) in procs.iter_mut().zip(fds).zip(lock_recs) {
         rec.fds = d.records;
+        rec.locks = l;
     }
     let vmas = mm::save_all(&mut mms, writer)?;
     for (rec, v) in procs.iter_mut().zip(vmas) {
@@ -264,6 +269,7 @@ fn collect_tree(
         pid_namespace: view.is_some(),
         processes: procs,
         pipes,
+        fifos,
         page_block_size: 0,
         page_block_hashes: Vec::new(),
     };
@@ -336,6 +342,7 @@ fn zombie_record(pid: Pid) -> Result<ProcessRecord> {
         no_new_privs: false,
         personality: 0,
         zombie_status: Some(status),
+        locks: Vec::new(),
     })
 }
 
@@ -431,6 +438,7 @@ fn collect_process(
         no_new_privs: ts.no_new_privs,
         personality: ts.personality,
         zombie_status: None,
+        locks: Vec::new(),
     };
     Ok((process, fds, mm_plan))
 }

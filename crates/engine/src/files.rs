@@ -1,5 +1,6 @@
 //! File descriptors: regular files and directories (by path, offset and flags), stateless
-//! character devices (/dev/null, /dev/zero, ...), and terminals under --shell-job.
+//! character devices (/dev/null, /dev/zero, ...), terminals under --shell-job, pipes, and
+//! FIFOs (see fifo.rs). The file locks each descriptor shows go to locks.rs.
 //!
 //! Dump takes its own duplicate of each descriptor with pidfd_getfd to fstat it, and reads
 //! position and flags from /proc/PID/fdinfo. Anything else is refused, naming the
@@ -9,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::mm::file_ref;
-use crate::procfs;
+use crate::{fifo, locks, procfs};
 use stasis_image::{FdKind, FdRecord};
 use stasis_sys::{Pid, RemoteFd};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -49,9 +50,12 @@ pub fn kind_from_link(link: &str) -> String {
 
 /// The descriptors of one process, with the (device, inode) of each for grouping
 /// descriptions across the tree.
+#[derive(Default)]
 pub struct DumpedFds {
     pub records: Vec<FdRecord>,
     pub idents: Vec<(u64, u64)>,
+    /// The file locks fdinfo lists for each descriptor, alike.
+    pub locks: Vec<Vec<locks::HeldLock>>,
 }
 
 pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<DumpedFds> {
@@ -61,6 +65,7 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<DumpedFds> {
     fds.sort();
     let mut out: Vec<FdRecord> = Vec::new();
     let mut idents: Vec<(u64, u64)> = Vec::new();
+    let mut held = Vec::new();
     for fd in fds {
         let link = std::fs::read_link(format!("{dir}/{fd}"))
             .map_err(|e| Error::Proc { pid, path: format!("{dir}/{fd}").into(), err: e })?;
@@ -98,16 +103,20 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<DumpedFds> {
         } else if ft.is_fifo() && link_str.starts_with("pipe:") {
             FdKind::Pipe { ino: md.ino(), write: flags & libc::O_ACCMODE == libc::O_WRONLY, flags }
         } else if ft.is_fifo() {
-            return Err(unsupported(format!("fifo {link_str}")));
+            if !link_str.starts_with('/') || link_str.ends_with(" (deleted)") {
+                return Err(unsupported(format!("fifo {link_str}")));
+            }
+            FdKind::Fifo { file: file_ref(&link_bytes, &md), flags }
         } else if ft.is_socket() {
             return Err(unsupported("socket".into()));
         } else {
             return Err(unsupported(kind_from_link(&link_str)));
         };
+        held.push(locks::from_fdinfo(pid, fd, &link_str, &text)?);
         idents.push((md.dev(), md.ino()));
         out.push(FdRecord { fd, cloexec, kind, same_as: None, desc: 0 });
     }
-    Ok(DumpedFds { records: out, idents })
+    Ok(DumpedFds { records: out, idents, locks: held })
 }
 
 /// (device, inode) of an open file.
@@ -149,8 +158,9 @@ pub fn assign_descriptions(procs: &mut [(Pid, DumpedFds)]) -> Result<()> {
     Ok(())
 }
 
-/// The bytes queued in a pipe, read without consuming them (tee into a pipe of ours).
-fn pipe_contents(pid: Pid, ino: u64, read_end: &OwnedFd, capacity: u32) -> Result<Vec<u8>> {
+/// The bytes queued in a pipe (`what`, for messages), read without consuming them (tee
+/// into a pipe of ours).
+pub(crate) fn pipe_contents(pid: Pid, what: &str, read_end: &OwnedFd, capacity: u32) -> Result<Vec<u8>> {
     let queued = stasis_sys::proc::bytes_readable(read_end.as_raw_fd()).map_err(Error::sys(pid, "FIONREAD"))?;
     let mut data = vec![0u8; queued];
     if queued == 0 {
@@ -160,11 +170,11 @@ fn pipe_contents(pid: Pid, ino: u64, read_end: &OwnedFd, capacity: u32) -> Resul
     stasis_sys::proc::set_pipe_size(our_w.as_raw_fd(), capacity).map_err(Error::sys(pid, "F_SETPIPE_SZ"))?;
     let n = stasis_sys::proc::tee(read_end.as_raw_fd(), our_w.as_raw_fd(), queued).map_err(Error::sys(pid, "tee"))?;
     if n != queued {
-        return Err(Error::Unsupported { pid, what: format!("pipe:[{ino}]: copied {n} of {queued} queued bytes") });
+        return Err(Error::Unsupported { pid, what: format!("{what}: copied {n} of {queued} queued bytes") });
     }
     let mut f = std::fs::File::from(our_r);
     std::io::Read::read_exact(&mut f, &mut data)
-        .map_err(|e| Error::Proc { pid, path: format!("pipe:[{ino}]").into(), err: e })?;
+        .map_err(|e| Error::Proc { pid, path: what.into(), err: e })?;
     Ok(data)
 }
 
@@ -205,7 +215,7 @@ pub fn dump_pipes(procs: &[(Pid, &OwnedFd, &[FdRecord])]) -> Result<Vec<stasis_i
             }
         }
         let data = match rd {
-            Some((rpid, _)) => pipe_contents(rpid, ino, &theirs, capacity)?,
+            Some((rpid, _)) => pipe_contents(rpid, &format!("pipe:[{ino}]"), &theirs, capacity)?,
             None => Vec::new(),
         };
         out.push(stasis_image::PipeRecord { ino, capacity, data, external: false });
@@ -216,7 +226,14 @@ pub fn dump_pipes(procs: &[(Pid, &OwnedFd, &[FdRecord])]) -> Result<Vec<stasis_i
 /// Checks before anything is created that every file can be reopened as it was.
 pub fn check(pid: Pid, fds: &[FdRecord]) -> Result<()> {
     for r in fds {
-        let FdKind::File { file, .. } = &r.kind else { continue };
+        let file = match &r.kind {
+            FdKind::File { file, .. } => file,
+            FdKind::Fifo { file, .. } => {
+                fifo::check(pid, r, file)?;
+                continue;
+            }
+            FdKind::CharDevice { .. } | FdKind::Terminal { .. } | FdKind::Pipe { .. } => continue,
+        };
         let md = std::fs::metadata(Path::new(std::ffi::OsStr::from_bytes(&file.path))).map_err(|e| {
             Error::FileChanged { pid, path: file.display(), what: format!("(fd {}) is gone: {e}", r.fd) }
         })?;
@@ -230,7 +247,7 @@ pub fn check(pid: Pid, fds: &[FdRecord]) -> Result<()> {
 /// Flags that must not be replayed when reopening: they act at open time only.
 const OPEN_ONLY: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY;
 
-fn reopen(pid: Pid, path: &[u8], flags: i32) -> Result<OwnedFd> {
+pub(crate) fn reopen(pid: Pid, path: &[u8], flags: i32) -> Result<OwnedFd> {
     let p = Path::new(std::ffi::OsStr::from_bytes(path));
     stasis_sys::proc::open(p, (flags & !OPEN_ONLY) | libc::O_CLOEXEC, 0).map_err(|e| Error::FileChanged {
         pid,
@@ -261,12 +278,15 @@ impl DescTable {
     pub fn open(
         procs: &[stasis_image::ProcessRecord],
         pipes: &[stasis_image::PipeRecord],
+        fifos: &[stasis_image::FifoRecord],
         terminal: Option<i32>,
         inherited: &[(i32, String)],
     ) -> Result<DescTable> {
         let mut fds: std::collections::HashMap<u64, OwnedFd> = Default::default();
         // Pipe ends already created, by (inode, write end).
         let mut pipe_ends: std::collections::HashMap<(u64, bool), i32> = Default::default();
+        // Held until every description is open, then dropped: see fifo.rs.
+        let mut anchors = fifo::Anchors::default();
         for p in procs {
             let pid = Pid(p.pid);
             for r in &p.fds {
@@ -283,6 +303,7 @@ impl DescTable {
                         fd
                     }
                     FdKind::CharDevice { path, flags, .. } => reopen(pid, path, *flags)?,
+                    FdKind::Fifo { file, flags } => anchors.open(pid, file, *flags, fifos)?,
                     FdKind::Terminal { .. } => {
                         let t = terminal.ok_or_else(|| Error::Restore {
                             pid,
@@ -333,6 +354,12 @@ impl DescTable {
             }
         }
         Ok(DescTable { fds })
+    }
+
+    /// Our copy of the description behind descriptor `fd` of a process.
+    pub fn raw_fd(&self, p: &stasis_image::ProcessRecord, fd: i32) -> Option<i32> {
+        let r = p.fds.iter().find(|r| r.fd == fd)?;
+        self.fds.get(&desc_key(p.pid, r)).map(|f| f.as_raw_fd())
     }
 
     /// (saved number, our number, close-on-exec) for every descriptor of a process.

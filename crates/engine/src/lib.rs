@@ -12,10 +12,12 @@
 pub mod check;
 pub mod dump;
 pub mod error;
+pub mod fifo;
 pub mod files;
 pub mod freeze;
 pub mod host;
 pub mod inject;
+pub mod locks;
 pub mod mm;
 pub mod parasite;
 pub mod pidns;

@@ -3,7 +3,8 @@
 //! 1. Read the image and check everything before any process exists: checksums of every
 //!    byte, host compatibility, the files it needs, limits we can set, every PID and TID
 //!    is free. Open every open file description once (files::DescTable): files, devices,
-//!    pipes with their buffered bytes, descriptors named by --inherit-fd.
+//!    pipes and FIFOs with their buffered bytes, descriptors named by --inherit-fd; check
+//!    that every saved file lock is free to take again.
 //! 2. Fork the root with its PID (clone3 set_tid). Each restore child starts its session
 //!    if it led one, forks its own children (zombies included) with their PIDs, then sets
 //!    what a process sets on itself: signal dispositions (all signals blocked),
@@ -12,7 +13,7 @@
 //!    free, reports "ok" on the status pipe and waits in a read.
 //! 3. The restorer seizes every process and injects the rest through that instruction:
 //!    process groups, rseq off, the address space replaced (mm::MmRestore), mm fields
-//!    (PR_SET_MM_MAP), limits, threads (clone3 with set_tid), per-thread kernel
+//!    (PR_SET_MM_MAP), file locks (after the last injected close), limits, threads (clone3 with set_tid), per-thread kernel
 //!    addresses, pending signals, credentials; the last injected call unmaps the helper
 //!    page, and the saved registers and signal mask go in at an interrupt stop, so that
 //!    the kernel's own restart logic continues an interrupted system call.
@@ -28,7 +29,7 @@ use crate::inject::Injector;
 use crate::mm::{self, ChildMem, MapFds, MmRestore, HELPER_DATA, HELPER_LEN};
 use crate::pidns::{self, PidMap};
 use crate::task::SessionPlan;
-use crate::{files, host, signals, task, threads};
+use crate::{files, host, locks, signals, task, threads};
 use stasis_image::{ImageReader, MmRecord, ProcessRecord};
 use stasis_sys::proc::{self as sp, Forked};
 use stasis_sys::ptrace::{self, WaitStatus};
@@ -196,7 +197,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let root = &img.processes[root_idx];
     let root_session = if root.sid == root.pid { SessionPlan::Leader } else { task::session_plan(root_pid, root.sid, opts.shell_job)? };
     // Every open file description, created before any process exists.
-    let descs = files::DescTable::open(&img.processes, &img.pipes, restorer_terminal(), &opts.inherit_fds)?;
+    let descs = files::DescTable::open(&img.processes, &img.pipes, &img.fifos, restorer_terminal(), &opts.inherit_fds)?;
+    for p in &img.processes {
+        locks::check(Pid(p.pid), &p.locks, |fd| descs.raw_fd(p, fd))?;
+    }
     let (status_rd, status_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
     let (wait_rd, wait_wr) = sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(root_pid, "pipe2"))?;
     // --pidns: the namespace's init waits on this for the word that the restore worked.
@@ -542,6 +546,8 @@ fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>, pid
     // The restorer's descriptors in the child: image, exe, mapped files.
     inj.call("close_range", libc::SYS_close_range, [plan.fds.exe as u64, u32::MAX as u64, 0, 0, 0, 0])?;
     log::debug!("mm fields set, helper descriptors closed");
+    // After the last close in the child: a close drops its POSIX locks on that file.
+    locks::restore(&mut inj, &mem, data, &rec.locks)?;
     task::restore_rlimits(&mut inj, &mem, data, &rec.rlimits)?;
     inj.call("prctl(PR_SET_PDEATHSIG)", libc::SYS_prctl, [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0])?;
     // Per-task flags before the threads exist, which then inherit them.

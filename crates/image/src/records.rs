@@ -21,6 +21,9 @@ pub struct Image {
     /// tree saw itself, and restore needs `--pidns`.
     #[serde(default)]
     pub pid_namespace: bool,
+    /// Named pipes (FIFOs) open in the image, with the bytes sitting in their buffers.
+    #[serde(default)]
+    pub fifos: Vec<FifoRecord>,
     /// Filled by the writer: page data is hashed in blocks of this many bytes.
     pub page_block_size: u64,
     pub page_block_hashes: Vec<u64>,
@@ -82,6 +85,44 @@ pub struct ProcessRecord {
     /// no memory, descriptors or threads.
     #[serde(default)]
     pub zombie_status: Option<i32>,
+    /// File locks this process takes again on restore: its own POSIX record locks, and
+    /// the flock and OFD locks of open file descriptions it holds (each description's
+    /// locks recorded with one process only).
+    #[serde(default)]
+    pub locks: Vec<LockRecord>,
+}
+
+/// One file lock, held through descriptor `fd` of the process whose record lists it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LockRecord {
+    pub fd: i32,
+    pub kind: LockKind,
+    /// A write (exclusive) lock; else a read (shared) one.
+    pub write: bool,
+    /// Byte range of a POSIX or OFD lock: first byte and length, 0 meaning "to the end
+    /// of the file, however long it grows". A flock lock covers the whole file (0, 0).
+    pub start: u64,
+    pub len: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum LockKind {
+    /// flock(2): belongs to the open file description.
+    Flock,
+    /// fcntl(F_SETLK): belongs to the process.
+    Posix,
+    /// fcntl(F_OFD_SETLK): belongs to the open file description.
+    Ofd,
+}
+
+impl LockKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            LockKind::Flock => "flock",
+            LockKind::Posix => "posix",
+            LockKind::Ofd => "ofd",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -261,6 +302,9 @@ pub enum FdKind {
     Terminal { #[serde(with = "serde_bytes")] path: Vec<u8>, rdev: u64, flags: i32 },
     /// One end of a pipe whose both ends are in the image (see `Image::pipes`).
     Pipe { ino: u64, write: bool, flags: i32 },
+    /// A named pipe opened by path (read, write or both, as `flags` say); its buffer is
+    /// the `Image::fifos` record with the same device and inode.
+    Fifo { file: FileRef, flags: i32 },
 }
 
 impl FdKind {
@@ -270,6 +314,7 @@ impl FdKind {
             FdKind::CharDevice { .. } => "chardev",
             FdKind::Terminal { .. } => "tty",
             FdKind::Pipe { .. } => "pipe",
+            FdKind::Fifo { .. } => "fifo",
         }
     }
 }
@@ -286,6 +331,17 @@ pub struct PipeRecord {
     /// what `--inherit-fd fd[N]:pipe:[INO]` names (no data or capacity are saved).
     #[serde(default)]
     pub external: bool,
+}
+
+/// A named pipe of the image: its identity at dump time, capacity and the bytes in its
+/// buffer, in order. Restore reopens it by the path of its descriptors.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FifoRecord {
+    pub dev: u64,
+    pub ino: u64,
+    pub capacity: u32,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

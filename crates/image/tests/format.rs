@@ -77,9 +77,11 @@ fn sample() -> Image {
             no_new_privs: false,
             personality: 0,
             zombie_status: None,
+            locks: vec![],
         }],
         pipes: vec![],
         pid_namespace: false,
+        fifos: vec![],
         page_block_size: 0,
         page_block_hashes: vec![],
     }

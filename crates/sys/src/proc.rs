@@ -424,3 +424,24 @@ pub fn poll_now(fd: RawFd, events: i16) -> SysResult<i16> {
     cvt(unsafe { libc::poll(&mut p, 1, 0) } as libc::c_long)?;
     Ok(p.revents)
 }
+
+/// `flock(fd, op)`.
+pub fn flock(fd: RawFd, op: i32) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::flock(fd, op) } as libc::c_long).map(drop)
+}
+
+/// `fcntl(fd, cmd, &flock)` with F_GETLK or F_OFD_GETLK: the type (`F_UNLCK` if none) and
+/// PID of a lock in the way of a `write` (else read) lock on `len` bytes (0: to the end
+/// of the file) from `start`.
+pub fn get_lock(fd: RawFd, cmd: i32, write: bool, start: u64, len: u64) -> SysResult<(i32, i32)> {
+    // SAFETY: `struct flock` is plain integers; all zeroes is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if write { libc::F_WRLCK } else { libc::F_RDLCK } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start as libc::off_t;
+    fl.l_len = len as libc::off_t;
+    // SAFETY: `fl` is a valid, writable struct flock for the duration of the call.
+    cvt(unsafe { libc::fcntl(fd, cmd, &mut fl) } as libc::c_long)?;
+    Ok((fl.l_type as i32, fl.l_pid))
+}
