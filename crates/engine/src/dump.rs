@@ -1,7 +1,7 @@
 //! The dump pipeline, top to bottom: check the root, freeze the tree (each parent before
 //! listing its children), collect every process (injected calls first, right after the
-//! freeze), then what the processes share (open file descriptions, pipes) and all page data
-//! in one parallel write, write the metadata and rename the image into place, then release
+//! freeze), then what the processes share (open file descriptions, pipes, memory objects)
+//! and all page data in one parallel write, write the metadata and rename the image into place, then release
 //! (kill, or let it run on).
 //!
 //! Every error path drops the freeze guard, which puts registers and signal mask back and
@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::freeze::{read_stat, read_status, Frozen};
 use crate::parasite::Parasite;
 use crate::procfs::{self, PF_KTHREAD};
+use crate::shmem::ShmemDump;
 use crate::{files, host, mm, signals, task, threads};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
 use stasis_sys::Pid;
@@ -210,6 +211,7 @@ fn collect_tree(
     let mut fds = Vec::new();
     let mut pidfds = Vec::new();
     let mut mms = Vec::new();
+    let mut objects = ShmemDump::default();
     let mut nthreads = 0;
     for m in members.iter_mut() {
         let pid = m.pid;
@@ -220,7 +222,7 @@ fn collect_tree(
             continue;
         };
         let pidfd = stasis_sys::proc::pidfd_open(pid).map_err(Error::sys(pid, "pidfd_open"))?;
-        let (rec, dumped, mm_plan) = collect_process(pid, &pidfd, frozen, opts, &sids, root)?;
+        let (rec, dumped, mm_plan) = collect_process(pid, &pidfd, frozen, opts, &sids, root, &mut objects)?;
         nthreads += rec.threads.len();
         procs.push(rec);
         fds.push((pid, dumped));
@@ -237,7 +239,7 @@ fn collect_tree(
     for (rec, (_, d)) in procs.iter_mut().zip(fds) {
         rec.fds = d.records;
     }
-    let vmas = mm::save_all(&mut mms, writer)?;
+    let vmas = mm::save_all(&mut mms, &mut objects, writer)?;
     for (rec, v) in procs.iter_mut().zip(vmas) {
         rec.mm.vmas = v;
     }
@@ -252,6 +254,7 @@ fn collect_tree(
         shell_job: opts.shell_job,
         processes: procs,
         pipes,
+        shmem: objects.into_records(),
         page_block_size: 0,
         page_block_hashes: Vec::new(),
     };
@@ -336,6 +339,7 @@ fn collect_process(
     opts: &DumpOptions,
     sids: &std::collections::HashMap<Pid, i32>,
     root: Pid,
+    objects: &mut ShmemDump,
 ) -> Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)> {
     // Everything that needs injected calls, then the scratch page is gone again before
     // the memory layout is read.
@@ -369,11 +373,11 @@ fn collect_process(
     } else if ts.sid != pid.0 && sids.get(&Pid(ts.ppid)) != Some(&ts.sid) {
         return Err(Error::Unsupported { pid, what: format!("a session (sid {}) other than its parent's", ts.sid) });
     }
-    let fds = files::dump(pid, pidfd, opts.shell_job)?;
+    let fds = files::dump(pid, pidfd, opts.shell_job, objects)?;
 
     log::debug!("pid {pid}: parasite done");
     let maps = mm::read_maps(pid)?;
-    let mm_plan = mm::plan(pid, &maps)?;
+    let mm_plan = mm::plan(pid, &maps, objects)?;
     let stat = read_stat(pid)?;
     let auxv = std::fs::read(format!("/proc/{pid}/auxv"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/auxv").into(), err: e })?;

@@ -1,5 +1,6 @@
 //! File descriptors: regular files and directories (by path, offset and flags), stateless
-//! character devices (/dev/null, /dev/zero, ...), and terminals under --shell-job.
+//! character devices (/dev/null, /dev/zero, ...), terminals under --shell-job, pipes, and
+//! memory objects (memfd, deleted tmpfs files; their data is saved by the shmem module).
 //!
 //! Dump takes its own duplicate of each descriptor with pidfd_getfd to fstat it, and reads
 //! position and flags from /proc/PID/fdinfo. Anything else is refused, naming the
@@ -10,6 +11,7 @@
 use crate::error::{Error, Result};
 use crate::mm::file_ref;
 use crate::procfs;
+use crate::shmem::{self, ShmemDump, ShmemTable};
 use stasis_image::{FdKind, FdRecord};
 use stasis_sys::{Pid, RemoteFd};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -54,7 +56,8 @@ pub struct DumpedFds {
     pub idents: Vec<(u64, u64)>,
 }
 
-pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<DumpedFds> {
+/// The descriptors of `pid`; memory objects among them are recorded in `objects`.
+pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool, objects: &mut ShmemDump) -> Result<DumpedFds> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc { pid, path: dir.clone().into(), err: e })?;
     let mut fds: Vec<i32> = rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
@@ -79,10 +82,15 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<DumpedFds> {
             if !link_str.starts_with('/') {
                 return Err(unsupported(kind_from_link(&link_str)));
             }
-            if link_str.ends_with(" (deleted)") {
-                return Err(unsupported(format!("deleted file {link_str}")));
+            match shmem::kind_from_name(&link_bytes) {
+                Some(kind) if ft.is_file() => {
+                    let link = format!("{dir}/{fd}");
+                    let id = objects.intern(pid, &link, kind, |what| Error::UnsupportedFd { pid, fd, kind: what })?;
+                    FdKind::Shmem { id, flags, pos: info.pos }
+                }
+                _ if link_str.ends_with(" (deleted)") => return Err(unsupported(format!("deleted file {link_str}"))),
+                _ => FdKind::File { file: file_ref(&link_bytes, &md), flags, pos: info.pos },
             }
-            FdKind::File { file: file_ref(&link_bytes, &md), flags, pos: info.pos }
         } else if ft.is_char_device() {
             let rdev = md.rdev();
             if is_stateless_chardev(rdev) {
@@ -257,10 +265,12 @@ pub struct DescTable {
 }
 
 impl DescTable {
-    /// `inherited` maps `pipe:[INO]` (as --inherit-fd names it) to a descriptor of ours.
+    /// `inherited` maps `pipe:[INO]` (as --inherit-fd names it) to a descriptor of ours;
+    /// `objects` holds the memory objects, already created.
     pub fn open(
         procs: &[stasis_image::ProcessRecord],
         pipes: &[stasis_image::PipeRecord],
+        objects: &ShmemTable,
         terminal: Option<i32>,
         inherited: &[(i32, String)],
     ) -> Result<DescTable> {
@@ -283,6 +293,16 @@ impl DescTable {
                         fd
                     }
                     FdKind::CharDevice { path, flags, .. } => reopen(pid, path, *flags)?,
+                    FdKind::Shmem { id, flags, pos } => {
+                        // A description of its own, opened through our descriptor of the object.
+                        let ours = objects.fd(*id, true).ok_or_else(|| Error::Restore {
+                            pid,
+                            what: format!("fd {}: memory object {id} was not created", r.fd),
+                        })?;
+                        let fd = reopen(pid, format!("/proc/self/fd/{ours}").as_bytes(), *flags)?;
+                        stasis_sys::proc::seek_to(fd.as_raw_fd(), *pos).map_err(Error::sys(pid, "lseek"))?;
+                        fd
+                    }
                     FdKind::Terminal { .. } => {
                         let t = terminal.ok_or_else(|| Error::Restore {
                             pid,

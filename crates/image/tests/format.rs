@@ -79,6 +79,7 @@ fn sample() -> Image {
             zombie_status: None,
         }],
         pipes: vec![],
+        shmem: vec![],
         page_block_size: 0,
         page_block_hashes: vec![],
     }
