@@ -299,7 +299,9 @@ impl DescTable {
                             pid,
                             what: format!("fd {}: memory object {id} was not created", r.fd),
                         })?;
-                        let fd = reopen(pid, format!("/proc/self/fd/{ours}").as_bytes(), *flags)?;
+                        // O_NOFOLLOW (shm_open sets it) would refuse the /proc link; it
+                        // only matters when a path is opened.
+                        let fd = reopen(pid, format!("/proc/self/fd/{ours}").as_bytes(), *flags & !libc::O_NOFOLLOW)?;
                         stasis_sys::proc::seek_to(fd.as_raw_fd(), *pos).map_err(Error::sys(pid, "lseek"))?;
                         fd
                     }
