@@ -5,7 +5,7 @@
 //!
 //! Dump: every mapping and descriptor of such an object is identified by the (device,
 //! inode) of /proc/PID/map_files/START-END or /proc/PID/fd/N; the first one seen opens the
-//! object (read-only, through that link) and records its kind, name, size, mode, seals and
+//! object (read-only, through that link) and records its kind, name, size, owner, mode, seals and
 //! data ranges (SEEK_DATA/SEEK_HOLE, so holes cost nothing); the mappings and descriptors
 //! get the object's id. The page writer then reads each object's data once with pread.
 //!
@@ -95,6 +95,8 @@ impl ShmemDump {
             kind,
             size: md.size(),
             mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
             seals,
             pages,
             data_offset: 0,
@@ -260,6 +262,7 @@ impl ShmemTable {
                 file.set_len(r.size).map_err(|e| fail("ftruncate", e))?;
             }
             if !matches!(r.kind, ShmemKind::Anonymous) {
+                std::os::unix::fs::fchown(&file, Some(r.uid), Some(r.gid)).map_err(|e| fail("fchown", e))?;
                 file.set_permissions(std::fs::Permissions::from_mode(r.mode)).map_err(|e| fail("fchmod", e))?;
             }
             let mut at = r.data_offset as usize;

@@ -307,6 +307,11 @@ pub struct ShmemRecord {
     pub size: u64,
     /// Permission bits of the inode.
     pub mode: u32,
+    /// Owner of the inode.
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
     /// `F_GET_SEALS` of a memfd (`F_SEAL_SEAL` alone for one created without
     /// `MFD_ALLOW_SEALING`); zero for other kinds.
     pub seals: u32,
