@@ -33,6 +33,23 @@ pub struct ShowReport {
     pub image: ImageSummary,
     pub host: HostReport,
     pub processes: Vec<ProcessReport>,
+    /// Memory objects (shared anonymous memory, memfd, deleted tmpfs files), each saved
+    /// once; mappings and descriptors name them as `object ID`.
+    pub memory_objects: Vec<ObjectReport>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ObjectReport {
+    pub id: u64,
+    /// `anonymous`, `memfd` or `deleted-file`
+    pub kind: &'static str,
+    /// The memfd name or the file's path.
+    pub name: Option<String>,
+    pub size: u64,
+    pub mode: String,
+    pub seals: u32,
+    pub saved_bytes: u64,
+    pub data_offset: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -270,6 +287,25 @@ pub fn report(reader: &ImageReader, pages_verified: Option<bool>) -> ShowReport 
         },
         host: host_report(img),
         processes: img.processes.iter().map(process_report).collect(),
+        memory_objects: img.shmem.iter().map(object_report).collect(),
+    }
+}
+
+fn object_report(r: &stasis_image::ShmemRecord) -> ObjectReport {
+    let (kind, name) = match &r.kind {
+        stasis_image::ShmemKind::Anonymous => ("anonymous", None),
+        stasis_image::ShmemKind::Memfd { name } => ("memfd", Some(lossy(name))),
+        stasis_image::ShmemKind::DeletedFile { path } => ("deleted-file", Some(lossy(path))),
+    };
+    ObjectReport {
+        id: r.id,
+        kind,
+        name,
+        size: r.size,
+        mode: format!("{:o}", r.mode),
+        seals: r.seals,
+        saved_bytes: r.data_len(),
+        data_offset: r.data_offset,
     }
 }
 
@@ -377,6 +413,7 @@ fn mapping_report(v: &Vma) -> MappingReport {
         VmaBacking::Anonymous => ("anonymous", None),
         VmaBacking::File(f) => ("file", Some(f.display())),
         VmaBacking::Special(name) => ("special", Some(name.clone())),
+        VmaBacking::Shmem(id) => ("shmem", Some(format!("object {id}"))),
     };
     MappingReport {
         start: hex(v.start),
@@ -404,6 +441,7 @@ fn file_report(f: &stasis_image::FdRecord, locks: &[stasis_image::LockRecord]) -
             (format!("pipe:[{ino}] ({} end)", if *write { "write" } else { "read" }), *flags, None)
         }
         FdKind::Fifo { file, flags } => (file.display(), *flags, None),
+        FdKind::Shmem { id, flags, pos } => (format!("object {id}"), *flags, Some(*pos)),
     };
     FileReport {
         fd: f.fd,
@@ -558,6 +596,23 @@ pub fn text(r: &ShowReport, img: &Image) -> String {
     );
     for (p, rec) in r.processes.iter().zip(&img.processes) {
         process_text(&mut o, p, rec);
+    }
+    if !r.memory_objects.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "memory objects (saved once, shared by the mappings and descriptors naming them)");
+        for m in &r.memory_objects {
+            let _ = writeln!(
+                o,
+                "  object {:<3} {:<12} {:<24} size {}, mode {}, seals {:#x}, saved {}",
+                m.id,
+                m.kind,
+                m.name.as_deref().unwrap_or("-"),
+                util::bytes(m.size),
+                m.mode,
+                m.seals,
+                util::bytes(m.saved_bytes)
+            );
+        }
     }
     o
 }
@@ -894,6 +949,7 @@ mod tests {
             },
             host: host_report(&img),
             processes: img.processes.iter().map(process_report).collect(),
+            memory_objects: Vec::new(),
         };
         let t = text(&rep, &img);
         for needle in [

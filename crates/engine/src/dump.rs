@@ -1,7 +1,7 @@
 //! The dump pipeline, top to bottom: check the root, freeze the tree (each parent before
 //! listing its children), collect every process (injected calls first, right after the
-//! freeze), then what the processes share (open file descriptions, pipes) and all page data
-//! in one parallel write, write the metadata and rename the image into place, then release
+//! freeze), then what the processes share (open file descriptions, pipes, memory objects)
+//! and all page data in one parallel write, write the metadata and rename the image into place, then release
 //! (kill, or let it run on).
 //!
 //! Every error path drops the freeze guard, which puts registers and signal mask back and
@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::freeze::{read_stat, read_status, Frozen};
 use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
+use crate::shmem::ShmemDump;
 use crate::{fifo, files, host, locks, mm, pidns, signals, task, threads};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
 use stasis_sys::Pid;
@@ -70,6 +71,14 @@ fn precheck(pid: Pid) -> Result<()> {
         return Err(Error::AlreadyTraced { pid, tracer: status.tracer_pid });
     }
     Ok(())
+}
+
+/// What the collection of one process leaves for the next ones: where the code injection
+/// needs was found, and the memory objects met so far (each saved once).
+#[derive(Default)]
+struct Seen {
+    code: CodeCache,
+    objects: ShmemDump,
 }
 
 /// One process of the tree: frozen, or a zombie (nothing to freeze).
@@ -216,8 +225,8 @@ fn collect_tree(
     let mut fds = Vec::new();
     let mut pidfds = Vec::new();
     let mut mms = Vec::new();
+    let mut seen = Seen::default();
     let mut nthreads = 0;
-    let mut code = CodeCache::default();
     for m in members.iter_mut() {
         let pid = m.pid;
         let Some(frozen) = m.frozen.as_mut() else {
@@ -227,7 +236,7 @@ fn collect_tree(
             continue;
         };
         let pidfd = stasis_sys::proc::pidfd_open(pid).map_err(Error::sys(pid, "pidfd_open"))?;
-        let (rec, dumped, mm_plan) = collect_process(pid, &pidfd, frozen, opts, &sids, root, &mut code)?;
+        let (rec, dumped, mm_plan) = collect_process(pid, &pidfd, frozen, opts, &sids, root, &mut seen)?;
         nthreads += rec.threads.len();
         procs.push(rec);
         fds.push((pid, dumped));
@@ -249,7 +258,7 @@ fn collect_tree(
         rec.fds = d.records;
         rec.locks = l;
     }
-    let vmas = mm::save_all(&mut mms, writer)?;
+    let vmas = mm::save_all(&mut mms, &mut seen.objects, writer)?;
     for (rec, v) in procs.iter_mut().zip(vmas) {
         rec.mm.vmas = v;
     }
@@ -270,6 +279,7 @@ fn collect_tree(
         processes: procs,
         pipes,
         fifos,
+        shmem: seen.objects.into_records(),
         page_block_size: 0,
         page_block_hashes: Vec::new(),
     };
@@ -355,14 +365,14 @@ fn collect_process(
     opts: &DumpOptions,
     sids: &std::collections::HashMap<Pid, i32>,
     root: Pid,
-    code: &mut CodeCache,
+    seen: &mut Seen,
 ) -> Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)> {
     // Everything that needs injected calls, then the scratch page is gone again before
     // the memory layout is read.
     let status = read_status(pid)?;
     let nthreads = frozen.threads.len();
     let main = &mut frozen.threads[0];
-    let mut p = Parasite::start(pid, main, nthreads, code)?;
+    let mut p = Parasite::start(pid, main, nthreads, &mut seen.code)?;
     let sigactions = signals::dump_actions(&mut p, status.sig_caught | status.sig_ignored)?;
     let brk = p.inj.call("brk", libc::SYS_brk, [0, 0, 0, 0, 0, 0])?;
     const PERM_AT: u64 = 12288;
@@ -389,11 +399,11 @@ fn collect_process(
     } else if ts.sid != pid.0 && sids.get(&Pid(ts.ppid)) != Some(&ts.sid) {
         return Err(Error::Unsupported { pid, what: format!("a session (sid {}) other than its parent's", ts.sid) });
     }
-    let fds = files::dump(pid, pidfd, opts.shell_job)?;
+    let fds = files::dump(pid, pidfd, opts.shell_job, &mut seen.objects)?;
 
     log::debug!("pid {pid}: parasite done");
     let maps = mm::read_maps(pid)?;
-    let mm_plan = mm::plan(pid, &maps)?;
+    let mm_plan = mm::plan(pid, &maps, &mut seen.objects)?;
     let stat = read_stat(pid)?;
     let auxv = procfs::read_proc_file(&format!("/proc/{pid}/auxv"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/auxv").into(), err: e })?;

@@ -1,6 +1,7 @@
 //! File descriptors: regular files and directories (by path, offset and flags), stateless
 //! character devices (/dev/null, /dev/zero, ...), terminals under --shell-job, pipes, and
-//! FIFOs (see fifo.rs). The file locks each descriptor shows go to locks.rs.
+//! FIFOs (see fifo.rs), memory objects (memfd, deleted tmpfs files; their data is saved by
+//! the shmem module). The file locks each descriptor shows go to locks.rs.
 //!
 //! Dump takes its own duplicate of each descriptor with pidfd_getfd to fstat it, and reads
 //! position and flags from /proc/PID/fdinfo. Anything else is refused, naming the
@@ -10,6 +11,7 @@
 
 use crate::error::{Error, Result};
 use crate::mm::file_ref;
+use crate::shmem::{self, ShmemDump, ShmemTable};
 use crate::{fifo, locks, procfs};
 use stasis_image::{FdKind, FdRecord};
 use stasis_sys::{Pid, RemoteFd};
@@ -58,7 +60,8 @@ pub struct DumpedFds {
     pub locks: Vec<Vec<locks::HeldLock>>,
 }
 
-pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<DumpedFds> {
+/// The descriptors of `pid`; memory objects among them are recorded in `objects`.
+pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool, objects: &mut ShmemDump) -> Result<DumpedFds> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc { pid, path: dir.clone().into(), err: e })?;
     let mut fds: Vec<i32> = rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
@@ -84,10 +87,15 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<DumpedFds> {
             if !link_str.starts_with('/') {
                 return Err(unsupported(kind_from_link(&link_str)));
             }
-            if link_str.ends_with(" (deleted)") {
-                return Err(unsupported(format!("deleted file {link_str}")));
+            match shmem::kind_from_name(&link_bytes) {
+                Some(kind) if ft.is_file() => {
+                    let link = format!("{dir}/{fd}");
+                    let id = objects.intern(pid, &link, kind, |what| Error::UnsupportedFd { pid, fd, kind: what })?;
+                    FdKind::Shmem { id, flags, pos: info.pos }
+                }
+                _ if link_str.ends_with(" (deleted)") => return Err(unsupported(format!("deleted file {link_str}"))),
+                _ => FdKind::File { file: file_ref(&link_bytes, &md), flags, pos: info.pos },
             }
-            FdKind::File { file: file_ref(&link_bytes, &md), flags, pos: info.pos }
         } else if ft.is_char_device() {
             let rdev = md.rdev();
             if is_stateless_chardev(rdev) {
@@ -232,7 +240,7 @@ pub fn check(pid: Pid, fds: &[FdRecord]) -> Result<()> {
                 fifo::check(pid, r, file)?;
                 continue;
             }
-            FdKind::CharDevice { .. } | FdKind::Terminal { .. } | FdKind::Pipe { .. } => continue,
+            FdKind::CharDevice { .. } | FdKind::Terminal { .. } | FdKind::Pipe { .. } | FdKind::Shmem { .. } => continue,
         };
         let md = std::fs::metadata(Path::new(std::ffi::OsStr::from_bytes(&file.path))).map_err(|e| {
             Error::FileChanged { pid, path: file.display(), what: format!("(fd {}) is gone: {e}", r.fd) }
@@ -274,11 +282,13 @@ pub struct DescTable {
 }
 
 impl DescTable {
-    /// `inherited` maps `pipe:[INO]` (as --inherit-fd names it) to a descriptor of ours.
+    /// `inherited` maps `pipe:[INO]` (as --inherit-fd names it) to a descriptor of ours;
+    /// `objects` holds the memory objects, already created.
     pub fn open(
         procs: &[stasis_image::ProcessRecord],
         pipes: &[stasis_image::PipeRecord],
         fifos: &[stasis_image::FifoRecord],
+        objects: &ShmemTable,
         terminal: Option<i32>,
         inherited: &[(i32, String)],
     ) -> Result<DescTable> {
@@ -304,6 +314,18 @@ impl DescTable {
                     }
                     FdKind::CharDevice { path, flags, .. } => reopen(pid, path, *flags)?,
                     FdKind::Fifo { file, flags } => anchors.open(pid, file, *flags, fifos)?,
+                    FdKind::Shmem { id, flags, pos } => {
+                        // A description of its own, opened through our descriptor of the object.
+                        let ours = objects.fd(*id, true).ok_or_else(|| Error::Restore {
+                            pid,
+                            what: format!("fd {}: memory object {id} was not created", r.fd),
+                        })?;
+                        // O_NOFOLLOW (shm_open sets it) would refuse the /proc link; it
+                        // only matters when a path is opened.
+                        let fd = reopen(pid, format!("/proc/self/fd/{ours}").as_bytes(), *flags & !libc::O_NOFOLLOW)?;
+                        stasis_sys::proc::seek_to(fd.as_raw_fd(), *pos).map_err(Error::sys(pid, "lseek"))?;
+                        fd
+                    }
                     FdKind::Terminal { .. } => {
                         let t = terminal.ok_or_else(|| Error::Restore {
                             pid,

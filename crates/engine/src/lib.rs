@@ -6,7 +6,7 @@
 //!          non-memory state -> restorer injects the address space, threads, registers ->
 //!          resume
 //! ```
-//! One module per kind of state (`mm`, `files`, `signals`, `task`, `threads`), each with
+//! One module per kind of state (`mm`, `shmem`, `files`, `signals`, `task`, `threads`), each with
 //! its dump half and its restore half side by side.
 
 pub mod check;
@@ -23,6 +23,7 @@ pub mod parasite;
 pub mod pidns;
 pub mod procfs;
 pub mod restore;
+pub mod shmem;
 pub mod signals;
 pub mod task;
 pub mod threads;

@@ -3,19 +3,23 @@
 //! Dump: /proc/PID/smaps gives the mappings; PAGEMAP_SCAN tells which pages exist.
 //! Private mappings save their anonymous pages only (never-touched pages, zero-page
 //! mappings and file pages that were never written come back by themselves); shared file
-//! mappings save nothing (their data is the file); shared anonymous memory saves the pages
-//! its shmem file holds. Page bytes are read with large process_vm_readv calls, falling
-//! back to /proc/PID/mem for pages the program itself cannot read (PROT_NONE).
+//! mappings save nothing (their data is the file); mappings of memory objects (shared
+//! anonymous memory, memfd, deleted tmpfs files) refer to the object, whose data the shmem
+//! module saves once for the whole tree. Page bytes are read with large process_vm_readv
+//! calls, falling back to /proc/PID/mem for pages the program itself cannot read
+//! (PROT_NONE).
 //!
 //! Restore (in the restorer, driving the stopped child by injected calls): move the
 //! child's vDSO block aside, unmap everything else the child had, move the vDSO block to
-//! its saved place, map every saved mapping writable where data must go, preadv the pages
-//! from the image file, then set final protections, madvise flags and guard regions.
+//! its saved place, map every saved mapping writable where data must go (memory objects
+//! through the descriptor the child inherited from the restorer), copy the pages from the
+//! image, then set final protections, madvise flags and guard regions.
 
 use crate::error::{Error, Result};
 use crate::inject::Injector;
 use crate::procfs::{self, MapEntry};
-use stasis_image::{vmflags, FileRef, ImageWriter, PageRun, Vma, VmaBacking, PROT_EXEC, PROT_READ, PROT_WRITE};
+use crate::shmem::{self, ShmemDump};
+use stasis_image::{vmflags, FileRef, ImageWriter, PageRun, ShmemKind, Vma, VmaBacking, PROT_EXEC, PROT_READ, PROT_WRITE};
 use stasis_sys::mem::{process_vm_readv, RemoteRange};
 use stasis_sys::pagemap::{self, ScanQuery};
 use stasis_sys::{Pid, PAGE_SIZE};
@@ -44,7 +48,8 @@ pub enum MapClass {
     Skip,
     Special,
     Anonymous,
-    SharedAnonymous,
+    /// A mapping of a memory object saved once for the tree (see the shmem module).
+    Shmem(ShmemKind),
     File,
     Refuse(String),
 }
@@ -58,20 +63,19 @@ pub fn classify(m: &MapEntry) -> MapClass {
         return MapClass::Special;
     }
     if n.is_empty() || n == "[heap]" || n == "[stack]" || n.starts_with("[anon:") {
-        return if m.shared { MapClass::SharedAnonymous } else { MapClass::Anonymous };
+        return if m.shared { MapClass::Shmem(ShmemKind::Anonymous) } else { MapClass::Anonymous };
     }
     if n.starts_with('[') {
         return MapClass::Refuse(format!("kernel mapping {n}"));
     }
-    if n == "/dev/zero (deleted)" && m.inode != 0 {
-        // MAP_SHARED|MAP_ANONYMOUS memory is a shmem file by this name.
-        return if m.shared { MapClass::SharedAnonymous } else { MapClass::Anonymous };
+    if n == "/dev/zero (deleted)" && m.inode != 0 && !m.shared {
+        return MapClass::Anonymous;
     }
     if n.starts_with("/SYSV") {
-        return MapClass::Refuse("System V shared memory".into());
+        return MapClass::Refuse("System V shared memory (shmat)".into());
     }
-    if n.starts_with("/memfd:") {
-        return MapClass::Refuse("memfd mapping".into());
+    if let Some(kind) = shmem::kind_from_name(n.as_bytes()) {
+        return MapClass::Shmem(kind);
     }
     if n.ends_with(" (deleted)") {
         return MapClass::Refuse(format!("mapping of deleted file {n}"));
@@ -112,8 +116,6 @@ pub fn file_ref(path: &[u8], md: &std::fs::Metadata) -> FileRef {
 /// Everything of one mapping needed to save it.
 struct Planned {
     vma: Vma,
-    /// For shared anonymous memory: the shmem file, read directly.
-    shmem: Option<File>,
 }
 
 /// A process's mappings with the pages to save, before their bytes are copied.
@@ -122,8 +124,9 @@ pub struct MmPlan {
     planned: Vec<Planned>,
 }
 
-/// Decides every mapping of `pid`: its record and which pages hold data.
-pub fn plan(pid: Pid, maps: &[MapEntry]) -> Result<MmPlan> {
+/// Decides every mapping of `pid`: its record and which pages hold data. Memory objects
+/// are recorded in `objects`, once for the tree.
+pub fn plan(pid: Pid, maps: &[MapEntry], objects: &mut ShmemDump) -> Result<MmPlan> {
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/pagemap").into(), err: e })?;
     let guards_supported = guard_scan_supported(&pagemap);
@@ -136,7 +139,12 @@ pub fn plan(pid: Pid, maps: &[MapEntry]) -> Result<MmPlan> {
                 return Err(Error::UnsupportedMapping { pid, start: m.start, end: m.end, what: what.clone() })
             }
             MapClass::Special => VmaBacking::Special(m.name.clone()),
-            MapClass::Anonymous | MapClass::SharedAnonymous => VmaBacking::Anonymous,
+            MapClass::Anonymous => VmaBacking::Anonymous,
+            MapClass::Shmem(kind) => {
+                let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+                let (start, end) = (m.start, m.end);
+                VmaBacking::Shmem(objects.intern(pid, &mf, kind.clone(), |what| Error::UnsupportedMapping { pid, start, end, what })?)
+            }
             MapClass::File => {
                 let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
                 let md = std::fs::metadata(&mf)
@@ -156,18 +164,10 @@ pub fn plan(pid: Pid, maps: &[MapEntry]) -> Result<MmPlan> {
             data_offset: 0,
             guards: Vec::new(),
         };
-        let mut shmem = None;
-        match class {
-            MapClass::Anonymous | MapClass::File if !m.shared => {
-                vma.pages = scan_private(pid, &pagemap, m, guards_supported)?;
-            }
-            MapClass::SharedAnonymous => {
-                let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-                let f = File::open(&mf).map_err(|e| Error::Proc { pid, path: mf.into(), err: e })?;
-                vma.pages = shmem_data_runs(&f, m)?;
-                shmem = Some(f);
-            }
-            _ => {}
+        // Private mappings keep their own (copy-on-write) pages; shared ones only refer to
+        // their file or object.
+        if matches!(class, MapClass::Anonymous | MapClass::File | MapClass::Shmem(_)) && !m.shared {
+            vma.pages = scan_private(pid, &pagemap, m, guards_supported)?;
         }
         if guards_supported && !matches!(vma.backing, VmaBacking::Special(_)) {
             vma.guards = scan_runs(pid, &pagemap, m, ScanQuery {
@@ -176,7 +176,7 @@ pub fn plan(pid: Pid, maps: &[MapEntry]) -> Result<MmPlan> {
                 ..Default::default()
             })?;
         }
-        planned.push(Planned { vma, shmem });
+        planned.push(Planned { vma });
     }
     log::debug!("pid {pid}: {} mappings scanned", planned.len());
     Ok(MmPlan { pid, planned })
@@ -215,28 +215,6 @@ fn scan_private(pid: Pid, pagemap: &File, m: &MapEntry, guards: bool) -> Result<
     })
 }
 
-/// Data ranges of a shmem file mapped at `m`, by SEEK_DATA/SEEK_HOLE: pages that exist in
-/// the object even when this process never touched them.
-fn shmem_data_runs(f: &File, m: &MapEntry) -> Result<Vec<PageRun>> {
-    use std::os::fd::AsRawFd;
-    let len = m.end - m.start;
-    let mut runs = Vec::new();
-    let mut off = m.offset;
-    let end = m.offset + len;
-    while off < end {
-        let Some(data) = stasis_sys::proc::seek_data(f.as_raw_fd(), off, false) else { break };
-        if data >= end {
-            break;
-        }
-        let hole = stasis_sys::proc::seek_data(f.as_raw_fd(), data, true).unwrap_or(end).min(end);
-        let s = data & !(PAGE_SIZE - 1);
-        let e = hole.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        runs.push(PageRun { addr: m.start + (s - m.offset), npages: (e - s) / PAGE_SIZE });
-        off = e;
-    }
-    Ok(runs)
-}
-
 /// Bytes each dump worker copies per step: large enough for few system calls, small
 /// enough that hashing finds the bytes still in cache.
 const COPY_CHUNK: usize = 4 << 20;
@@ -245,20 +223,28 @@ const MAX_IOV: usize = 1024;
 /// Dump workers: this machine class has two cores; more only adds contention.
 const COPY_THREADS: usize = 2;
 
-/// A stretch of page data: `len` bytes at `addr` in a target, landing at `data_off`.
+/// Where a stretch of page data comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Mapping `vma` of process `proc` (indexes into the plans); `addr` is an address.
+    Mapping { proc: usize, vma: usize },
+    /// Memory object `obj` (an index of the ShmemDump); `addr` is an offset in it.
+    Object { obj: usize },
+}
+
+/// A stretch of page data: `len` bytes at `addr` of its source, landing at `data_off`.
 #[derive(Clone, Copy)]
 struct Segment {
     data_off: u64,
     addr: u64,
     len: u64,
-    /// Indexes of the process (into the plans) and of the mapping.
-    proc: usize,
-    vma: usize,
+    src: Source,
 }
 
-/// Copies the planned pages of every process into the image in one parallel write,
-/// assigning each mapping its data offset. Returns each process's mapping records.
-pub fn save_all(plans: &mut [Option<MmPlan>], w: &mut ImageWriter) -> Result<Vec<Vec<Vma>>> {
+/// Copies the planned pages of every process, then the data of every memory object, into
+/// the image in one parallel write, assigning each mapping and object its data offset.
+/// Returns each process's mapping records.
+pub fn save_all(plans: &mut [Option<MmPlan>], objects: &mut ShmemDump, w: &mut ImageWriter) -> Result<Vec<Vec<Vma>>> {
     let mut segs = Vec::new();
     let mut total = w.pages_len();
     for (pi, plan) in plans.iter_mut().enumerate() {
@@ -266,10 +252,14 @@ pub fn save_all(plans: &mut [Option<MmPlan>], w: &mut ImageWriter) -> Result<Vec
         for (vi, p) in plan.planned.iter_mut().enumerate() {
             p.vma.data_offset = total;
             for r in &p.vma.pages {
-                segs.push(Segment { data_off: total, addr: r.addr, len: r.len(), proc: pi, vma: vi });
+                segs.push(Segment { data_off: total, addr: r.addr, len: r.len(), src: Source::Mapping { proc: pi, vma: vi } });
                 total += r.len();
             }
         }
+    }
+    for (obj, off, len) in objects.layout(total) {
+        segs.push(Segment { data_off: total, addr: off, len, src: Source::Object { obj } });
+        total += len;
     }
     if !segs.is_empty() {
         let mems: Vec<Option<File>> = plans
@@ -282,8 +272,9 @@ pub fn save_all(plans: &mut [Option<MmPlan>], w: &mut ImageWriter) -> Result<Vec
             })
             .collect::<Result<_>>()?;
         let plans_ref: &[Option<MmPlan>] = plans;
+        let objects_ref: &ShmemDump = objects;
         w.write_pages_parallel(total, COPY_THREADS, COPY_CHUNK, |off, buf: &mut [u8]| -> Result<()> {
-            fill_chunk(plans_ref, &mems, &segs, off, buf)
+            fill_chunk(plans_ref, objects_ref, &mems, &segs, off, buf)
         })?;
     }
     Ok(plans
@@ -292,8 +283,16 @@ pub fn save_all(plans: &mut [Option<MmPlan>], w: &mut ImageWriter) -> Result<Vec
         .collect())
 }
 
-/// The page data at `[off, off + buf.len())`, read from the processes it belongs to.
-fn fill_chunk(plans: &[Option<MmPlan>], mems: &[Option<File>], segs: &[Segment], off: u64, buf: &mut [u8]) -> Result<()> {
+/// The page data at `[off, off + buf.len())`, read from the processes and objects it
+/// belongs to.
+fn fill_chunk(
+    plans: &[Option<MmPlan>],
+    objects: &ShmemDump,
+    mems: &[Option<File>],
+    segs: &[Segment],
+    off: u64,
+    buf: &mut [u8],
+) -> Result<()> {
     // Segments overlapping the window, cut to it.
     let end = off + buf.len() as u64;
     let first = segs.partition_point(|s| s.data_off + s.len <= off);
@@ -309,12 +308,21 @@ fn fill_chunk(plans: &[Option<MmPlan>], mems: &[Option<File>], segs: &[Segment],
     // Consecutive pieces of one mapping go in one call.
     let mut i = 0;
     while i < pieces.len() {
-        let (pi, vi) = (pieces[i].proc, pieces[i].vma);
+        let src = pieces[i].src;
+        let at = (pieces[i].data_off - off) as usize;
+        let (pi, vi) = match src {
+            Source::Object { obj } => {
+                let p = pieces[i];
+                objects.read(obj, p.addr, &mut buf[at..at + p.len as usize])?;
+                i += 1;
+                continue;
+            }
+            Source::Mapping { proc, vma } => (proc, vma),
+        };
         let mut j = i + 1;
-        while j < pieces.len() && (pieces[j].proc, pieces[j].vma) == (pi, vi) && j - i < MAX_IOV {
+        while j < pieces.len() && pieces[j].src == src && j - i < MAX_IOV {
             j += 1;
         }
-        let at = (pieces[i].data_off - off) as usize;
         let len: u64 = pieces[i..j].iter().map(|p| p.len).sum();
         let ranges: Vec<RemoteRange> = pieces[i..j]
             .iter()
@@ -322,32 +330,15 @@ fn fill_chunk(plans: &[Option<MmPlan>], mems: &[Option<File>], segs: &[Segment],
             .collect();
         let (Some(plan), Some(mem)) = (&plans[pi], &mems[pi]) else { unreachable!("segments only of planned processes") };
         let p = &plan.planned[vi];
-        copy_batch(plan.pid, &p.shmem, &p.vma, p.vma.prot & PROT_READ != 0, mem, &ranges, &mut buf[at..at + len as usize])?;
+        copy_batch(plan.pid, p.vma.prot & PROT_READ != 0, mem, &ranges, &mut buf[at..at + len as usize])?;
         i = j;
     }
     Ok(())
 }
 
-/// Fills `out` with the bytes of `ranges`, in order.
-fn copy_batch(
-    pid: Pid,
-    shmem: &Option<File>,
-    vma: &Vma,
-    readable: bool,
-    mem: &File,
-    ranges: &[RemoteRange],
-    out: &mut [u8],
-) -> Result<()> {
+/// Fills `out` with the bytes of `ranges` of a process, in order.
+fn copy_batch(pid: Pid, readable: bool, mem: &File, ranges: &[RemoteRange], out: &mut [u8]) -> Result<()> {
     let mut done = 0usize;
-    if let Some(f) = shmem {
-        for r in ranges {
-            let off = vma.file_offset + (r.addr.0 - vma.start);
-            f.read_exact_at(&mut out[done..done + r.len], off)
-                .map_err(|e| Error::Proc { pid, path: "shared memory object".into(), err: e })?;
-            done += r.len;
-        }
-        return Ok(());
-    }
     if readable {
         done = process_vm_readv(pid, out, ranges).unwrap_or(0);
     }
@@ -405,30 +396,64 @@ pub fn busy_ranges(vmas: &[Vma]) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Descriptor numbers in the restore child for the files its mappings need.
+/// Descriptor numbers in the restore child for the files and memory objects its mappings
+/// need.
 pub struct MapFds {
     /// (backing file, fd number in the child, opened for writing)
     pub files: Vec<(FileRef, i32, bool)>,
+    /// (memory object id, read-write, fd number in the child). A shared mapping that may
+    /// become writable (VM_MAYWRITE) needs a read-write descriptor; any other gets a
+    /// read-only one, so that it stays without VM_MAYWRITE, as a write seal requires.
+    pub objects: Vec<(u64, bool, i32)>,
+}
+
+/// Whether a mapping must be made from a descriptor open for writing.
+fn needs_rw(v: &Vma) -> bool {
+    v.shared && v.flags & vmflags::MAYWRITE != 0
 }
 
 impl MapFds {
-    /// One descriptor per distinct file, numbered from `base`.
+    /// One descriptor per distinct file, then per distinct (object, access), numbered from
+    /// `base`.
     pub fn plan(vmas: &[Vma], base: i32) -> MapFds {
         let mut files: Vec<(FileRef, i32, bool)> = Vec::new();
         for v in vmas {
             if let VmaBacking::File(f) = &v.backing {
-                let rw = v.shared && v.flags & vmflags::MAYWRITE != 0;
+                let rw = needs_rw(v);
                 match files.iter_mut().find(|(g, _, _)| g.path == f.path) {
                     Some(e) => e.2 |= rw,
                     None => files.push((f.clone(), base + files.len() as i32, rw)),
                 }
             }
         }
-        MapFds { files }
+        let mut objects: Vec<(u64, bool, i32)> = Vec::new();
+        for v in vmas {
+            if let VmaBacking::Shmem(id) = v.backing {
+                let rw = needs_rw(v);
+                if !objects.iter().any(|&(i, w, _)| (i, w) == (id, rw)) {
+                    objects.push((id, rw, base + (files.len() + objects.len()) as i32));
+                }
+            }
+        }
+        MapFds { files, objects }
+    }
+
+    /// How many descriptor numbers from `base` the plan uses.
+    pub fn len(&self) -> usize {
+        self.files.len() + self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn fd_of(&self, f: &FileRef) -> i32 {
         self.files.iter().find(|(g, _, _)| g.path == f.path).map(|e| e.1).unwrap_or(-1)
+    }
+
+    fn fd_of_object(&self, v: &Vma, id: u64) -> i32 {
+        let rw = needs_rw(v);
+        self.objects.iter().find(|&&(i, w, _)| (i, w) == (id, rw)).map(|e| e.2).unwrap_or(-1)
     }
 }
 
@@ -549,7 +574,8 @@ impl MmRestore<'_> {
             let mut flags = libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
             let (fd, off) = match &v.backing {
                 VmaBacking::File(f) => (fds.fd_of(f), v.file_offset),
-                _ => {
+                VmaBacking::Shmem(id) => (fds.fd_of_object(v, *id), v.file_offset),
+                VmaBacking::Anonymous | VmaBacking::Special(_) => {
                     flags |= libc::MAP_ANONYMOUS;
                     (-1, 0)
                 }
@@ -689,10 +715,13 @@ mod tests {
         assert_eq!(classify(&entry("[vdso]", false, 0)), MapClass::Special);
         assert_eq!(classify(&entry("", false, 0)), MapClass::Anonymous);
         assert_eq!(classify(&entry("[heap]", false, 0)), MapClass::Anonymous);
-        assert_eq!(classify(&entry("/dev/zero (deleted)", true, 5)), MapClass::SharedAnonymous);
         assert_eq!(classify(&entry("/usr/lib/libc.so.6", false, 9)), MapClass::File);
-        assert!(matches!(classify(&entry("/tmp/x (deleted)", false, 9)), MapClass::Refuse(_)));
-        assert!(matches!(classify(&entry("/memfd:x (deleted)", true, 9)), MapClass::Refuse(_)));
+        // Saved as an object if it is on tmpfs; refused when its file system is seen.
+        assert_eq!(classify(&entry("/tmp/x (deleted)", false, 9)), MapClass::Shmem(ShmemKind::DeletedFile { path: b"/tmp/x".to_vec() }));
+        assert!(matches!(classify(&entry("x (deleted)", false, 9)), MapClass::Refuse(_)));
+        assert_eq!(classify(&entry("/memfd:x (deleted)", true, 9)), MapClass::Shmem(ShmemKind::Memfd { name: b"x".to_vec() }));
+        assert_eq!(classify(&entry("/dev/zero (deleted)", true, 5)), MapClass::Shmem(ShmemKind::Anonymous));
+        assert!(matches!(classify(&entry("/SYSV00000000 (deleted)", true, 9)), MapClass::Refuse(_)));
         assert!(matches!(classify(&entry("[uprobes]", false, 0)), MapClass::Refuse(_)));
     }
 

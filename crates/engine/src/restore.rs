@@ -2,9 +2,11 @@
 //!
 //! 1. Read the image and check everything before any process exists: checksums of every
 //!    byte, host compatibility, the files it needs, limits we can set, every PID and TID
-//!    is free. Open every open file description once (files::DescTable): files, devices,
-//!    pipes and FIFOs with their buffered bytes, descriptors named by --inherit-fd; check
-//!    that every saved file lock is free to take again.
+//!    is free, the memory-object table fits. Create every memory object with its data
+//!    (shmem::ShmemTable), then open every open file description once (files::DescTable):
+//!    files, devices, pipes and FIFOs with their buffered bytes, memory objects,
+//!    descriptors named by --inherit-fd; check that every saved file lock is free to take
+//!    again.
 //! 2. Fork the root with its PID (clone3 set_tid). Each restore child starts its session
 //!    if it led one, forks its own children (zombies included) with their PIDs, then sets
 //!    what a process sets on itself: signal dispositions (all signals blocked),
@@ -17,7 +19,8 @@
 //!    addresses, pending signals, credentials; the last injected call unmaps the helper
 //!    page, and the saved registers and signal mask go in at an interrupt stop, so that
 //!    the kernel's own restart logic continues an interrupted system call.
-//! 4. Detach every thread of every process at the end: all resume together.
+//! 4. Seal the memfds (after every mapping exists: a write seal forbids writable
+//!    mappings), then detach every thread of every process: all resume together.
 //!
 //! Until the detach every restore child dies with its parent (PDEATHSIG, then
 //! PTRACE_O_EXITKILL), and every error kills and reaps them: a failed restore leaves
@@ -28,6 +31,7 @@ use crate::freeze::{read_stat, read_status};
 use crate::inject::Injector;
 use crate::mm::{self, ChildMem, MapFds, MmRestore, HELPER_DATA, HELPER_LEN};
 use crate::pidns::{self, PidMap};
+use crate::shmem::{self, ShmemTable};
 use crate::task::SessionPlan;
 use crate::{files, host, locks, signals, task, threads};
 use stasis_image::{ImageReader, MmRecord, ProcessRecord};
@@ -98,7 +102,7 @@ impl FdPlan {
     fn new(p: &ProcessRecord, inherited_top: i32) -> FdPlan {
         let base = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
         let maps = MapFds::plan(&p.mm.vmas, base + 1);
-        let park = (base + 1 + maps.files.len() as i32 + 1).max(inherited_top);
+        let park = (base + 1 + maps.len() as i32 + 1).max(inherited_top);
         FdPlan { exe: base, maps, park }
     }
 }
@@ -194,10 +198,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
     let helper = mm::find_free(&[&busy], HELPER_LEN)
         .ok_or_else(|| Error::Restore { pid: root_pid, what: "no free address range for the helper page".into() })?;
+    shmem::validate(img, pages.len() as u64)?;
     let root = &img.processes[root_idx];
     let root_session = if root.sid == root.pid { SessionPlan::Leader } else { task::session_plan(root_pid, root.sid, opts.shell_job)? };
-    // Every open file description, created before any process exists.
-    let descs = files::DescTable::open(&img.processes, &img.pipes, &img.fifos, restorer_terminal(), &opts.inherit_fds)?;
+    // Every memory object and open file description, created before any process exists.
+    let objects = ShmemTable::create(&img.shmem, pages.as_slice(), root_pid)?;
+    let descs = files::DescTable::open(&img.processes, &img.pipes, &img.fifos, &objects, restorer_terminal(), &opts.inherit_fds)?;
     for p in &img.processes {
         locks::check(Pid(p.pid), &p.locks, |fd| descs.raw_fd(p, fd))?;
     }
@@ -217,11 +223,16 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         .processes
         .iter()
         .enumerate()
-        .map(|(i, rec)| Plan {
+        .map(|(i, rec)| {
+            let fds = FdPlan::new(rec, inherited_top);
+            let placement = object_placement(&descs, &objects, rec, &fds);
+            (i, rec, fds, placement)
+        })
+        .map(|(i, rec, fds, placement)| Plan {
             rec,
             session: if i == root_idx { root_session } else if rec.sid == rec.pid { SessionPlan::Leader } else { SessionPlan::Inherit },
-            fds: FdPlan::new(rec, inherited_top),
-            placement: descs.placement(rec),
+            fds,
+            placement,
             children: img
                 .processes
                 .iter()
@@ -275,7 +286,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         seize(pids.outer(p.rec.pid))?;
     }
     set_process_groups(&live, helper, &pids)?;
-    let mut memory_bytes = 0;
+    let mut memory_bytes = objects.loaded;
     let mut all_threads: Vec<Pid> = Vec::new();
     for p in &live {
         let mut extra = Vec::new();
@@ -283,6 +294,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         all_threads.extend(extra);
         all_threads.push(pids.outer(p.rec.pid));
     }
+    objects.seal(root_pid)?;
+    drop(objects);
     // All tasks resume together: nothing is detached before every one is ready.
     for t in all_threads {
         ptrace::detach(t, 0).map_err(Error::sys(t, "PTRACE_DETACH"))?;
@@ -298,6 +311,19 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         pid_in_ns: opts.pidns.then_some(root_pid),
         stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes },
     })
+}
+
+/// (saved number, inherited number, close-on-exec) of every descriptor a restore child
+/// places before it stops: its saved descriptors, and the memory objects its mappings
+/// need, at the numbers the FdPlan gave them (close-on-exec: the restorer closes them).
+fn object_placement(descs: &files::DescTable, objects: &ShmemTable, rec: &ProcessRecord, fds: &FdPlan) -> Vec<(i32, i32, bool)> {
+    let mut placement = descs.placement(rec);
+    for &(id, rw, at) in &fds.maps.objects {
+        if let Some(ours) = objects.fd(id, rw) {
+            placement.push((at, ours, true));
+        }
+    }
+    placement
 }
 
 /// Reads the children's reports until every one has closed the status pipe.

@@ -24,6 +24,10 @@ pub struct Image {
     /// Named pipes (FIFOs) open in the image, with the bytes sitting in their buffers.
     #[serde(default)]
     pub fifos: Vec<FifoRecord>,
+    /// Memory objects mapped or held by the processes (shared anonymous memory, memfd,
+    /// deleted tmpfs files), each saved once however many processes use it.
+    #[serde(default)]
+    pub shmem: Vec<ShmemRecord>,
     /// Filled by the writer: page data is hashed in blocks of this many bytes.
     pub page_block_size: u64,
     pub page_block_hashes: Vec<u64>,
@@ -255,6 +259,10 @@ pub enum VmaBacking {
     File(FileRef),
     /// A mapping the kernel provides ([vdso], [vvar], [vvar_vclock]); never saved, moved.
     Special(String),
+    /// A mapping of the memory object `Image::shmem[..].id` at `Vma::file_offset`. Shared:
+    /// nothing saved with the mapping (the object holds the data); private: the pages
+    /// written (copy-on-write copies), like a private file mapping.
+    Shmem(u64),
 }
 
 /// `npages` pages starting at `addr`.
@@ -305,6 +313,9 @@ pub enum FdKind {
     /// A named pipe opened by path (read, write or both, as `flags` say); its buffer is
     /// the `Image::fifos` record with the same device and inode.
     Fifo { file: FileRef, flags: i32 },
+    /// A descriptor of the memory object `id` of `Image::shmem` (a memfd, a deleted tmpfs
+    /// file, shared anonymous memory opened through /proc), at its offset with its flags.
+    Shmem { id: u64, flags: i32, pos: u64 },
 }
 
 impl FdKind {
@@ -315,6 +326,7 @@ impl FdKind {
             FdKind::Terminal { .. } => "tty",
             FdKind::Pipe { .. } => "pipe",
             FdKind::Fifo { .. } => "fifo",
+            FdKind::Shmem { .. } => "shmem",
         }
     }
 }
@@ -342,6 +354,59 @@ pub struct FifoRecord {
     pub capacity: u32,
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+}
+
+/// A memory object used by the processes of the image, saved once: mapped with
+/// `VmaBacking::Shmem(id)` and/or held as `FdKind::Shmem { id, .. }`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShmemRecord {
+    /// Unique in the image, non-zero.
+    pub id: u64,
+    pub kind: ShmemKind,
+    /// Size of the object in bytes (`st_size`).
+    pub size: u64,
+    /// Permission bits of the inode.
+    pub mode: u32,
+    /// Owner of the inode.
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
+    /// `F_GET_SEALS` of a memfd (`F_SEAL_SEAL` alone for one created without
+    /// `MFD_ALLOW_SEALING`); zero for other kinds.
+    pub seals: u32,
+    /// The object's data ranges, as runs of `npages` pages starting at byte offset `addr`
+    /// of the object (holes are not saved); their bytes follow one another in the page data
+    /// from `data_offset`.
+    pub pages: Vec<PageRun>,
+    pub data_offset: u64,
+}
+
+impl ShmemRecord {
+    pub fn data_len(&self) -> u64 {
+        self.pages.iter().map(|r| r.len()).sum()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ShmemKind {
+    /// `MAP_SHARED|MAP_ANONYMOUS` memory (the kernel's "/dev/zero (deleted)" shmem file).
+    Anonymous,
+    /// `memfd_create(name)`: the name without the "memfd:" prefix.
+    Memfd { #[serde(with = "serde_bytes")] name: Vec<u8> },
+    /// A tmpfs file (such as a POSIX shared memory object in /dev/shm) unlinked while
+    /// still mapped or open: its path before it was unlinked.
+    DeletedFile { #[serde(with = "serde_bytes")] path: Vec<u8> },
+}
+
+impl ShmemKind {
+    pub fn describe(&self) -> String {
+        match self {
+            ShmemKind::Anonymous => "shared anonymous memory".into(),
+            ShmemKind::Memfd { name } => format!("memfd:{}", String::from_utf8_lossy(name)),
+            ShmemKind::DeletedFile { path } => format!("{} (deleted)", String::from_utf8_lossy(path)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

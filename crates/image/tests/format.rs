@@ -82,6 +82,7 @@ fn sample() -> Image {
         pipes: vec![],
         pid_namespace: false,
         fifos: vec![],
+        shmem: vec![],
         page_block_size: 0,
         page_block_hashes: vec![],
     }

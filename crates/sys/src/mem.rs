@@ -63,6 +63,27 @@ impl LocalMapping {
         Ok(LocalMapping { ptr: p as *mut u8, len })
     }
 
+    /// `mmap(NULL, len, PROT_READ|PROT_WRITE, MAP_SHARED|MAP_ANONYMOUS)`: a new shmem
+    /// object of `len` bytes (the kernel's "/dev/zero (deleted)" file), reachable by others
+    /// through /proc/self/map_files while mapped.
+    pub fn shared_anonymous(len: usize) -> SysResult<LocalMapping> {
+        // SAFETY: a fresh anonymous mapping aliases no Rust object.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        Ok(LocalMapping { ptr: p as *mut u8, len })
+    }
+
     /// `mmap(NULL, len, PROT_READ, MAP_SHARED [| MAP_POPULATE], fd, off)`: a read-only view
     /// of a file.
     pub fn file_readonly(

@@ -445,3 +445,33 @@ pub fn get_lock(fd: RawFd, cmd: i32, write: bool, start: u64, len: u64) -> SysRe
     cvt(unsafe { libc::fcntl(fd, cmd, &mut fl) } as libc::c_long)?;
     Ok((fl.l_type as i32, fl.l_pid))
 }
+
+/// `memfd_create(name, flags)`.
+pub fn memfd_create(name: &[u8], flags: u32) -> SysResult<OwnedFd> {
+    let c = CString::new(name).map_err(|_| Errno(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call.
+    let fd = cvt(unsafe { libc::memfd_create(c.as_ptr(), flags) } as libc::c_long)?;
+    // SAFETY: the kernel just returned this new descriptor; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `fstatfs(fd)`: the `f_type` magic number of the file system holding the file.
+pub fn fs_type(fd: RawFd) -> SysResult<i64> {
+    // SAFETY: statfs is plain old data; zeroed is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out buffer for the call.
+    cvt(unsafe { libc::fstatfs(fd, &mut st) } as libc::c_long)?;
+    Ok(st.f_type as i64)
+}
+
+/// `fcntl(fd, F_GET_SEALS)`.
+pub fn get_seals(fd: RawFd) -> SysResult<u32> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GET_SEALS) } as libc::c_long).map(|v| v as u32)
+}
+
+/// `fcntl(fd, F_ADD_SEALS, seals)`.
+pub fn add_seals(fd: RawFd, seals: u32) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals as libc::c_int) } as libc::c_long).map(drop)
+}
