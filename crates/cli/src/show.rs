@@ -399,6 +399,8 @@ fn file_report(f: &stasis_image::FdRecord) -> FileReport {
         FdKind::Pipe { ino, write, flags } => {
             (format!("pipe:[{ino}] ({} end)", if *write { "write" } else { "read" }), *flags, None)
         }
+        FdKind::PtyMaster { index, flags } => (format!("/dev/ptmx (master of /dev/pts/{index})"), *flags, None),
+        FdKind::PtySlave { index, flags } => (format!("/dev/pts/{index}"), *flags, None),
     };
     FileReport {
         fd: f.fd,

@@ -23,6 +23,7 @@ pub mod restore;
 pub mod signals;
 pub mod task;
 pub mod threads;
+pub mod tty;
 
 pub use dump::{dump, DumpOptions, DumpStats};
 pub use error::Error;

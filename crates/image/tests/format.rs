@@ -77,8 +77,10 @@ fn sample() -> Image {
             no_new_privs: false,
             personality: 0,
             zombie_status: None,
+            ctty: None,
         }],
         pipes: vec![],
+        ptys: vec![],
         page_block_size: 0,
         page_block_hashes: vec![],
     }
