@@ -299,3 +299,87 @@ fn bash_under_python_pty_fork_one_round() {
 fn bash_under_python_pty_fork_three_rounds() {
     python_pty(3);
 }
+
+// ---------------------------------------------------------------------------
+// --shell-job: a session leader whose controlling terminal is the shell's
+//
+// `setsid -c` in a shell under `script` makes the counter fixture lead a
+// session of its own with script's terminal as controlling terminal. It is
+// refused without --shell-job; with it, a restore under another `script`
+// gives it the restoring terminal as its controlling terminal (taken from
+// the restoring shell's session), with its group in the foreground, and its
+// PASS arrives on that terminal.
+
+/// `script -qec CMD /dev/null` with its terminal output going to `output`.
+fn spawn_in_pty(shell_cmd: &str, output: &Path, what: &str) -> Proc {
+    let mut cmd = hermetic_command("script");
+    cmd.args(["-qec", shell_cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(output).expect("create script output"))
+        .stderr(Stdio::null());
+    Proc::spawned(cmd.spawn().expect("spawning script (util-linux)"), what)
+}
+
+fn shell_quote(s: &std::ffi::OsStr) -> String {
+    format!("'{}'", s.to_str().expect("UTF-8 path").replace('\'', r"'\''"))
+}
+
+/// The process whose command line is exactly `argv`.
+fn find_by_argv(argv: &[&std::ffi::OsStr]) -> Option<i32> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.as_encoded_bytes().iter().copied().chain([0])).collect();
+    fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .find(|pid: &i32| fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+}
+
+#[test]
+fn a_session_leader_on_the_shell_terminal_gets_the_restoring_terminal() {
+    init();
+    let dir = TempDir::new("shell-job-leader");
+    let bin = fixture_path("counter");
+    let fifo = dir.join("ready");
+    let mut ready = open_ready_fifo(&fifo);
+    let job = format!("setsid -c {} {}; true", shell_quote(bin.as_os_str()), shell_quote(fifo.as_os_str()));
+    let mut script = spawn_in_pty(&job, &dir.join("pty-before"), "script (original)");
+    wait_ready(&mut ready, script.pid()).expect("fixture in script");
+    let pid = find_by_argv(&[bin.as_os_str(), fifo.as_os_str()]).expect("fixture process");
+    let mut original = Proc::adopted(pid, "counter under setsid -c");
+    let [_, pgrp, sid, tty, tpgid] = links(pid);
+    assert_eq!((pgrp, sid, tpgid), (pid, pid, pid), "setsid -c: a session leader in the foreground");
+    assert_eq!(tty, tty_nr_of_fd(pid, 0), "its controlling terminal is script's");
+
+    let image = dir.join("img");
+    assert_refused(&dump_args(pid, &image, &[]), &["--shell-job"]);
+    assert!(is_alive(pid), "the fixture died after a refused dump");
+    stasis_ok(&dump_args(pid, &image, &["--shell-job"]));
+    script.wait(EXIT_TIMEOUT);
+    wait_until(EXIT_TIMEOUT, "the dumped fixture is gone", || proc_state(pid).is_none());
+    original.disown();
+
+    let pidfile = dir.join("pid");
+    let restore = format!(
+        "{} restore --shell-job -D {} --pidfile {}",
+        shell_quote(std::ffi::OsStr::new(env!("CARGO_BIN_EXE_stasis"))),
+        shell_quote(image.as_os_str()),
+        shell_quote(pidfile.as_os_str())
+    );
+    let output = dir.join("pty-after");
+    let mut script = spawn_in_pty(&restore, &output, "script (restore)");
+    wait_until(COMMAND_TIMEOUT, "the restored fixture runs", || {
+        assert!(is_alive(script.pid()), "script exited: {}", fs::read_to_string(&output).unwrap_or_default());
+        pidfile.exists() && is_alive(pid)
+    });
+    let mut restored = Proc::adopted(pid, "counter restored in script");
+    let (_, stasis) = proc_state(pid).expect("restored process");
+    let [_, pgrp, sid, tty, tpgid] = links(pid);
+    assert_eq!((pgrp, sid, tpgid), (pid, pid, pid), "restored: a session leader in the foreground");
+    assert_eq!(tty, tty_nr_of_fd(stasis, 0), "restored: its controlling terminal is the restoring one");
+
+    restored.signal(libc::SIGTERM);
+    let status = script.wait(EXIT_TIMEOUT);
+    restored.disown(); // reaped by its parent, stasis restore
+    let text = fs::read_to_string(&output).expect("read pty output");
+    let last = text.lines().map(|l| l.trim_end_matches('\r')).rfind(|l| !l.is_empty());
+    assert!(status.success() && last == Some("PASS"), "{status}, terminal output:\n{text}");
+}
