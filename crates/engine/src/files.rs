@@ -88,6 +88,8 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool) -> Result<DumpedFds> {
             } else if let Some(index) = crate::tty::pts_index(rdev) {
                 // Inside the tree or not is decided once every process is known.
                 FdKind::PtySlave { index, flags }
+            } else if major(rdev) == 5 && minor(rdev) == 0 && !shell_job {
+                return Err(unsupported(format!("{link_str} (the controlling terminal opened by that name)")));
             } else if is_tty_major(major(rdev)) {
                 if !shell_job {
                     return Err(Error::TerminalNeedsShellJob { pid, fd, path: link_str });

@@ -306,7 +306,7 @@ fn set_process_groups(live: &[&Plan], helper: u64) -> Result<()> {
         ChildMem::open(pid)?.write(at, &fg.to_le_bytes())?;
         let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
         let mut inj = Injector::new(pid, pid, helper, regs);
-        inj.call("ioctl(TIOCSPGRP)", libc::SYS_ioctl, [p.fds.tty as u64, libc::TIOCSPGRP as u64, at, 0, 0, 0])?;
+        inj.call("ioctl(TIOCSPGRP)", libc::SYS_ioctl, [p.fds.tty as u64, libc::TIOCSPGRP, at, 0, 0, 0])?;
     }
     Ok(())
 }
