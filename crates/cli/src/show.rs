@@ -442,6 +442,8 @@ fn file_report(f: &stasis_image::FdRecord, locks: &[stasis_image::LockRecord]) -
         }
         FdKind::Fifo { file, flags } => (file.display(), *flags, None),
         FdKind::Shmem { id, flags, pos } => (format!("object {id}"), *flags, Some(*pos)),
+        FdKind::PtyMaster { index, flags } => (format!("/dev/ptmx (master of /dev/pts/{index})"), *flags, None),
+        FdKind::PtySlave { index, flags } => (format!("/dev/pts/{index}"), *flags, None),
     };
     FileReport {
         fd: f.fd,

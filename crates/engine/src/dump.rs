@@ -13,7 +13,7 @@ use crate::freeze::{read_stat, read_status, Frozen};
 use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
 use crate::shmem::ShmemDump;
-use crate::{fifo, files, host, locks, mm, pidns, signals, task, threads};
+use crate::{fifo, files, host, locks, mm, pidns, signals, task, threads, tty};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
 use stasis_sys::Pid;
 use std::path::PathBuf;
@@ -153,7 +153,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     let frozen_at = Instant::now();
     let mut members = freeze_tree(root)?;
     log::debug!("pid {root}: froze a tree of {} processes", members.len());
-    let (mut image, nthreads) = collect_tree(root, &mut members, &mut writer, opts, host)?;
+    let (mut image, nthreads, drained) = collect_tree(root, &mut members, &mut writer, opts, host)?;
     let memory_bytes = writer.pages_len();
     log::debug!("pid {root}: state collected, {memory_bytes} bytes of pages written");
     // A tree that runs on needs no durable image to be safe: release it before the
@@ -161,13 +161,18 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     // complete on disk, or a failed write would lose it.
     let frozen_for;
     let frozen: Vec<Frozen> = members.into_iter().filter_map(|m| m.frozen).collect();
+    // Declared after `frozen`, so dropped first: on an error below, the bytes read out of
+    // terminals go back while the tree is still frozen.
+    let drained = drained;
     let image_bytes = if opts.leave_running {
+        drained.put_back()?;
         release_all(frozen)?;
         frozen_for = frozen_at.elapsed();
         writer.finish(&mut image)?
     } else {
         let n = writer.finish(&mut image)?;
         kill_all(frozen)?;
+        drained.discard();
         frozen_for = frozen_at.elapsed();
         n
     };
@@ -206,14 +211,16 @@ fn kill_all(frozen: Vec<Frozen>) -> Result<()> {
 }
 
 /// Collects every process, then what the processes share: open file descriptions
-/// (numbered across the tree), pipes, and page data (one parallel write for all).
+/// (numbered across the tree), pipes, pseudo-terminals and controlling terminals, and
+/// page data (one parallel write for all). The bytes read out of terminals come back
+/// with the guard that puts them back.
 fn collect_tree(
     root: Pid,
     members: &mut [Member],
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     host: stasis_image::HostInfo,
-) -> Result<(Image, usize)> {
+) -> Result<(Image, usize, tty::Drained)> {
     let tasks: Vec<(Pid, Vec<Pid>)> = members
         .iter()
         .map(|m| (m.pid, m.frozen.as_ref().map(|f| f.threads.iter().map(|t| t.tid).collect()).unwrap_or_default()))
@@ -245,6 +252,12 @@ fn collect_tree(
     }
     refuse_shared_tables(&procs)?;
     files::assign_descriptions(&mut fds)?;
+    let masters = {
+        let mut recs: Vec<(Pid, &mut Vec<stasis_image::FdRecord>)> =
+            fds.iter_mut().map(|(pid, d)| (*pid, &mut d.records)).collect();
+        tty::resolve_slaves(&mut recs, opts.shell_job)?
+    };
+    tty::controlling_ttys(&mut procs, &masters, opts.shell_job)?;
     let views: Vec<(Pid, &std::os::fd::OwnedFd, &[stasis_image::FdRecord])> = fds
         .iter()
         .filter_map(|(pid, d)| pidfds.iter().find(|(p, _)| p == pid).map(|(_, fd)| (*pid, fd, d.records.as_slice())))
@@ -254,6 +267,8 @@ fn collect_tree(
     let held: Vec<locks::ProcLocks> =
         fds.iter().map(|(pid, d)| (*pid, d.records.as_slice(), d.locks.as_slice())).collect();
     let lock_recs = locks::assign(&held);
+    // Last of the checks that may refuse: from here on bytes are read out of terminals.
+    let (ptys, drained) = tty::dump_ptys(&masters, &pidfds)?;
     for ((rec, (_, d)), l) in procs.iter_mut().zip(fds).zip(lock_recs) {
         rec.fds = d.records;
         rec.locks = l;
@@ -280,10 +295,11 @@ fn collect_tree(
         pipes,
         fifos,
         shmem: seen.objects.into_records(),
+        ptys,
         page_block_size: 0,
         page_block_hashes: Vec::new(),
     };
-    Ok((image, nthreads))
+    Ok((image, nthreads, drained))
 }
 
 /// Processes created with CLONE_VM (vfork), CLONE_FILES, CLONE_FS or CLONE_SIGHAND share
@@ -353,6 +369,7 @@ fn zombie_record(pid: Pid) -> Result<ProcessRecord> {
         personality: 0,
         zombie_status: Some(status),
         locks: Vec::new(),
+        ctty: None,
     })
 }
 
@@ -449,6 +466,7 @@ fn collect_process(
         personality: ts.personality,
         zombie_status: None,
         locks: Vec::new(),
+        ctty: None,
     };
     Ok((process, fds, mm_plan))
 }

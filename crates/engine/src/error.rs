@@ -21,6 +21,8 @@ pub enum Error {
     UnsupportedFd { pid: Pid, fd: i32, kind: String },
     #[error("pid {pid}: fd {fd} is a terminal ({path}); dump with --shell-job to let restore attach it to the restoring terminal")]
     TerminalNeedsShellJob { pid: Pid, fd: i32, path: String },
+    #[error("pid {pid}: fd {fd} is /dev/pts/{index}, a pseudo-terminal whose master is outside the dumped tree; dump with --shell-job to let restore attach it to the restoring terminal")]
+    PtyMasterOutside { pid: Pid, fd: i32, index: u32 },
     #[error("pid {pid}: mapping {start:#x}-{end:#x} ({what}) is not supported yet")]
     UnsupportedMapping { pid: Pid, start: u64, end: u64, what: String },
     #[error("pid {pid}: {op}: {errno}")]

@@ -1,7 +1,8 @@
 //! File descriptors: regular files and directories (by path, offset and flags), stateless
-//! character devices (/dev/null, /dev/zero, ...), terminals under --shell-job, pipes, and
+//! character devices (/dev/null, /dev/zero, ...), terminals under --shell-job, pipes,
 //! FIFOs (see fifo.rs), memory objects (memfd, deleted tmpfs files; their data is saved by
-//! the shmem module). The file locks each descriptor shows go to locks.rs.
+//! the shmem module) and pseudo-terminal pairs inside the tree (their state lives in the
+//! tty module). The file locks each descriptor shows go to locks.rs.
 //!
 //! Dump takes its own duplicate of each descriptor with pidfd_getfd to fstat it, and reads
 //! position and flags from /proc/PID/fdinfo. Anything else is refused, naming the
@@ -20,13 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-fn major(rdev: u64) -> u64 {
-    ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff)
-}
-
-fn minor(rdev: u64) -> u64 {
-    (rdev & 0xff) | ((rdev >> 12) & !0xff)
-}
+use crate::tty::{major, minor};
 
 /// Terminal majors: ttyN/ttySN (4), /dev/tty, console, ptmx (5), pty slaves (136-143).
 fn is_tty_major(maj: u64) -> bool {
@@ -100,6 +95,14 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool, objects: &mut ShmemDump)
             let rdev = md.rdev();
             if is_stateless_chardev(rdev) {
                 FdKind::CharDevice { path: link_bytes, rdev, flags }
+            } else if crate::tty::is_ptmx(rdev) {
+                let index = stasis_sys::tty::pty_index(own.as_raw_fd()).map_err(Error::sys(pid, "TIOCGPTN"))?;
+                FdKind::PtyMaster { index, flags }
+            } else if let Some(index) = crate::tty::pts_index(rdev) {
+                // Inside the tree or not is decided once every process is known.
+                FdKind::PtySlave { index, flags }
+            } else if major(rdev) == 5 && minor(rdev) == 0 && !shell_job {
+                return Err(unsupported(format!("{link_str} (the controlling terminal opened by that name)")));
             } else if is_tty_major(major(rdev)) {
                 if !shell_job {
                     return Err(Error::TerminalNeedsShellJob { pid, fd, path: link_str });
@@ -240,7 +243,12 @@ pub fn check(pid: Pid, fds: &[FdRecord]) -> Result<()> {
                 fifo::check(pid, r, file)?;
                 continue;
             }
-            FdKind::CharDevice { .. } | FdKind::Terminal { .. } | FdKind::Pipe { .. } | FdKind::Shmem { .. } => continue,
+            FdKind::CharDevice { .. }
+            | FdKind::Terminal { .. }
+            | FdKind::Pipe { .. }
+            | FdKind::Shmem { .. }
+            | FdKind::PtyMaster { .. }
+            | FdKind::PtySlave { .. } => continue,
         };
         let md = std::fs::metadata(Path::new(std::ffi::OsStr::from_bytes(&file.path))).map_err(|e| {
             Error::FileChanged { pid, path: file.display(), what: format!("(fd {}) is gone: {e}", r.fd) }
@@ -279,6 +287,8 @@ pub fn desc_key(pid: i32, r: &FdRecord) -> u64 {
 /// them and keeps the ones it needs: descriptions shared across fork stay shared.
 pub struct DescTable {
     fds: std::collections::HashMap<u64, OwnedFd>,
+    /// Pseudo-terminal pairs by saved index.
+    ptys: std::collections::HashMap<u32, crate::tty::Pair>,
 }
 
 impl DescTable {
@@ -289,10 +299,21 @@ impl DescTable {
         pipes: &[stasis_image::PipeRecord],
         fifos: &[stasis_image::FifoRecord],
         objects: &ShmemTable,
+        ptys: &[stasis_image::PtyRecord],
         terminal: Option<i32>,
         inherited: &[(i32, String)],
     ) -> Result<DescTable> {
         let mut fds: std::collections::HashMap<u64, OwnedFd> = Default::default();
+        let mut pairs: std::collections::HashMap<u32, crate::tty::Pair> = Default::default();
+        for rec in ptys {
+            pairs.insert(rec.index, crate::tty::create(rec)?);
+        }
+        let pair = |pid: Pid, fd: i32, index: u32| {
+            pairs.get(&index).ok_or_else(|| Error::Restore {
+                pid,
+                what: format!("fd {fd}: /dev/pts/{index} has no pseudo-terminal record"),
+            })
+        };
         // Pipe ends already created, by (inode, write end).
         let mut pipe_ends: std::collections::HashMap<(u64, bool), i32> = Default::default();
         // Held until every description is open, then dropped: see fifo.rs.
@@ -371,11 +392,29 @@ impl DescTable {
                         set_flags(pid, &fd, *flags)?;
                         fd
                     }
+                    FdKind::PtyMaster { index, flags } => {
+                        // A master has one open file description (opening /dev/ptmx
+                        // again makes a new pair).
+                        let m = pair(pid, r.fd, *index)?.master.as_raw_fd();
+                        let fd = stasis_sys::proc::owned(stasis_sys::proc::dup_at_least(m, 3).map_err(Error::sys(pid, "dup"))?);
+                        set_flags(pid, &fd, *flags)?;
+                        fd
+                    }
+                    FdKind::PtySlave { index, flags } => crate::tty::open_slave(pair(pid, r.fd, *index)?, *flags)?,
                 };
                 fds.insert(key, fd);
             }
         }
-        Ok(DescTable { fds })
+        for p in pairs.values() {
+            crate::tty::finish(p)?;
+        }
+        Ok(DescTable { fds, ptys: pairs })
+    }
+
+    /// The restorer's slave description of pair `index` (for a session leader's
+    /// TIOCSCTTY and TIOCSPGRP).
+    pub fn pty_slave(&self, index: u32) -> Option<i32> {
+        self.ptys.get(&index).map(|p| p.slave.as_raw_fd())
     }
 
     /// Our copy of the description behind descriptor `fd` of a process.

@@ -27,6 +27,7 @@ pub mod shmem;
 pub mod signals;
 pub mod task;
 pub mod threads;
+pub mod tty;
 
 pub use dump::{dump, DumpOptions, DumpStats};
 pub use error::Error;

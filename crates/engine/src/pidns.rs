@@ -76,6 +76,9 @@ impl TreeView {
                     _ => 0,
                 },
             };
+            if let Some(c) = r.ctty.as_mut() {
+                c.fg_pgrp = self.map.get(&c.fg_pgrp).copied().unwrap_or(c.fg_pgrp);
+            }
             for t in r.threads.iter_mut() {
                 t.tid = self.inner(ours, t.tid)?;
             }

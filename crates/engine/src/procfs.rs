@@ -83,6 +83,8 @@ pub struct Stat {
     pub pgrp: i32,
     pub session: i32,
     pub tty_nr: i32,
+    /// Foreground process group of the controlling terminal (-1: none).
+    pub tpgid: i32,
     pub flags: u32,
     pub num_threads: i64,
     pub start_code: u64,
@@ -126,6 +128,7 @@ pub fn parse_stat(text: &str) -> Result<Stat, String> {
         pgrp: int(5)? as i32,
         session: int(6)? as i32,
         tty_nr: int(7)? as i32,
+        tpgid: int(8)? as i32,
         flags: num(9)? as u32,
         num_threads: int(20)?,
         start_code: num(26)?,

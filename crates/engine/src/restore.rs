@@ -33,7 +33,7 @@ use crate::mm::{self, ChildMem, MapFds, MmRestore, HELPER_DATA, HELPER_LEN};
 use crate::pidns::{self, PidMap};
 use crate::shmem::{self, ShmemTable};
 use crate::task::SessionPlan;
-use crate::{files, host, locks, signals, task, threads};
+use crate::{files, host, locks, signals, task, threads, tty};
 use stasis_image::{ImageReader, MmRecord, ProcessRecord};
 use stasis_sys::proc::{self as sp, Forked};
 use stasis_sys::ptrace::{self, WaitStatus};
@@ -91,6 +91,9 @@ const CAP_SYS_RESOURCE: u64 = 24;
 struct FdPlan {
     exe: i32,
     maps: MapFds,
+    /// A session leader keeps its controlling terminal here until the restorer has set
+    /// the foreground process group through it.
+    tty: i32,
     /// The child parks its own descriptors (status and wait pipes, inherited
     /// descriptions) at or above this.
     park: i32,
@@ -102,8 +105,9 @@ impl FdPlan {
     fn new(p: &ProcessRecord, inherited_top: i32) -> FdPlan {
         let base = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
         let maps = MapFds::plan(&p.mm.vmas, base + 1);
-        let park = (base + 1 + maps.len() as i32 + 1).max(inherited_top);
-        FdPlan { exe: base, maps, park }
+        let tty = base + 1 + maps.len() as i32;
+        let park = (tty + 1).max(inherited_top);
+        FdPlan { exe: base, maps, tty, park }
     }
 }
 
@@ -123,6 +127,8 @@ struct Plan<'a> {
     placement: Vec<(i32, i32, bool)>,
     /// Indexes of the children to fork, zombies included.
     children: Vec<usize>,
+    /// A session leader's controlling terminal.
+    ctty: Option<tty::CttyPlan>,
     parent: Pid,
 }
 
@@ -203,7 +209,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let root_session = if root.sid == root.pid { SessionPlan::Leader } else { task::session_plan(root_pid, root.sid, opts.shell_job)? };
     // Every memory object and open file description, created before any process exists.
     let objects = ShmemTable::create(&img.shmem, pages.as_slice(), root_pid)?;
-    let descs = files::DescTable::open(&img.processes, &img.pipes, &img.fifos, &objects, restorer_terminal(), &opts.inherit_fds)?;
+    let descs = files::DescTable::open(&img.processes, &img.pipes, &img.fifos, &objects, &img.ptys, restorer_terminal(), &opts.inherit_fds)?;
     for p in &img.processes {
         locks::check(Pid(p.pid), &p.locks, |fd| descs.raw_fd(p, fd))?;
     }
@@ -224,13 +230,17 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         .iter()
         .enumerate()
         .map(|(i, rec)| {
+            let session = if i == root_idx { root_session } else if rec.sid == rec.pid { SessionPlan::Leader } else { SessionPlan::Inherit };
+            let ctty = match session {
+                SessionPlan::Leader => tty::plan_ctty(rec, &img.processes, |i| descs.pty_slave(i), restorer_terminal())?,
+                SessionPlan::Inherit => None,
+            };
             let fds = FdPlan::new(rec, inherited_top);
             let placement = object_placement(&descs, &objects, rec, &fds);
-            (i, rec, fds, placement)
-        })
-        .map(|(i, rec, fds, placement)| Plan {
+            Ok(Plan {
             rec,
-            session: if i == root_idx { root_session } else if rec.sid == rec.pid { SessionPlan::Leader } else { SessionPlan::Inherit },
+            session,
+            ctty,
             fds,
             placement,
             children: img
@@ -242,7 +252,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 .collect(),
             parent: if i == root_idx { root_parent } else { Pid(rec.ppid) },
         })
-        .collect();
+        })
+        .collect::<Result<_>>()?;
     let validate = t0.elapsed();
     let shared = Shared {
         plans,
@@ -380,6 +391,17 @@ fn set_process_groups(live: &[&Plan], helper: u64, pids: &PidMap) -> Result<()> 
             inj.call("setpgid", libc::SYS_setpgid, [0, r.pgid as u64, 0, 0, 0, 0])?;
         }
     }
+    // Foreground groups of controlling terminals, now that the groups exist. The leader
+    // blocks every signal, so this cannot stop it with SIGTTOU.
+    for p in live {
+        let Some(fg) = p.ctty.and_then(|c| c.fg_pgrp) else { continue };
+        let pid = pids.outer(p.rec.pid);
+        let at = helper + HELPER_DATA;
+        ChildMem::open(pid)?.write(at, &fg.to_le_bytes())?;
+        let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
+        let mut inj = Injector::new(pid, pid, helper, regs);
+        inj.call("ioctl(TIOCSPGRP)", libc::SYS_ioctl, [p.fds.tty as u64, libc::TIOCSPGRP, at, 0, 0, 0])?;
+    }
     Ok(())
 }
 
@@ -507,6 +529,10 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32) -> std::result::
     // A session leader starts its session before forking, so its children are in it.
     if plan.session == SessionPlan::Leader {
         sp::setsid().map_err(|e| format!("setsid: {e}"))?;
+        // Before forking: children inherit the controlling terminal at fork.
+        if let Some(c) = &plan.ctty {
+            stasis_sys::tty::set_controlling_tty(c.fd, c.steal).map_err(|e| format!("TIOCSCTTY: {e}"))?;
+        }
     }
     for &c in &plan.children {
         fork_process(shared, c).map_err(|e| e.to_string())?;
@@ -516,7 +542,14 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32) -> std::result::
     let status_hi = park(*status_fd)?;
     *status_fd = status_hi;
     let wait_hi = park(shared.wait_fd)?;
+    let tty_hi = match &plan.ctty {
+        Some(c) if c.fg_pgrp.is_some() => Some(park(c.fd)?),
+        _ => None,
+    };
     files::restore_in_child(&plan.placement, plan.fds.park)?;
+    if let Some(t) = tty_hi {
+        sp::dup3(t, plan.fds.tty, libc::O_CLOEXEC).map_err(|e| format!("dup3 to {}: {e}", plan.fds.tty))?;
+    }
     let place = |fd: OwnedFd, at: i32| -> std::result::Result<(), String> {
         let raw = fd.into_raw_fd();
         if raw == at {

@@ -28,6 +28,9 @@ pub struct Image {
     /// deleted tmpfs files), each saved once however many processes use it.
     #[serde(default)]
     pub shmem: Vec<ShmemRecord>,
+    /// Pseudo-terminal pairs whose master is held in the image.
+    #[serde(default)]
+    pub ptys: Vec<PtyRecord>,
     /// Filled by the writer: page data is hashed in blocks of this many bytes.
     pub page_block_size: u64,
     pub page_block_hashes: Vec<u64>,
@@ -94,6 +97,19 @@ pub struct ProcessRecord {
     /// locks recorded with one process only).
     #[serde(default)]
     pub locks: Vec<LockRecord>,
+    /// The process's controlling terminal (none in images from before it was recorded).
+    #[serde(default)]
+    pub ctty: Option<ControllingTty>,
+}
+
+/// A controlling terminal, as /proc/PID/stat shows it (tty_nr, tpgid).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ControllingTty {
+    /// The slave /dev/pts/N of a pair in the image (`Image::ptys`); `None`: a terminal
+    /// outside the image, which --shell-job replaces by the restoring terminal.
+    pub pty: Option<u32>,
+    /// The terminal's foreground process group.
+    pub fg_pgrp: i32,
 }
 
 /// One file lock, held through descriptor `fd` of the process whose record lists it.
@@ -316,6 +332,10 @@ pub enum FdKind {
     /// A descriptor of the memory object `id` of `Image::shmem` (a memfd, a deleted tmpfs
     /// file, shared anonymous memory opened through /proc), at its offset with its flags.
     Shmem { id: u64, flags: i32, pos: u64 },
+    /// The master (/dev/ptmx) of the pseudo-terminal pair `index` (see `Image::ptys`).
+    PtyMaster { index: u32, flags: i32 },
+    /// The slave /dev/pts/`index` of a pair whose master is in the image.
+    PtySlave { index: u32, flags: i32 },
 }
 
 impl FdKind {
@@ -327,6 +347,8 @@ impl FdKind {
             FdKind::Pipe { .. } => "pipe",
             FdKind::Fifo { .. } => "fifo",
             FdKind::Shmem { .. } => "shmem",
+            FdKind::PtyMaster { .. } => "ptmx",
+            FdKind::PtySlave { .. } => "pts",
         }
     }
 }
@@ -407,6 +429,54 @@ impl ShmemKind {
             ShmemKind::DeletedFile { path } => format!("{} (deleted)", String::from_utf8_lossy(path)),
         }
     }
+}
+
+/// A pseudo-terminal pair inside the image, identified by its index N (/dev/pts/N).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PtyRecord {
+    pub index: u32,
+    /// The slave's termios (a pty master has no settable termios of its own).
+    pub termios: Termios,
+    pub winsize: WinSize,
+    /// TIOCPKT on the master.
+    pub packet: bool,
+    /// The slave is locked (unlockpt not called).
+    pub locked: bool,
+    /// TIOCEXCL on the slave.
+    pub exclusive: bool,
+    /// Typed into the master and not yet read on the slave side, as the slave's line
+    /// discipline holds it (after input processing and echo), in order.
+    #[serde(with = "serde_bytes")]
+    pub input: Vec<u8>,
+    /// Offsets into `input` at which a canonical line ended with the end-of-file
+    /// character (VEOF), which the line discipline does not keep as a byte.
+    pub input_eof_at: Vec<u64>,
+    /// Written on the slave side and not yet read from the master (after output
+    /// processing), in order.
+    #[serde(with = "serde_bytes")]
+    pub output: Vec<u8>,
+}
+
+/// `struct termios2`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Termios {
+    pub iflag: u32,
+    pub oflag: u32,
+    pub cflag: u32,
+    pub lflag: u32,
+    pub line: u8,
+    pub cc: [u8; 19],
+    pub ispeed: u32,
+    pub ospeed: u32,
+}
+
+/// `struct winsize`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+    pub xpixel: u16,
+    pub ypixel: u16,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

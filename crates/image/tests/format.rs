@@ -78,11 +78,13 @@ fn sample() -> Image {
             personality: 0,
             zombie_status: None,
             locks: vec![],
+            ctty: None,
         }],
         pipes: vec![],
         pid_namespace: false,
         fifos: vec![],
         shmem: vec![],
+        ptys: vec![],
         page_block_size: 0,
         page_block_hashes: vec![],
     }

@@ -12,6 +12,7 @@ pub mod pagemap;
 pub mod probe;
 pub mod proc;
 pub mod ptrace;
+pub mod tty;
 pub mod types;
 
 pub use types::*;

@@ -323,18 +323,6 @@ pub fn isatty(fd: RawFd) -> bool {
     unsafe { libc::isatty(fd) == 1 }
 }
 
-/// `tcsetpgrp(fd, pgrp)`.
-pub fn tcsetpgrp(fd: RawFd, pgrp: Pid) -> SysResult<()> {
-    // SAFETY: plain integer arguments.
-    cvt(unsafe { libc::tcsetpgrp(fd, pgrp.0) } as libc::c_long).map(drop)
-}
-
-/// `ioctl(fd, TIOCSCTTY, 0)`: make the terminal our controlling terminal.
-pub fn set_controlling_tty(fd: RawFd) -> SysResult<()> {
-    // SAFETY: TIOCSCTTY takes an integer argument.
-    cvt(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) } as libc::c_long).map(drop)
-}
-
 /// `lseek(fd, off, SEEK_DATA)` (or `SEEK_HOLE` with `hole`); `None` past the last data.
 pub fn seek_data(fd: RawFd, off: u64, hole: bool) -> Option<u64> {
     let whence = if hole { libc::SEEK_HOLE } else { libc::SEEK_DATA };
@@ -474,4 +462,19 @@ pub fn get_seals(fd: RawFd) -> SysResult<u32> {
 pub fn add_seals(fd: RawFd, seals: u32) -> SysResult<()> {
     // SAFETY: plain integer arguments.
     cvt(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals as libc::c_int) } as libc::c_long).map(drop)
+}
+
+/// `poll(2)` on one descriptor, waiting up to `timeout_ms`: the returned events (0 on
+/// timeout).
+pub fn poll_wait(fd: RawFd, events: i16, timeout_ms: i32) -> SysResult<i16> {
+    let mut p = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: one valid pollfd for the call.
+    cvt(unsafe { libc::poll(&mut p, 1, timeout_ms) } as libc::c_long)?;
+    Ok(p.revents)
+}
+
+/// `write(2)` from `buf`: the number of bytes written.
+pub fn write_some(fd: RawFd, buf: &[u8]) -> SysResult<usize> {
+    // SAFETY: `buf` is a live buffer of the given length.
+    cvt(unsafe { libc::write(fd, buf.as_ptr() as *const libc::c_void, buf.len()) } as libc::c_long).map(|n| n as usize)
 }
