@@ -31,6 +31,19 @@ pub struct BenchArgs {
     /// Print a JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Task counts for the task benchmark (a tree of N processes, a process with N
+    /// threads), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    pub tasks: Vec<usize>,
+    /// Which task benchmarks to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "tree,threads")]
+    pub task_kinds: Vec<crate::bench_tasks::TaskKind>,
+    /// Leave out the memory benchmark (sizes x dirs).
+    #[arg(long)]
+    pub skip_memory: bool,
+    /// Leave out the task benchmark.
+    #[arg(long)]
+    pub skip_tasks: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -39,6 +52,12 @@ pub struct TargetArgs {
     pub size: u64,
     /// File to create once the memory is filled.
     pub ready: PathBuf,
+    /// Processes in the target's tree (itself and N-1 sleeping children).
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Threads of the target (itself and N-1 sleeping threads).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
 }
 
 /// Dump and restore of 1 GiB should each take at most this many times one single-thread
@@ -64,6 +83,19 @@ pub fn target(args: TargetArgs) -> Result<u8> {
         mem.push(x);
     }
     std::hint::black_box(&mem);
+    // Children first: a process with threads must not fork them along.
+    for _ in 1..args.procs {
+        if let stasis_sys::proc::Forked::Child = stasis_sys::proc::fork_with_pid(None).context("fork")? {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
+    for _ in 1..args.threads {
+        std::thread::Builder::new().spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        })?;
+    }
     util::write_atomic(&args.ready, format!("{}\n", std::process::id()).as_bytes())?;
     loop {
         std::thread::sleep(Duration::from_secs(3600));
@@ -113,6 +145,8 @@ pub struct BenchReport {
     pub memcpy: MemcpyReport,
     pub target_ratio: f64,
     pub results: Vec<ConfigReport>,
+    /// The task benchmark (tree of N processes, process with N threads).
+    pub tasks: Vec<crate::bench_tasks::TaskReport>,
 }
 
 pub fn median(v: &[f64]) -> f64 {
@@ -154,11 +188,12 @@ fn measure_memcpy(bytes: usize, runs: usize) -> MemcpyReport {
     }
 }
 
-fn spawn_target(exe: &Path, size: u64, ready: &Path) -> Result<Child> {
+pub fn spawn_target(exe: &Path, size: u64, ready: &Path, extra: &[String]) -> Result<Child> {
     let c = Command::new(exe)
         .arg("__bench-target")
         .arg(size.to_string())
         .arg(ready)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -169,7 +204,7 @@ fn spawn_target(exe: &Path, size: u64, ready: &Path) -> Result<Child> {
 
 /// Waits for the target's ready file. The target needs a while to fill its memory and the
 /// wait is not timed, so a coarse poll that also notices a dead target is enough.
-fn wait_ready(ready: &Path, child: &mut Child) -> Result<()> {
+pub fn wait_ready(ready: &Path, child: &mut Child) -> Result<()> {
     let deadline = Instant::now() + READY_LIMIT;
     while !ready.exists() {
         if let Some(st) = child.try_wait()? {
@@ -189,7 +224,7 @@ fn wait_ready(ready: &Path, child: &mut Child) -> Result<()> {
 fn one_run(exe: &Path, size: u64, work: &Path, n: usize) -> Result<Sample> {
     let ready = work.join(format!("ready-{n}"));
     let images = work.join(format!("image-{n}"));
-    let mut target = spawn_target(exe, size, &ready)?;
+    let mut target = spawn_target(exe, size, &ready, &[])?;
     wait_ready(&ready, &mut target)?;
     let opts = DumpOptions {
         pid: target.pid().0,
@@ -293,15 +328,20 @@ pub fn run(args: BenchArgs) -> Result<u8> {
         per_s(memcpy.bytes_per_s)
     );
     let mut results = Vec::new();
-    for &size in &args.sizes {
+    for &size in args.sizes.iter().filter(|_| !args.skip_memory) {
         for dir in &args.dirs {
             results.push(bench_config(&exe, size, dir, args.runs, &memcpy)?);
         }
     }
+    let tasks = match (args.skip_tasks, args.dirs.first()) {
+        (false, Some(dir)) => crate::bench_tasks::run(&exe, &args.task_kinds, &args.tasks, dir, args.runs)?,
+        _ => Vec::new(),
+    };
     let report = BenchReport {
         memcpy,
         target_ratio: TARGET_RATIO,
         results,
+        tasks,
     };
     if args.json {
         util::print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
@@ -337,6 +377,15 @@ pub fn table(r: &BenchReport) -> String {
         r.target_ratio,
         secs(r.target_ratio * (1u64 << 30) as f64 / m.bytes_per_s)
     );
+    if !r.results.is_empty() {
+        memory_table(&mut o, r);
+    }
+    o.push_str(&crate::bench_tasks::table(&r.tasks));
+    o
+}
+
+/// The rows of the memory benchmark, with the verdict for 1 GiB.
+fn memory_table(o: &mut String, r: &BenchReport) {
     let _ = writeln!(
         o,
         "{:<5} {:<12} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>8} {:>8}",
@@ -390,7 +439,6 @@ pub fn table(r: &BenchReport) -> String {
             verdict(c.restore_vs_memcpy)
         );
     }
-    o
 }
 
 #[cfg(test)]
@@ -444,6 +492,7 @@ mod tests {
             },
             target_ratio: TARGET_RATIO,
             results: vec![c],
+            tasks: Vec::new(),
         };
         let t = table(&r);
         assert!(t.contains("/dev/shm"));

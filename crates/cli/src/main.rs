@@ -8,6 +8,7 @@
 //! starts a thread.
 
 mod bench;
+mod bench_tasks;
 mod check;
 mod demo;
 mod dump;
