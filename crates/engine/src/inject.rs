@@ -21,7 +21,7 @@ pub struct Injector {
     pub pid: Pid,
     pub tid: Pid,
     syscall_ip: u64,
-    base: UserRegs,
+    pub base: UserRegs,
     /// PTRACE_GETEVENTMSG of the last PTRACE_EVENT_* stop inside an injected call (the
     /// new task's PID, as we see it, for a clone).
     pub event_msg: Option<u64>,
@@ -86,12 +86,116 @@ impl Injector {
 
     /// Runs one system call and turns a negative result into an error naming `call`.
     pub fn call(&mut self, call: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        log::trace!("pid {}: injected {call}", self.pid);
         let r = self.raw(nr, args)?;
         if (-4095..0).contains(&r) {
             return Err(Error::Injected { pid: self.pid, call, errno: Errno(-r as i32) });
         }
         Ok(r as u64)
     }
+}
+
+/// Where the restore helper page holds [`BATCH_CODE`], and its call table.
+pub const BATCH_CODE_AT: u64 = 16;
+pub const BATCH_TABLE_AT: u64 = 32 * 1024;
+/// Entries of the table, the end marker included (64 bytes each, up to the page's end).
+const BATCH_TABLE_SLOTS: usize = 512;
+
+/// Runs the call table at %rbx: entries of eight words (number, six arguments, result),
+/// ended by a negative number. Stops at the end or at the first call that fails, then
+/// stops itself: tkill(gettid(), SIGSTOP), which its tracer sees as a signal-delivery
+/// stop and suppresses (SIGSTOP has no disposition a program can change, unlike the
+/// SIGTRAP of an int3). The trailing int3 is never reached under a tracer.
+///
+/// ```text
+/// 0:  mov (%rbx),%rax; test %rax,%rax; js done
+///     mov 8(%rbx),%rdi; mov 16(%rbx),%rsi; mov 24(%rbx),%rdx
+///     mov 32(%rbx),%r10; mov 40(%rbx),%r8; mov 48(%rbx),%r9
+///     syscall; mov %rax,56(%rbx)
+///     cmp $-4095,%rax; jae done; add $64,%rbx; jmp 0
+/// done: mov $186,%eax; syscall; mov %rax,%rdi; mov $19,%esi; mov $200,%eax; syscall
+///     int3; jmp done
+/// ```
+pub const BATCH_CODE: [u8; 77] = [
+    0x48, 0x8b, 0x03, 0x48, 0x85, 0xc0, 0x78, 0x2c, 0x48, 0x8b, 0x7b, 0x08, 0x48, 0x8b, 0x73, 0x10, 0x48, 0x8b,
+    0x53, 0x18, 0x4c, 0x8b, 0x53, 0x20, 0x4c, 0x8b, 0x43, 0x28, 0x4c, 0x8b, 0x4b, 0x30, 0x0f, 0x05, 0x48, 0x89,
+    0x43, 0x38, 0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, 0x73, 0x06, 0x48, 0x83, 0xc3, 0x40, 0xeb, 0xcc, 0xb8, 0xba,
+    0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x89, 0xc7, 0xbe, 0x13, 0x00, 0x00, 0x00, 0xb8, 0xc8, 0x00, 0x00, 0x00,
+    0x0f, 0x05, 0xcc, 0xeb, 0xe7,
+];
+
+/// System calls run in a restore child one after another from [`BATCH_CODE`], with one
+/// resume and one stop for all of them instead of two stops each: for calls whose results
+/// nothing depends on but success (the address-space rebuild). Only for a restore child:
+/// its code runs in the helper page, and all its signals are blocked.
+#[derive(Default)]
+pub struct Batch {
+    calls: Vec<(&'static str, i64, [u64; 6])>,
+}
+
+impl Batch {
+    pub fn push(&mut self, call: &'static str, nr: i64, args: [u64; 6]) {
+        self.calls.push((call, nr, args));
+    }
+
+    pub fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    /// Runs every call in `inj`'s thread, whose helper page is at `helper`; the first
+    /// failure is an error naming its call.
+    pub fn run(self, inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64) -> Result<()> {
+        for chunk in self.calls.chunks(BATCH_TABLE_SLOTS - 1) {
+            run_chunk(inj, mem, helper, chunk)?;
+        }
+        Ok(())
+    }
+}
+
+fn run_chunk(inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, calls: &[(&'static str, i64, [u64; 6])]) -> Result<()> {
+    let (pid, tid) = (inj.pid, inj.tid);
+    let mut table = Vec::with_capacity((calls.len() + 1) * 64);
+    for (_, nr, args) in calls {
+        table.extend_from_slice(&nr.to_le_bytes());
+        args.iter().for_each(|a| table.extend_from_slice(&a.to_le_bytes()));
+        table.extend_from_slice(&0u64.to_le_bytes());
+    }
+    table.extend_from_slice(&(-1i64).to_le_bytes());
+    table.resize((calls.len() + 1) * 64, 0);
+    mem.write(helper + BATCH_TABLE_AT, &table)?;
+    let mut r = inj.base;
+    r.rip = helper + BATCH_CODE_AT;
+    r.rbx = helper + BATCH_TABLE_AT;
+    r.orig_rax = u64::MAX;
+    ptrace::set_regs(tid, &r).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+    fault_point();
+    ptrace::cont(tid, 0).map_err(Error::sys(pid, "PTRACE_CONT"))?;
+    loop {
+        match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
+            WaitStatus::Stopped(_, libc::SIGSTOP, 0) => break,
+            WaitStatus::Stopped(_, sig, ev) => {
+                return Err(Error::UnexpectedStop { pid, tid, what: format!("signal {sig}, event {ev}, in a batch of injected calls") })
+            }
+            WaitStatus::Exited(_, c) => return Err(Error::TargetDied { pid, what: format!("exit {c} in a batch of injected calls") }),
+            WaitStatus::Signaled(_, s) => {
+                return Err(Error::TargetDied { pid, what: format!("signal {s} in a batch of injected calls") })
+            }
+            WaitStatus::StillAlive => {}
+        }
+    }
+    let mut out = vec![0u8; calls.len() * 64];
+    mem.read(helper + BATCH_TABLE_AT, &mut out)?;
+    for (i, (call, _, _)) in calls.iter().enumerate() {
+        let r = i64::from_le_bytes(out[i * 64 + 56..i * 64 + 64].try_into().unwrap_or_default());
+        if (-4095..0).contains(&r) {
+            return Err(Error::Injected { pid, call, errno: Errno(-r as i32) });
+        }
+    }
+    Ok(())
 }
 
 /// Moves a seized thread from a syscall stop to an interrupt stop (PTRACE_EVENT_STOP),

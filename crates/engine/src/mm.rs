@@ -16,7 +16,7 @@
 //! image, then set final protections, madvise flags and guard regions.
 
 use crate::error::{Error, Result};
-use crate::inject::Injector;
+use crate::inject::Batch;
 use crate::procfs::{self, MapEntry};
 use crate::shmem::{self, ShmemDump};
 use stasis_image::{vmflags, FileRef, ImageWriter, PageRun, ShmemKind, Vma, VmaBacking, PROT_EXEC, PROT_READ, PROT_WRITE};
@@ -512,11 +512,21 @@ impl ChildMem {
             .write_all_at(data, addr)
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem at {addr:#x}").into(), err: e })
     }
+
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let pid = self.pid;
+        self.file
+            .read_exact_at(buf, addr)
+            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem at {addr:#x}").into(), err: e })
+    }
 }
 
-/// The restorer's view of the restore child's memory work.
+/// The restorer's view of the restore child's memory work: the calls that rebuild the
+/// address space go into `calls` (run as one batch, see inject::Batch), the page data
+/// follows with [`MmRestore::fill`].
 pub struct MmRestore<'a> {
-    pub inj: &'a mut Injector,
+    pub pid: Pid,
+    pub calls: &'a mut Batch,
     pub mem: &'a ChildMem,
     pub helper: u64,
     /// All page data of the image, mapped.
@@ -524,10 +534,11 @@ pub struct MmRestore<'a> {
 }
 
 impl MmRestore<'_> {
-    /// Replaces the child's own address space with the saved one (all but the registers
-    /// and mm fields). `child_maps` is the child's current layout.
-    pub fn rebuild(&mut self, child_maps: &[MapEntry], vmas: &[Vma], fds: &MapFds) -> Result<u64> {
-        let pid = self.inj.pid;
+    /// The calls that replace the child's own address space with the saved one, data
+    /// aside (all but the registers and mm fields). `child_maps` is the child's current
+    /// layout.
+    pub fn rebuild(&mut self, child_maps: &[MapEntry], vmas: &[Vma], fds: &MapFds) -> Result<()> {
+        let pid = self.pid;
         // 1. Park the child's vDSO block where neither layout has anything.
         let child_vdso: Vec<&MapEntry> = child_maps.iter().filter(|m| VDSO_NAMES.contains(&m.name.as_str())).collect();
         let saved_vdso: Vec<&Vma> = vmas.iter().filter(|v| matches!(v.backing, VmaBacking::Special(_))).collect();
@@ -536,13 +547,18 @@ impl MmRestore<'_> {
         let helper_busy = [(self.helper, self.helper + HELPER_LEN)];
         let (lo, hi) = child_vdso.iter().fold((u64::MAX, 0), |(l, h), m| (l.min(m.start), h.max(m.end)));
         let mut parked: Vec<(String, u64, u64)> = Vec::new();
-        if !child_vdso.is_empty() {
+        // Where the saved block does not overlap the child's, the child's block stays put
+        // through the unmapping and then moves straight to its place: three calls less.
+        let direct = saved_vdso.iter().all(|v| v.end <= lo || v.start >= hi);
+        if direct {
+            parked = child_vdso.iter().map(|m| (m.name.clone(), m.start, m.end - m.start)).collect();
+        } else if !child_vdso.is_empty() {
             let park = find_free(&[&child_busy, &saved_busy, &helper_busy], hi - lo).ok_or_else(|| {
                 Error::Restore { pid, what: "no free address range to move the vDSO through".into() }
             })?;
             for m in &child_vdso {
                 let to = park + (m.start - lo);
-                self.mremap(m.start, m.end - m.start, to)?;
+                self.mremap(m.start, m.end - m.start, to);
                 parked.push((m.name.clone(), to, m.end - m.start));
             }
         }
@@ -556,21 +572,21 @@ impl MmRestore<'_> {
         let mut pos = 0u64;
         for (s, e) in keep.iter().copied().chain(std::iter::once((TASK_SIZE, TASK_SIZE))) {
             if s > pos {
-                self.inj.call("munmap", libc::SYS_munmap, [pos, s - pos, 0, 0, 0, 0])?;
+                self.calls.push("munmap", libc::SYS_munmap, [pos, s - pos, 0, 0, 0, 0]);
             }
             pos = e;
         }
         // 3. The vDSO block to its saved place (or away, if the image has none).
         for (name, at, len) in &parked {
             match saved_vdso.iter().find(|v| matches!(&v.backing, VmaBacking::Special(n) if n == name)) {
-                Some(v) => self.mremap(*at, *len, v.start)?,
-                None => self.inj.call("munmap", libc::SYS_munmap, [*at, *len, 0, 0, 0, 0]).map(drop)?,
+                Some(v) => self.mremap(*at, *len, v.start),
+                None => self.calls.push("munmap", libc::SYS_munmap, [*at, *len, 0, 0, 0, 0]),
             }
         }
-        // 4. Every saved mapping (writable where data goes), the data, final protections.
+        // 4. Every saved mapping with its final protection (the data comes with fill()).
         let restored: Vec<&Vma> = vmas.iter().filter(|v| !matches!(v.backing, VmaBacking::Special(_))).collect();
         for v in &restored {
-            let prot = v.prot | if v.pages.is_empty() { 0 } else { PROT_WRITE };
+            let prot = v.prot;
             let mut flags = libc::MAP_FIXED | if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
             let (fd, off) = match &v.backing {
                 VmaBacking::File(f) => (fds.fd_of(f), v.file_offset),
@@ -583,27 +599,24 @@ impl MmRestore<'_> {
             if v.flags & vmflags::GROWSDOWN != 0 {
                 flags |= libc::MAP_GROWSDOWN;
             }
-            self.inj.call("mmap", libc::SYS_mmap, [v.start, v.len(), prot as u64, flags as u64, fd as i64 as u64, off])?;
+            self.calls.push("mmap", libc::SYS_mmap, [v.start, v.len(), prot as u64, flags as u64, fd as i64 as u64, off]);
         }
-        let loaded = fill_parallel(pid, self.pages, &restored)?;
+        // Advice, locks and guards before the data: none needs it.
         for v in &restored {
-            if !v.pages.is_empty() && v.prot & PROT_WRITE == 0 {
-                self.inj.call("mprotect", libc::SYS_mprotect, [v.start, v.len(), v.prot as u64, 0, 0, 0])?;
-            }
-            self.advise(v)?;
+            self.advise(v);
         }
-        Ok(loaded)
+        Ok(())
     }
 
-    fn mremap(&mut self, from: u64, len: u64, to: u64) -> Result<()> {
+    fn mremap(&mut self, from: u64, len: u64, to: u64) {
         if from == to {
-            return Ok(());
+            return;
         }
         let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-        self.inj.call("mremap", libc::SYS_mremap, [from, len, len, flags, to, 0]).map(drop)
+        self.calls.push("mremap", libc::SYS_mremap, [from, len, len, flags, to, 0]);
     }
 
-    fn advise(&mut self, v: &Vma) -> Result<()> {
+    fn advise(&mut self, v: &Vma) {
         const ADVICE: [(u64, i32); 5] = [
             (vmflags::DONTFORK, libc::MADV_DONTFORK),
             (vmflags::WIPEONFORK, libc::MADV_WIPEONFORK),
@@ -613,22 +626,45 @@ impl MmRestore<'_> {
         ];
         for (flag, advice) in ADVICE {
             if v.flags & flag != 0 {
-                self.inj.call("madvise", libc::SYS_madvise, [v.start, v.len(), advice as u64, 0, 0, 0])?;
+                self.calls.push("madvise", libc::SYS_madvise, [v.start, v.len(), advice as u64, 0, 0, 0]);
             }
         }
         if v.flags & vmflags::LOCKED != 0 {
-            self.inj.call("mlock", libc::SYS_mlock, [v.start, v.len(), 0, 0, 0, 0])?;
+            self.calls.push("mlock", libc::SYS_mlock, [v.start, v.len(), 0, 0, 0, 0]);
         }
         const MADV_GUARD_INSTALL: u64 = 102;
         for g in &v.guards {
-            self.inj.call("madvise(MADV_GUARD_INSTALL)", libc::SYS_madvise, [g.addr, g.len(), MADV_GUARD_INSTALL, 0, 0, 0])?;
+            self.calls.push("madvise(MADV_GUARD_INSTALL)", libc::SYS_madvise, [g.addr, g.len(), MADV_GUARD_INSTALL, 0, 0, 0]);
         }
-        Ok(())
     }
+}
+
+/// The saved pages, once the calls of [`MmRestore::rebuild`] have run: through
+/// process_vm_writev into writable mappings, through /proc/PID/mem (which may write
+/// read-only private memory, as a debugger does) into the others. Returns the bytes loaded.
+pub fn fill(pid: Pid, mem: &ChildMem, pages: &[u8], vmas: &[Vma]) -> Result<u64> {
+    let restored = vmas.iter().filter(|v| !matches!(v.backing, VmaBacking::Special(_)));
+    let (writable, read_only): (Vec<&Vma>, Vec<&Vma>) = restored.partition(|v| v.prot & PROT_WRITE != 0);
+    let mut loaded = fill_parallel(pid, pages, &writable)?;
+    for v in read_only.iter().filter(|v| !v.pages.is_empty()) {
+        let mut off = v.data_offset;
+        for r in &v.pages {
+            let data = pages.get(off as usize..(off + r.len()) as usize).ok_or_else(|| Error::Restore {
+                pid,
+                what: "page data of a mapping lies outside the image".into(),
+            })?;
+            mem.write(r.addr, data)?;
+            off += r.len();
+        }
+        loaded += v.data_len();
+    }
+    Ok(loaded)
 }
 
 /// Workers that copy page data into the restored process.
 const FILL_THREADS: usize = 2;
+/// Up to this many bytes the calling thread copies alone: starting threads costs more.
+const SMALL_FILL: u64 = 4 << 20;
 
 /// Copies every mapping's saved pages from the mapped image into the child with
 /// process_vm_writev, split by bytes over [`FILL_THREADS`] threads. The child is stopped
@@ -645,6 +681,10 @@ fn fill_parallel(pid: Pid, pages: &[u8], vmas: &[&Vma]) -> Result<u64> {
     let total: u64 = segs.iter().map(|s| s.2).sum();
     if segs.iter().any(|&(_, off, len)| off + len > pages.len() as u64) {
         return Err(Error::Restore { pid, what: "page data of a mapping lies outside the image".into() });
+    }
+    if total <= SMALL_FILL {
+        write_segments(pid, pages, &segs)?;
+        return Ok(total);
     }
     let share = total.div_ceil(FILL_THREADS as u64);
     // Cut the segment list into byte-balanced shares.

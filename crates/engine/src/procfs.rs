@@ -164,6 +164,8 @@ pub struct Status {
     /// Signals with a handler (SigCgt) or ignored (SigIgn): bit n-1 for signal n.
     pub sig_caught: u64,
     pub sig_ignored: u64,
+    /// Signals pending for the thread (SigPnd) or the whole process (ShdPnd).
+    pub sig_pending: u64,
 }
 
 pub fn parse_status(text: &str) -> Result<Status, String> {
@@ -189,6 +191,7 @@ pub fn parse_status(text: &str) -> Result<Status, String> {
             "State" => s.state = v.chars().next().unwrap_or('?'),
             "SigCgt" => s.sig_caught = u64::from_str_radix(v, 16).map_err(|_| "bad SigCgt")?,
             "SigIgn" => s.sig_ignored = u64::from_str_radix(v, 16).map_err(|_| "bad SigIgn")?,
+            "SigPnd" | "ShdPnd" => s.sig_pending |= u64::from_str_radix(v, 16).map_err(|_| "bad SigPnd/ShdPnd")?,
             "NoNewPrivs" => s.no_new_privs = v == "1",
             "Seccomp" => s.seccomp = v.parse().map_err(|_| "bad Seccomp")?,
             "CapEff" => s.cap_eff = u64::from_str_radix(v, 16).map_err(|_| "bad CapEff")?,

@@ -28,7 +28,7 @@
 
 use crate::error::{Error, Result};
 use crate::freeze::{read_stat, read_status};
-use crate::inject::Injector;
+use crate::inject::{Batch, Injector, BATCH_CODE, BATCH_CODE_AT};
 use crate::mm::{self, ChildMem, MapFds, MmRestore, HELPER_DATA, HELPER_LEN};
 use crate::pidns::{self, PidMap};
 use crate::shmem::{self, ShmemTable};
@@ -570,15 +570,52 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32) -> std::result::
     }
     task::restore_in_child(SessionPlan::Inherit, &rec.cwd, &rec.root, rec.umask, &rec.comm)?;
     // syscall; then int3 so that a stray resume traps instead of running on.
-    stasis_sys::mem::map_helper_region(shared.helper, HELPER_LEN as usize, &[0x0f, 0x05, 0xcc, 0xcc])
+    // syscall at 0 (single injected calls), the batch runner at BATCH_CODE_AT.
+    let mut code = vec![0xcc; BATCH_CODE_AT as usize];
+    code[..2].copy_from_slice(&[0x0f, 0x05]);
+    code.extend_from_slice(&BATCH_CODE);
+    stasis_sys::mem::map_helper_region(shared.helper, HELPER_LEN as usize, &code)
         .map_err(|e| format!("map helper page at {:#x}: {e}", shared.helper))?;
-    sp::write_all_raw(status_hi, format!("ok {}\n", rec.pid).as_bytes());
+    let ok = format!("ok {}\n", rec.pid);
+    set_own_state(rec)?;
+    // No parent-death signal from here on: it would outlive the restore, and the end of
+    // the wait pipe tells us the restorer is gone. Before the report: once the restorer
+    // has every report it may stop us at any instruction.
+    sp::set_pdeathsig(0).map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    sp::write_all_raw(status_hi, ok.as_bytes());
     let _ = sp::close_range(status_hi as u32, status_hi as u32);
     // Wait for the restorer to seize us; the pipe is never written, and reads end only
     // if the restorer died.
     let mut b = [0u8; 1];
     let _ = sp::read_raw(wait_hi, &mut b);
     sp::exit_now(1)
+}
+
+/// Last in the restore child, each a call the restorer need not inject: resource limits
+/// (after everything that allocates), personality and no_new_privs (before any thread
+/// exists, so the threads inherit them), and the main thread's kernel-held addresses
+/// (robust list, clear_child_tid, alternate stack; the kernel only records them until the
+/// thread exits or takes a signal, by which time the saved memory is in place).
+fn set_own_state(rec: &ProcessRecord) -> std::result::Result<(), String> {
+    const ROBUST_LIST_HEAD_LEN: u64 = 24;
+    let main = &rec.threads[0];
+    let (head, len) = main.robust_list;
+    sp::set_robust_list(head, if len == 0 { ROBUST_LIST_HEAD_LEN } else { len }).map_err(|e| format!("set_robust_list: {e}"))?;
+    sp::set_tid_address(main.clear_child_tid);
+    let a = &main.altstack;
+    let r = match a.flags & libc::SS_DISABLE {
+        0 => sp::set_altstack(a.sp, a.flags & !libc::SS_ONSTACK, a.size),
+        _ => sp::set_altstack(0, libc::SS_DISABLE, 0),
+    };
+    r.map_err(|e| format!("sigaltstack: {e}"))?;
+    sp::set_personality(rec.personality).map_err(|e| format!("personality: {e}"))?;
+    if rec.no_new_privs {
+        sp::set_no_new_privs().map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
+    }
+    for l in &rec.rlimits {
+        sp::set_own_rlimit(l.resource, l.soft, l.hard).map_err(|e| format!("setrlimit {}: {e}", l.resource))?;
+    }
+    Ok(())
 }
 
 /// The restorer's part, with the child seized and stopped. Returns page bytes loaded.
@@ -590,27 +627,29 @@ fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>, pid
     let mut inj = Injector::new(pid, pid, helper, regs);
     let mem = ChildMem::open(pid)?;
     let data = helper + HELPER_DATA;
-    threads::unregister_inherited_rseq(&mut inj)?;
+    // One batch for the whole address space and the mm fields. rseq goes first: the
+    // kernel writes to the inherited rseq area on every return to user space, and the
+    // batch returns to user space between its calls.
+    let mut calls = Batch::default();
+    threads::unregister_inherited_rseq(pid, &mut calls)?;
     let child_maps = mm::read_maps(pid)?;
-    let loaded = MmRestore { inj: &mut inj, mem: &mem, helper, pages }
-        .rebuild(&child_maps, &rec.mm.vmas, &plan.fds.maps)?;
-    log::debug!("address space rebuilt, {loaded} bytes loaded");
+    MmRestore { pid, calls: &mut calls, mem: &mem, helper, pages }.rebuild(&child_maps, &rec.mm.vmas, &plan.fds.maps)?;
     // The child's exe link is the restorer's binary; when that is already the saved exe the
     // kernel must not be asked to change it (it refuses while the file is mapped).
     let exe_fd = if same_file_as_own_exe(&rec.mm.exe) { -1 } else { plan.fds.exe };
-    set_mm_fields(&mut inj, &mem, data, &rec.mm, exe_fd)?;
+    set_mm_fields(&mut calls, &mem, data, &rec.mm, exe_fd)?;
     if rec.mm.xcomp_perm & (1 << XFEATURE_XTILEDATA) != 0 {
-        inj.call("arch_prctl(ARCH_REQ_XCOMP_PERM)", libc::SYS_arch_prctl, [ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, 0, 0, 0, 0])?;
+        calls.push("arch_prctl(ARCH_REQ_XCOMP_PERM)", libc::SYS_arch_prctl, [ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, 0, 0, 0, 0]);
     }
     // The restorer's descriptors in the child: image, exe, mapped files.
-    inj.call("close_range", libc::SYS_close_range, [plan.fds.exe as u64, u32::MAX as u64, 0, 0, 0, 0])?;
+    calls.push("close_range", libc::SYS_close_range, [plan.fds.exe as u64, u32::MAX as u64, 0, 0, 0, 0]);
+    let ncalls = calls.len();
+    calls.run(&mut inj, &mem, helper)?;
+    let loaded = mm::fill(pid, &mem, pages, &rec.mm.vmas)?;
+    log::debug!("address space rebuilt ({ncalls} calls in one batch), {loaded} bytes loaded");
     log::debug!("mm fields set, helper descriptors closed");
     // After the last close in the child: a close drops its POSIX locks on that file.
     locks::restore(&mut inj, &mem, data, &rec.locks)?;
-    task::restore_rlimits(&mut inj, &mem, data, &rec.rlimits)?;
-    inj.call("prctl(PR_SET_PDEATHSIG)", libc::SYS_prctl, [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0])?;
-    // Per-task flags before the threads exist, which then inherit them.
-    task::restore_flags(&mut inj, rec.personality, rec.no_new_privs)?;
     // The other threads, each finished and left stopped with its registers in place.
     for t in &rec.threads[1..] {
         let tid = threads::clone_thread(&mut inj, &mem, data, t)?;
@@ -625,7 +664,9 @@ fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>, pid
     let thread = &rec.threads[0];
     // Signals that arrived during the restore (SIGCHLD of a re-created zombie) are not
     // the program's: drop them before queueing the saved ones.
-    signals::drain_pending(&mut inj, &mem, data)?;
+    if read_status(pid)?.sig_pending != 0 {
+        signals::drain_pending(&mut inj, &mem, data)?;
+    }
     signals::restore_pending(&mut inj, &mem, data, Pid(rec.pid), None, &rec.shared_pending)?;
     finish_thread(&mut inj, &mem, data, rec, thread, false)?;
     inj.call("munmap(helper)", libc::SYS_munmap, [helper, HELPER_LEN, 0, 0, 0, 0])?;
@@ -657,7 +698,7 @@ fn finish_thread(
 
 /// prctl(PR_SET_MM, PR_SET_MM_MAP): code/data/brk/stack/args/env boundaries, auxv and the
 /// exe link, in one call that needs no CAP_SYS_RESOURCE.
-fn set_mm_fields(inj: &mut Injector, mem: &ChildMem, at: u64, m: &MmRecord, exe_fd: i32) -> Result<()> {
+fn set_mm_fields(calls: &mut Batch, mem: &ChildMem, at: u64, m: &MmRecord, exe_fd: i32) -> Result<()> {
     let auxv: Vec<u8> = m.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
     let auxv_at = at + 128;
     let mut b = Vec::with_capacity(104);
@@ -671,6 +712,6 @@ fn set_mm_fields(inj: &mut Injector, mem: &ChildMem, at: u64, m: &MmRecord, exe_
     b.extend_from_slice(&(exe_fd as u32).to_le_bytes());
     mem.write(at, &b)?;
     mem.write(auxv_at, &auxv)?;
-    inj.call("prctl(PR_SET_MM_MAP)", libc::SYS_prctl, [PR_SET_MM, PR_SET_MM_MAP, at, b.len() as u64, 0, 0])
-        .map(drop)
+    calls.push("prctl(PR_SET_MM_MAP)", libc::SYS_prctl, [PR_SET_MM, PR_SET_MM_MAP, at, b.len() as u64, 0, 0]);
+    Ok(())
 }

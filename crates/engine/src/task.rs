@@ -131,27 +131,6 @@ pub fn check_rlimits(pid: Pid, limits: &[Rlimit], have_sys_resource: bool) -> Re
     Ok(())
 }
 
-/// Injected at the end: resource limits.
-pub fn restore_rlimits(inj: &mut Injector, mem: &ChildMem, at: u64, limits: &[Rlimit]) -> Result<()> {
-    for l in limits {
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&l.soft.to_le_bytes());
-        b[8..16].copy_from_slice(&l.hard.to_le_bytes());
-        mem.write(at, &b)?;
-        inj.call("prlimit64", libc::SYS_prlimit64, [0, l.resource as u64, at, 0, 0, 0])?;
-    }
-    Ok(())
-}
-
-/// Injected: personality and no_new_privs (which can be set, never cleared).
-pub fn restore_flags(inj: &mut Injector, personality: u32, no_new_privs: bool) -> Result<()> {
-    inj.call("personality", libc::SYS_personality, [personality as u64, 0, 0, 0, 0, 0])?;
-    if no_new_privs {
-        inj.call("prctl(PR_SET_NO_NEW_PRIVS)", libc::SYS_prctl, [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0])?;
-    }
-    Ok(())
-}
-
 /// Injected last of all, in every thread (credentials belong to threads; libc makes the
 /// set*id calls of one thread apply to all): groups, gids, uids (in that order: after
 /// setresuid a non-root thread could no longer change its groups).

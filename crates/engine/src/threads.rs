@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::freeze::FrozenThread;
-use crate::inject::{to_interrupt_stop, Injector};
+use crate::inject::{to_interrupt_stop, Batch, Injector};
 use crate::mm::ChildMem;
 use crate::parasite::Parasite;
 use crate::signals;
@@ -59,40 +59,41 @@ pub fn regs_of(pid: Pid, t: &ThreadRecord) -> Result<UserRegs> {
 
 /// Removes the rseq registration the restore child inherited from the restorer, before
 /// the memory it points into is unmapped (the kernel writes to it on every return to
-/// user space).
-pub fn unregister_inherited_rseq(inj: &mut Injector) -> Result<()> {
-    let rc = ptrace::get_rseq_config(inj.tid).map_err(Error::sys(inj.pid, "PTRACE_GET_RSEQ_CONFIGURATION"))?;
+/// user space): the first call of the batch that rebuilds the address space.
+pub fn unregister_inherited_rseq(pid: Pid, calls: &mut Batch) -> Result<()> {
+    let rc = ptrace::get_rseq_config(pid).map_err(Error::sys(pid, "PTRACE_GET_RSEQ_CONFIGURATION"))?;
     if rc.rseq_abi_pointer != 0 {
-        inj.call(
+        calls.push(
             "rseq(RSEQ_FLAG_UNREGISTER)",
             libc::SYS_rseq,
             [rc.rseq_abi_pointer, rc.rseq_abi_size as u64, RSEQ_FLAG_UNREGISTER, rc.signature as u64, 0, 0],
-        )?;
+        );
     }
     Ok(())
 }
 
-/// Injected once the address space is in place: the thread's name and the kernel-held
-/// per-thread addresses. (/proc/PID/task/TID/comm is writable only from inside the
-/// thread group, hence prctl.)
-/// `fresh`: a thread just made by [`clone_thread`], which already has its clear_child_tid
-/// (CLONE_CHILD_CLEARTID) and no alternate stack; each call saved is a round trip less.
+/// Injected once the address space is in place: the kernel-held per-thread addresses the
+/// thread cannot have yet. `fresh`: a thread just made by [`clone_thread`], which has its
+/// clear_child_tid (CLONE_CHILD_CLEARTID) and no alternate stack, and gets its name and
+/// robust list here (/proc/PID/task/TID/comm is writable only from inside the thread
+/// group, hence prctl). Otherwise the main thread, which set its name, robust list,
+/// clear_child_tid and alternate stack itself before it stopped. rseq registration
+/// writes to the area at once, so it waits for the memory in every thread.
 pub fn restore_kernel_addrs(inj: &mut Injector, mem: &ChildMem, scratch: u64, t: &ThreadRecord, fresh: bool) -> Result<()> {
-    let mut name = [0u8; 16];
-    let n = t.comm.len().min(15);
-    name[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
-    mem.write(scratch, &name)?;
-    inj.call("prctl(PR_SET_NAME)", libc::SYS_prctl, [libc::PR_SET_NAME as u64, scratch, 0, 0, 0, 0])?;
-    if t.robust_list.0 != 0 {
-        inj.call("set_robust_list", libc::SYS_set_robust_list, [t.robust_list.0, t.robust_list.1, 0, 0, 0, 0])?;
-    }
-    if !fresh {
-        inj.call("set_tid_address", libc::SYS_set_tid_address, [t.clear_child_tid, 0, 0, 0, 0, 0])?;
+    if fresh {
+        let mut name = [0u8; 16];
+        let n = t.comm.len().min(15);
+        name[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
+        mem.write(scratch, &name)?;
+        inj.call("prctl(PR_SET_NAME)", libc::SYS_prctl, [libc::PR_SET_NAME as u64, scratch, 0, 0, 0, 0])?;
+        if t.robust_list.0 != 0 {
+            inj.call("set_robust_list", libc::SYS_set_robust_list, [t.robust_list.0, t.robust_list.1, 0, 0, 0, 0])?;
+        }
     }
     if let Some(r) = t.rseq {
         inj.call("rseq", libc::SYS_rseq, [r.addr, r.len as u64, 0, r.sig as u64, 0, 0])?;
     }
-    if fresh && t.altstack.flags & libc::SS_DISABLE != 0 {
+    if !fresh || t.altstack.flags & libc::SS_DISABLE != 0 {
         return Ok(());
     }
     signals::restore_altstack(inj, mem, scratch, &t.altstack)

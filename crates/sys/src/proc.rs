@@ -192,6 +192,45 @@ pub fn mount(source: Option<&Path>, target: &Path, fstype: Option<&str>, flags: 
     .map(drop)
 }
 
+/// `prlimit64(0, resource, {soft, hard}, NULL)`: the calling process's limit.
+pub fn set_own_rlimit(resource: u32, soft: u64, hard: u64) -> SysResult<()> {
+    let new = libc::rlimit64 { rlim_cur: soft, rlim_max: hard };
+    // SAFETY: `new` is a valid rlimit64 for the call; no old-value buffer.
+    cvt(unsafe { libc::prlimit64(0, resource as _, &new, std::ptr::null_mut()) } as libc::c_long).map(drop)
+}
+
+/// `set_robust_list(head, len)` for the calling thread. The kernel only records the
+/// address (it reads it when the thread exits).
+pub fn set_robust_list(head: u64, len: u64) -> SysResult<()> {
+    syscall6(libc::SYS_set_robust_list, [head, len, 0, 0, 0, 0]).map(drop)
+}
+
+/// `set_tid_address(addr)` for the calling thread; the kernel only records the address.
+pub fn set_tid_address(addr: u64) {
+    // SAFETY: the kernel stores the value and dereferences it only at thread exit, where
+    // a bad address is ignored; the call cannot fail.
+    unsafe { libc::syscall(libc::SYS_set_tid_address, addr) };
+}
+
+/// `sigaltstack` for the calling thread: `sp`, `flags` (0 or SS_DISABLE), `size`. The
+/// kernel does not look at the memory until a handler runs on it.
+pub fn set_altstack(sp: u64, flags: i32, size: u64) -> SysResult<()> {
+    let ss = libc::stack_t { ss_sp: sp as *mut libc::c_void, ss_flags: flags, ss_size: size as usize };
+    // SAFETY: `ss` is a valid stack_t for the call; no old-value buffer.
+    cvt(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) } as libc::c_long).map(drop)
+}
+
+/// `personality(persona)`.
+pub fn set_personality(persona: u32) -> SysResult<()> {
+    syscall6(libc::SYS_personality, [persona as u64, 0, 0, 0, 0, 0]).map(drop)
+}
+
+/// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
+pub fn set_no_new_privs() -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) } as libc::c_long).map(drop)
+}
+
 /// `umask(2)`; returns the previous mask.
 pub fn umask(mask: u32) -> u32 {
     // SAFETY: plain integer argument; cannot fail.
