@@ -270,3 +270,18 @@ fn vfork_parent_is_refused_then_dumps() {
 fn vfork_parent_below_the_root_is_refused_then_dumps() {
     vfork_refused(true);
 }
+
+/// `stasis show` says which processes share which table with their parent.
+#[test]
+fn show_names_shared_tables() {
+    let (fixture, kids) = start(&["both"]);
+    let dir = fixture.dump("img", &["--leave-running"]);
+    let out = stasis_ok(&[std::ffi::OsStr::new("show"), dir.as_os_str()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let a = kids.pid("A");
+    let a_part = text.split(&format!("process  {a} ")).nth(1).expect("A in the report");
+    let a_part = a_part.split("\nprocess  ").next().unwrap_or(a_part);
+    assert!(a_part.contains("shares with its parent: descriptor table, fs"), "{text}");
+    assert_eq!(text.matches("shares with its parent").count(), 1, "{text}");
+    finish(fixture, kids);
+}

@@ -386,11 +386,28 @@ fn zombie_record(pid: Pid) -> Result<ProcessRecord> {
         what: "no exit code".into(),
     })?;
     Ok(ProcessRecord {
-        pid: pid.0,
-        ppid: stat.ppid,
         pgid: stat.pgrp,
         sid: stat.session,
         comm: stat.comm,
+        zombie_status: Some(status),
+        ..empty_record(pid.0, stat.ppid)
+    })
+}
+
+/// A record with nothing in it but the two PIDs, for unit tests of planners.
+#[cfg(test)]
+pub(crate) fn test_record(pid: i32, ppid: i32) -> ProcessRecord {
+    empty_record(pid, ppid)
+}
+
+/// A process record that holds nothing but its PIDs (cwd and root "/").
+fn empty_record(pid: i32, ppid: i32) -> ProcessRecord {
+    ProcessRecord {
+        pid,
+        ppid,
+        pgid: pid,
+        sid: pid,
+        comm: String::new(),
         creds: Default::default(),
         cwd: b"/".to_vec(),
         root: b"/".to_vec(),
@@ -419,12 +436,12 @@ fn zombie_record(pid: Pid) -> Result<ProcessRecord> {
         threads: Vec::new(),
         no_new_privs: false,
         personality: 0,
-        zombie_status: Some(status),
+        zombie_status: None,
         locks: Vec::new(),
         ctty: None,
         files_with_parent: false,
         fs_with_parent: false,
-    })
+    }
 }
 
 /// One live process: everything but what it shares with others (descriptions, pipes)

@@ -850,3 +850,72 @@ fn set_mm_fields(inj: &mut Injector, mem: &ChildMem, at: u64, m: &MmRecord, exe_
     inj.call("prctl(PR_SET_MM_MAP)", libc::SYS_prctl, [PR_SET_MM, PR_SET_MM_MAP, at, b.len() as u64, 0, 0])
         .map(drop)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stasis_image::{FdKind, FdRecord};
+
+    fn rec(pid: i32, ppid: i32, files: bool, fs: bool, fds: &[i32]) -> ProcessRecord {
+        let mut r = crate::dump::test_record(pid, ppid);
+        r.files_with_parent = files;
+        r.fs_with_parent = fs;
+        r.fds = fds
+            .iter()
+            .map(|&fd| FdRecord {
+                fd,
+                cloexec: false,
+                kind: FdKind::CharDevice { path: b"/dev/null".to_vec(), rdev: 0x103, flags: 0 },
+                same_as: None,
+                desc: fd as u64 + 1,
+            })
+            .collect();
+        r
+    }
+
+    /// root ── A (files) ── A1 (files, fs);  root ── B
+    fn tree() -> Vec<ProcessRecord> {
+        vec![
+            rec(10, 1, false, false, &[0, 1, 7]),
+            rec(11, 10, true, false, &[0, 1, 7]),
+            rec(12, 11, true, true, &[0, 1, 7]),
+            rec(13, 10, false, false, &[0, 1]),
+        ]
+    }
+
+    #[test]
+    fn owners_follow_the_parent_chain() {
+        let (files, fs) = table_owners(&tree());
+        assert_eq!(files, vec![0, 0, 0, 3]);
+        assert_eq!(fs, vec![0, 1, 1, 3]);
+    }
+
+    #[test]
+    fn a_shared_table_gets_one_block_per_process() {
+        let procs = tree();
+        let members: Vec<&ProcessRecord> = procs[..3].iter().collect();
+        let plans = FdPlan::group(&members, 5);
+        // Above fd 7: exe and tty of each (no mapped files), one after the other.
+        let layout: Vec<(i32, i32)> = plans.iter().map(|p| (p.exe, p.tty)).collect();
+        assert_eq!(layout, vec![(8, 9), (10, 11), (12, 13)]);
+        assert!(plans.iter().all(|p| p.park == 14 && p.close_from == 8));
+        let alone = FdPlan::group(&[&procs[3]], 20);
+        assert_eq!((alone[0].exe, alone[0].tty, alone[0].park, alone[0].close_from), (3, 4, 20, 3));
+    }
+
+    #[test]
+    fn inconsistent_sharing_is_rejected() {
+        assert!(check_sharing(&tree(), 0).is_ok());
+        let mut t = tree();
+        t[2].fds.pop();
+        assert!(check_sharing(&t, 0).unwrap_err().to_string().contains("descriptors differ"));
+        let mut t = tree();
+        t[1].cwd = b"/tmp".to_vec();
+        t[1].files_with_parent = false;
+        t[1].fs_with_parent = true;
+        assert!(check_sharing(&t, 0).unwrap_err().to_string().contains("cwd"));
+        let mut t = tree();
+        t[0].files_with_parent = true;
+        assert!(check_sharing(&t, 0).unwrap_err().to_string().contains("does not hold"));
+    }
+}
