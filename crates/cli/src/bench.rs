@@ -85,7 +85,7 @@ pub fn target(args: TargetArgs) -> Result<u8> {
     std::hint::black_box(&mem);
     // Children first: a process with threads must not fork them along.
     for _ in 1..args.procs {
-        if let stasis_sys::proc::Forked::Child = stasis_sys::proc::fork_with_pid(None).context("fork")? {
+        if let stasis_sys::proc::Forked::Child = stasis_sys::proc::fork_with_pid(None, 0).context("fork")? {
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }

@@ -101,6 +101,10 @@ pub struct ProcessReport {
     pub cwd: String,
     pub root: String,
     pub umask: String,
+    /// What it shares with its parent: "descriptor table" (CLONE_FILES), "fs" (cwd,
+    /// root and umask: CLONE_FS); absent when nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared_with_parent: Vec<&'static str>,
     pub creds: CredsReport,
     pub no_new_privs: bool,
     /// personality(2) flags.
@@ -345,6 +349,10 @@ fn process_report(p: &ProcessRecord) -> ProcessReport {
         cwd: lossy(&p.cwd),
         root: lossy(&p.root),
         umask: format!("{:04o}", p.umask),
+        shared_with_parent: [(p.files_with_parent, "descriptor table"), (p.fs_with_parent, "fs")]
+            .into_iter()
+            .filter_map(|(on, what)| on.then_some(what))
+            .collect(),
         creds: CredsReport {
             uid: p.creds.uids,
             gid: p.creds.gids,
@@ -632,6 +640,9 @@ fn process_text(o: &mut String, p: &ProcessReport, rec: &ProcessRecord) {
         "  cwd    {}   root {}   umask {}",
         p.cwd, p.root, p.umask
     );
+    if !p.shared_with_parent.is_empty() {
+        let _ = writeln!(o, "  shares with its parent: {}", p.shared_with_parent.join(", "));
+    }
     let c = &p.creds;
     let ids = |v: &[u32; 4]| v.iter().map(u32::to_string).collect::<Vec<_>>().join("/");
     let groups: Vec<String> = c.groups.iter().map(u32::to_string).collect();

@@ -250,7 +250,7 @@ fn collect_tree(
         pidfds.push((pid, pidfd));
         mms.push(Some(mm_plan));
     }
-    refuse_shared_tables(&procs)?;
+    shared_tables(&mut procs)?;
     files::assign_descriptions(&mut fds)?;
     let masters = {
         let mut recs: Vec<(Pid, &mut Vec<stasis_image::FdRecord>)> =
@@ -302,22 +302,74 @@ fn collect_tree(
     Ok((image, nthreads, drained))
 }
 
-/// Processes created with CLONE_VM (vfork), CLONE_FILES, CLONE_FS or CLONE_SIGHAND share
-/// kernel objects with their parent that this version restores as private copies: refused
-/// rather than restored subtly different.
-fn refuse_shared_tables(procs: &[ProcessRecord]) -> Result<()> {
+/// What processes of the tree share with each other instead of holding copies. A
+/// descriptor table (CLONE_FILES) or cwd/root/umask (CLONE_FS) shared with the parent is
+/// recorded, and restore clones the process alike; since sharing is handed down at
+/// clone time, a group of sharers must hang together along the parent chain (each one's
+/// parent in the group, but for the first). Refused: an address space or signal handlers
+/// shared between processes (CLONE_VM without CLONE_THREAD, CLONE_SIGHAND), a group that
+/// does not hang together so, and anything the root shares with its parent outside the
+/// tree.
+fn shared_tables(procs: &mut [ProcessRecord]) -> Result<()> {
     use stasis_sys::proc::{kcmp_shares, Shared};
-    let live = |pid: i32| procs.iter().any(|p| p.pid == pid && p.zombie_status.is_none());
-    for p in procs.iter().filter(|p| p.zombie_status.is_none() && live(p.ppid)) {
-        let (pid, parent) = (Pid(p.pid), Pid(p.ppid));
-        for (what, name) in [
-            (Shared::Vm, "its address space (vfork/CLONE_VM)"),
-            (Shared::Files, "its descriptor table (CLONE_FILES)"),
-            (Shared::Fs, "its cwd/root/umask (CLONE_FS)"),
-            (Shared::Sighand, "its signal handlers (CLONE_SIGHAND)"),
-        ] {
-            if kcmp_shares(pid, parent, what).map_err(Error::sys(pid, "kcmp"))? {
-                return Err(Error::Unsupported { pid, what: format!("sharing {name} with its parent {parent}") });
+    let live: Vec<usize> = (0..procs.len()).filter(|&i| procs[i].zombie_status.is_none()).collect();
+    let shares = |a: i32, b: i32, what: Shared| kcmp_shares(Pid(a), Pid(b), what).map_err(Error::sys(Pid(a), "kcmp"));
+    const KINDS: [(Shared, &str); 4] = [
+        (Shared::Vm, "its address space (CLONE_VM without CLONE_THREAD, as vfork or clone make it)"),
+        (Shared::Sighand, "its signal handlers (CLONE_SIGHAND)"),
+        (Shared::Files, "its descriptor table (CLONE_FILES)"),
+        (Shared::Fs, "its cwd, root and umask (CLONE_FS)"),
+    ];
+    let root = &procs[0];
+    if root.ppid > 0 {
+        for (what, name) in KINDS {
+            // kcmp needs ptrace access to both: a parent we may not inspect (an init
+            // of another user namespace) is not compared.
+            if kcmp_shares(Pid(root.pid), Pid(root.ppid), what).unwrap_or(false) {
+                return Err(Error::Unsupported {
+                    pid: Pid(root.pid),
+                    what: format!("sharing {name} with its parent {}, outside the dumped tree", root.ppid),
+                });
+            }
+        }
+    }
+    for (what, name) in KINDS {
+        // Groups of processes sharing one object, each listed by index.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for &i in &live {
+            let mut home = None;
+            for (g, members) in groups.iter().enumerate() {
+                if shares(procs[i].pid, procs[members[0]].pid, what)? {
+                    home = Some(g);
+                    break;
+                }
+            }
+            match home {
+                Some(g) => groups[g].push(i),
+                None => groups.push(vec![i]),
+            }
+        }
+        for members in groups.iter().filter(|m| m.len() > 1) {
+            let first = members[0];
+            if matches!(what, Shared::Vm | Shared::Sighand) {
+                let (p, q) = (procs[members[1]].pid, procs[first].pid);
+                return Err(Error::Unsupported { pid: Pid(p), what: format!("sharing {name} with pid {q}") });
+            }
+            let in_group = |pid: i32| members.iter().any(|&m| procs[m].pid == pid);
+            let heads: Vec<usize> = members.iter().copied().filter(|&m| !in_group(procs[m].ppid)).collect();
+            if let [_, second, ..] = heads[..] {
+                let (p, q) = (procs[second].pid, procs[heads[0]].pid);
+                return Err(Error::Unsupported {
+                    pid: Pid(p),
+                    what: format!("sharing {name} with pid {q} but not with its parent {}", procs[second].ppid),
+                });
+            }
+            for &m in members.iter().filter(|&&m| !heads.contains(&m)) {
+                match what {
+                    Shared::Files => procs[m].files_with_parent = true,
+                    Shared::Fs => procs[m].fs_with_parent = true,
+                    Shared::Vm | Shared::Sighand => {}
+                }
             }
         }
     }
@@ -334,11 +386,28 @@ fn zombie_record(pid: Pid) -> Result<ProcessRecord> {
         what: "no exit code".into(),
     })?;
     Ok(ProcessRecord {
-        pid: pid.0,
-        ppid: stat.ppid,
         pgid: stat.pgrp,
         sid: stat.session,
         comm: stat.comm,
+        zombie_status: Some(status),
+        ..empty_record(pid.0, stat.ppid)
+    })
+}
+
+/// A record with nothing in it but the two PIDs, for unit tests of planners.
+#[cfg(test)]
+pub(crate) fn test_record(pid: i32, ppid: i32) -> ProcessRecord {
+    empty_record(pid, ppid)
+}
+
+/// A process record that holds nothing but its PIDs (cwd and root "/").
+fn empty_record(pid: i32, ppid: i32) -> ProcessRecord {
+    ProcessRecord {
+        pid,
+        ppid,
+        pgid: pid,
+        sid: pid,
+        comm: String::new(),
         creds: Default::default(),
         cwd: b"/".to_vec(),
         root: b"/".to_vec(),
@@ -367,10 +436,12 @@ fn zombie_record(pid: Pid) -> Result<ProcessRecord> {
         threads: Vec::new(),
         no_new_privs: false,
         personality: 0,
-        zombie_status: Some(status),
+        zombie_status: None,
         locks: Vec::new(),
         ctty: None,
-    })
+        files_with_parent: false,
+        fs_with_parent: false,
+    }
 }
 
 /// One live process: everything but what it shares with others (descriptions, pipes)
@@ -467,6 +538,8 @@ fn collect_process(
         zombie_status: None,
         locks: Vec::new(),
         ctty: None,
+        files_with_parent: false,
+        fs_with_parent: false,
     };
     Ok((process, fds, mm_plan))
 }

@@ -15,6 +15,8 @@ pub enum Error {
     IsSelf(Pid),
     #[error("pid {pid} is already traced by pid {tracer} (a debugger or another dump?)")]
     AlreadyTraced { pid: Pid, tracer: i32 },
+    #[error("pid {pid}{thread} is in vfork() waiting for child {child} to exec or exit (waited {waited:?}); dump again once it has")]
+    InVfork { pid: Pid, thread: String, child: Pid, waited: std::time::Duration },
     #[error("pid {pid}: {what} is not supported yet")]
     Unsupported { pid: Pid, what: String },
     #[error("pid {pid}: fd {fd}: unsupported descriptor kind: {kind}")]

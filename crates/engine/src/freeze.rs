@@ -12,6 +12,7 @@ use crate::procfs;
 use stasis_sys::ptrace::{self, UserRegs, WaitStatus};
 use stasis_sys::Pid;
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 /// A thread in a ptrace stop, with the registers it had when it stopped.
 pub struct FrozenThread {
@@ -66,11 +67,59 @@ fn list_tasks(pid: Pid) -> Result<Vec<Pid>> {
     Ok(v)
 }
 
+/// How long a dump waits for a thread in vfork() to be let go by its child (which execs
+/// or exits: posix_spawn's child does so at once) before it refuses the process.
+const VFORK_WAIT: Duration = Duration::from_secs(1);
+
+/// System calls that can wait for a vfork child: vfork, clone and clone3 with
+/// CLONE_VFORK.
+const VFORK_CALLS: [i64; 3] = [libc::SYS_vfork, libc::SYS_clone, libc::SYS_clone3];
+
+/// The child thread `tid` of `pid` waits for in vfork(): the thread sleeps (state D,
+/// TASK_KILLABLE) in a clone system call and a child it made shares its address space.
+/// Such a thread cannot enter a ptrace stop until the child execs or exits.
+pub fn vfork_child(pid: Pid, tid: Pid) -> Result<Option<Pid>> {
+    let (path, text) = procfs::read_text(pid, &format!("task/{tid}/stat"))?;
+    if procfs::parse_stat(&text).map_err(|what| Error::ProcParse { pid, path, what })?.state != 'D' {
+        return Ok(None);
+    }
+    let nr = procfs::read_text(pid, &format!("task/{tid}/syscall"))?.1;
+    if !nr.split_whitespace().next().and_then(|n| n.parse().ok()).is_some_and(|n: i64| VFORK_CALLS.contains(&n)) {
+        return Ok(None);
+    }
+    let kids = procfs::read_text(pid, &format!("task/{tid}/children"))?.1;
+    for child in kids.split_whitespace().filter_map(|c| c.parse().ok()).map(Pid) {
+        if stasis_sys::proc::kcmp_shares(tid, child, stasis_sys::proc::Shared::Vm).unwrap_or(false) {
+            return Ok(Some(child));
+        }
+    }
+    Ok(None)
+}
+
+/// Returns once thread `tid` is not (or no longer) waiting in vfork(), within VFORK_WAIT;
+/// else the refusal naming the process and the child it waits for.
+fn wait_out_vfork(pid: Pid, tid: Pid, since: Instant) -> Result<()> {
+    while let Some(child) = vfork_child(pid, tid)? {
+        if since.elapsed() >= VFORK_WAIT {
+            let thread = if tid == pid { String::new() } else { format!(" (thread {tid})") };
+            return Err(Error::InVfork { pid, thread, child, waited: VFORK_WAIT });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 /// Waits for a seized thread to report its interrupt stop. A signal that arrives first is
-/// passed back to the thread (so it is not lost) and we wait again.
+/// passed back to the thread (so it is not lost) and we wait again. The stop normally
+/// comes at once; one that does not may be a thread that entered vfork() after the
+/// check before the seize (no clone completes once the interrupt is queued, but one may
+/// have completed just before): it is refused after VFORK_WAIT, still seized (a running
+/// tracee cannot be detached; the kernel lets it go when the dumper exits).
 fn wait_for_stop(pid: Pid, tid: Pid) -> Result<()> {
+    let start = Instant::now();
+    let mut nap = Duration::ZERO;
     loop {
-        match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
+        match ptrace::waitpid(tid, libc::__WALL | libc::WNOHANG).map_err(Error::sys(pid, "waitpid"))? {
             WaitStatus::Stopped(_, _, ptrace::PTRACE_EVENT_STOP) => return Ok(()),
             WaitStatus::Stopped(_, sig, _) => {
                 ptrace::cont(tid, sig).map_err(Error::sys(pid, "PTRACE_CONT"))?;
@@ -78,7 +127,13 @@ fn wait_for_stop(pid: Pid, tid: Pid) -> Result<()> {
             WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
                 return Err(Error::TargetDied { pid, what: format!("thread {tid} exited while freezing") })
             }
-            WaitStatus::StillAlive => {}
+            WaitStatus::StillAlive => {
+                if nap >= Duration::from_millis(1) {
+                    wait_out_vfork(pid, tid, start)?;
+                }
+                std::thread::sleep(nap);
+                nap = (nap * 2).clamp(Duration::from_micros(10), Duration::from_millis(1));
+            }
         }
     }
 }
@@ -96,6 +151,7 @@ impl Frozen {
                 break;
             }
             for tid in new {
+                wait_out_vfork(pid, tid, Instant::now())?;
                 if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
                     if e.0 == libc::ESRCH {
                         continue; // exited meanwhile

@@ -97,18 +97,81 @@ struct FdPlan {
     /// The child parks its own descriptors (status and wait pipes, inherited
     /// descriptions) at or above this.
     park: i32,
+    /// The restorer's last injected close_range starts here: above every saved
+    /// descriptor, at the first helper descriptor of the process or of its group.
+    close_from: i32,
 }
 
 impl FdPlan {
+    /// The plans of the processes of one descriptor table (one process, or several that
+    /// share it: their saved descriptors are the same). Each gets its own helper
+    /// numbers, one block after the other above the saved descriptors, and all park
+    /// above every block: whatever one of them does to the table, the others see.
     /// `inherited_top` is above every descriptor the restorer holds: parking above it
     /// lets a child drop everything it inherited with one close_range.
-    fn new(p: &ProcessRecord, inherited_top: i32) -> FdPlan {
-        let base = p.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
-        let maps = MapFds::plan(&p.mm.vmas, base + 1);
-        let tty = base + 1 + maps.len() as i32;
-        let park = (tty + 1).max(inherited_top);
-        FdPlan { exe: base, maps, tty, park }
+    fn group(members: &[&ProcessRecord], inherited_top: i32) -> Vec<FdPlan> {
+        let base = members[0].fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
+        let mut next = base;
+        let mut plans: Vec<FdPlan> = members
+            .iter()
+            .map(|p| {
+                let exe = next;
+                let maps = MapFds::plan(&p.mm.vmas, exe + 1);
+                let tty = exe + 1 + maps.len() as i32;
+                next = tty + 1;
+                FdPlan { exe, maps, tty, park: 0, close_from: base }
+            })
+            .collect();
+        for p in &mut plans {
+            p.park = next.max(inherited_top);
+        }
+        plans
     }
+}
+
+/// For each process of the image, the index of the process that installs its descriptors
+/// (itself, unless it shares its parent's table: then whoever installs the parent's), and
+/// the one that sets its cwd, root and umask, alike. The image was checked to be
+/// consistent (see check_sharing).
+fn table_owners(procs: &[ProcessRecord]) -> (Vec<usize>, Vec<usize>) {
+    let index = |pid: i32| procs.iter().position(|p| p.pid == pid);
+    let owner = |mut i: usize, shares: fn(&ProcessRecord) -> bool| {
+        for _ in 0..procs.len() {
+            match (shares(&procs[i]), index(procs[i].ppid)) {
+                (true, Some(parent)) => i = parent,
+                _ => break,
+            }
+        }
+        i
+    };
+    (
+        (0..procs.len()).map(|i| owner(i, |p| p.files_with_parent)).collect(),
+        (0..procs.len()).map(|i| owner(i, |p| p.fs_with_parent)).collect(),
+    )
+}
+
+/// Before anything exists: a process that shares a table with its parent has a live
+/// parent in the image (not the root: its parent is outside), and the same descriptors,
+/// or cwd, root and umask, as that parent.
+fn check_sharing(procs: &[ProcessRecord], root_idx: usize) -> Result<()> {
+    for (i, p) in procs.iter().enumerate() {
+        if !p.files_with_parent && !p.fs_with_parent {
+            continue;
+        }
+        let bad = |what: String| Err(Error::Incompatible(format!("pid {}: {what}", p.pid)));
+        let parent = match procs.iter().find(|q| q.pid == p.ppid) {
+            Some(q) if i != root_idx && q.zombie_status.is_none() && p.zombie_status.is_none() => q,
+            _ => return bad(format!("shares a table with its parent {}, which the image does not hold", p.ppid)),
+        };
+        let fds = |r: &ProcessRecord| r.fds.iter().map(|f| (f.fd, files::desc_key(r.pid, f))).collect::<Vec<_>>();
+        if p.files_with_parent && fds(p) != fds(parent) {
+            return bad(format!("shares its descriptor table with its parent {} but their descriptors differ", p.ppid));
+        }
+        if p.fs_with_parent && (&p.cwd, &p.root, p.umask) != (&parent.cwd, &parent.root, parent.umask) {
+            return bad(format!("shares its cwd, root and umask with its parent {} but they differ", p.ppid));
+        }
+    }
+    Ok(())
 }
 
 /// One above the highest descriptor number this process has open.
@@ -123,8 +186,15 @@ struct Plan<'a> {
     rec: &'a ProcessRecord,
     session: SessionPlan,
     fds: FdPlan,
-    /// (saved number, inherited number, close-on-exec)
+    /// (saved number, inherited number, close-on-exec) of every descriptor this process
+    /// installs: its own and those of the processes sharing its table (empty for one
+    /// that shares its parent's).
     placement: Vec<(i32, i32, bool)>,
+    /// Itself and the processes sharing its descriptor table, when it installs it (their
+    /// helper descriptors are its job too); empty otherwise.
+    installs_for: Vec<usize>,
+    /// Clone flags it is created with: the tables it shares with its parent.
+    share: i32,
     /// Indexes of the children to fork, zombies included.
     children: Vec<usize>,
     /// A session leader's controlling terminal.
@@ -205,6 +275,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let helper = mm::find_free(&[&busy], HELPER_LEN)
         .ok_or_else(|| Error::Restore { pid: root_pid, what: "no free address range for the helper page".into() })?;
     shmem::validate(img, pages.len() as u64)?;
+    check_sharing(&img.processes, root_idx)?;
     let root = &img.processes[root_idx];
     let root_session = if root.sid == root.pid { SessionPlan::Leader } else { task::session_plan(root_pid, root.sid, opts.shell_job)? };
     // Every memory object and open file description, created before any process exists.
@@ -225,24 +296,45 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         (true, 1) => Pid(0),
         (true, _) => Pid(1),
     };
-    let plans: Vec<Plan> = img
+    let (files_owner, _) = table_owners(&img.processes);
+    let mut fd_plans: Vec<Option<FdPlan>> = (0..img.processes.len()).map(|_| None).collect();
+    for owner in 0..img.processes.len() {
+        let members: Vec<usize> = (0..img.processes.len()).filter(|&i| files_owner[i] == owner).collect();
+        if members.is_empty() {
+            continue;
+        }
+        let recs: Vec<&ProcessRecord> = members.iter().map(|&i| &img.processes[i]).collect();
+        for (&i, plan) in members.iter().zip(FdPlan::group(&recs, inherited_top)) {
+            fd_plans[i] = Some(plan);
+        }
+    }
+    let mut plans: Vec<Plan> = img
         .processes
         .iter()
+        .zip(fd_plans)
         .enumerate()
-        .map(|(i, rec)| {
+        .map(|(i, (rec, fds))| {
             let session = if i == root_idx { root_session } else if rec.sid == rec.pid { SessionPlan::Leader } else { SessionPlan::Inherit };
             let ctty = match session {
                 SessionPlan::Leader => tty::plan_ctty(rec, &img.processes, |i| descs.pty_slave(i), restorer_terminal())?,
                 SessionPlan::Inherit => None,
             };
-            let fds = FdPlan::new(rec, inherited_top);
-            let placement = object_placement(&descs, &objects, rec, &fds);
+            let fds = fds.expect("every process is in its own descriptor table's group");
+            let installs_for: Vec<usize> = match files_owner[i] == i {
+                true => (0..img.processes.len()).filter(|&j| files_owner[j] == i).collect(),
+                false => Vec::new(),
+            };
+            let placement = if installs_for.is_empty() { Vec::new() } else { descs.placement(rec) };
+            let share = if rec.files_with_parent { libc::CLONE_FILES } else { 0 }
+                | if rec.fs_with_parent { libc::CLONE_FS } else { 0 };
             Ok(Plan {
             rec,
             session,
             ctty,
             fds,
             placement,
+            installs_for,
+            share,
             children: img
                 .processes
                 .iter()
@@ -254,6 +346,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         })
         })
         .collect::<Result<_>>()?;
+    // The memory objects every process of a shared table maps, placed by its installer.
+    for i in 0..plans.len() {
+        let extra: Vec<_> = plans[i].installs_for.iter().flat_map(|&j| object_placement(&objects, &plans[j].fds)).collect();
+        plans[i].placement.extend(extra);
+    }
     let validate = t0.elapsed();
     let shared = Shared {
         plans,
@@ -299,9 +396,17 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     set_process_groups(&live, helper, &pids)?;
     let mut memory_bytes = objects.loaded;
     let mut all_threads: Vec<Pid> = Vec::new();
+    // Every address space first: processes sharing a descriptor table need their helper
+    // descriptors there until the last of them is built.
+    let mut built = Vec::with_capacity(live.len());
     for p in &live {
+        let (b, loaded) = build_child(p, helper, pages.as_slice(), &pids)?;
+        memory_bytes += loaded;
+        built.push(b);
+    }
+    for (p, b) in live.iter().zip(built) {
         let mut extra = Vec::new();
-        memory_bytes += drive_child(p, helper, pages.as_slice(), &mut extra, &pids)?;
+        finish_child(p, b, helper, &mut extra, &pids)?;
         all_threads.extend(extra);
         all_threads.push(pids.outer(p.rec.pid));
     }
@@ -324,11 +429,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     })
 }
 
-/// (saved number, inherited number, close-on-exec) of every descriptor a restore child
-/// places before it stops: its saved descriptors, and the memory objects its mappings
-/// need, at the numbers the FdPlan gave them (close-on-exec: the restorer closes them).
-fn object_placement(descs: &files::DescTable, objects: &ShmemTable, rec: &ProcessRecord, fds: &FdPlan) -> Vec<(i32, i32, bool)> {
-    let mut placement = descs.placement(rec);
+/// (saved number, inherited number, close-on-exec) of the memory objects a process's
+/// mappings need, at the numbers the FdPlan gave them (close-on-exec: the restorer closes
+/// them).
+fn object_placement(objects: &ShmemTable, fds: &FdPlan) -> Vec<(i32, i32, bool)> {
+    let mut placement = Vec::new();
     for &(id, rw, at) in &fds.maps.objects {
         if let Some(ours) = objects.fd(id, rw) {
             placement.push((at, ours, true));
@@ -438,11 +543,17 @@ impl Drop for TreeGuard {
 }
 
 /// Forks the process `idx` of the plan with its PID; in the child, runs its restore
-/// code and never returns.
+/// code and never returns. A child that shares a table with us (CLONE_FILES, CLONE_FS)
+/// must have forked its own children before we change that table, so that they start
+/// from what the restorer handed down: it says so on a pipe, and only then do we return.
 fn fork_process(shared: &Shared, idx: usize) -> Result<Pid> {
-    let rec = shared.plans[idx].rec;
-    let pid = Pid(rec.pid);
-    match sp::fork_with_pid(Some(pid)) {
+    let plan = &shared.plans[idx];
+    let pid = Pid(plan.rec.pid);
+    let report = match plan.share {
+        0 => None,
+        _ => Some(sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(pid, "pipe2"))?),
+    };
+    match sp::fork_with_pid(Some(pid), plan.share) {
         Err(e) if e.0 == libc::EEXIST => {
             check_pid_free(pid)?;
             Err(Error::PidTaken { pid, comm: "unknown".into() })
@@ -451,14 +562,22 @@ fn fork_process(shared: &Shared, idx: usize) -> Result<Pid> {
             Err(Error::Restore { pid, what: "the restorer must be single-threaded to fork the restored process".into() })
         }
         Err(e) => Err(Error::Sys { pid, op: "clone3 with set_tid", errno: e }),
-        Ok(Forked::Parent(c)) => Ok(c),
+        Ok(Forked::Parent(c)) => {
+            if let Some((rd, _wr)) = report {
+                // Both ends close here, after the report: with CLONE_FILES the child's
+                // descriptors are ours.
+                wait_for_report(c, &rd)?;
+            }
+            Ok(c)
+        }
         Ok(Forked::Child) => {
-            if let Some(status) = rec.zombie_status {
+            if let Some(status) = plan.rec.zombie_status {
                 become_zombie(status);
             }
             // child_main moves the status pipe; it reports where it is now.
             let mut status_fd = shared.status_fd;
-            let msg = match child_main(shared, idx, &mut status_fd) {
+            let report_fd = report.as_ref().map(|(_, wr)| wr.as_raw_fd());
+            let msg = match child_main(shared, idx, &mut status_fd, report_fd) {
                 Err(m) => m,
                 Ok(()) => "resumed unexpectedly".to_string(),
             };
@@ -468,11 +587,23 @@ fn fork_process(shared: &Shared, idx: usize) -> Result<Pid> {
     }
 }
 
+/// Waits until child `c`, which shares a table with us, writes its one byte on `rd`, or
+/// ends first (it then reported why on the status pipe).
+fn wait_for_report(c: Pid, rd: &OwnedFd) -> Result<()> {
+    let pidfd = sp::pidfd_open(c).map_err(Error::sys(c, "pidfd_open"))?;
+    let ready = sp::poll_many(&[rd.as_raw_fd(), pidfd.as_raw_fd()], libc::POLLIN, -1).map_err(Error::sys(c, "poll"))?;
+    let mut b = [0u8; 1];
+    if ready[0] & libc::POLLIN != 0 && sp::read_raw(rd.as_raw_fd(), &mut b) == Ok(1) {
+        return Ok(());
+    }
+    Err(Error::Restore { pid: c, what: "a restore child that shares a table with its parent ended early".into() })
+}
+
 /// Forks PID 1 of the fresh PID namespace (see pidns), which forks the root. It leads a
 /// session of its own unless the root must join the restorer's (--shell-job).
 fn fork_ns_init(shared: &Shared, root_idx: usize, ctl: i32, setsid: bool) -> Result<Pid> {
     let root_pid = Pid(shared.plans[root_idx].rec.pid);
-    match sp::fork_with_pid(None) {
+    match sp::fork_with_pid(None, 0) {
         Err(e) => Err(Error::Sys { pid: root_pid, op: "clone3 (PID namespace init)", errno: e }),
         Ok(Forked::Parent(c)) => Ok(c),
         Ok(Forked::Child) => {
@@ -513,8 +644,10 @@ fn become_zombie(status: i32) -> ! {
 }
 
 /// The child's part: runs in the forked copy of the restorer (or of its restored parent),
-/// returns only on error.
-fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32) -> std::result::Result<(), String> {
+/// returns only on error. `report`: the pipe to the parent this process shares a table
+/// with, written once its own children exist and it no longer needs the descriptors it
+/// inherited at their original numbers.
+fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32, report: Option<i32>) -> std::result::Result<(), String> {
     let plan = &shared.plans[idx];
     let rec = plan.rec;
     sp::set_pdeathsig(libc::SIGKILL).map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
@@ -534,41 +667,25 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32) -> std::result::
             stasis_sys::tty::set_controlling_tty(c.fd, c.steal).map_err(|e| format!("TIOCSCTTY: {e}"))?;
         }
     }
+    // Returns only once every child sharing a table with us has forked its own.
     for &c in &plan.children {
         fork_process(shared, c).map_err(|e| e.to_string())?;
     }
     signals::restore_actions_in_child(&rec.sigactions)?;
+    // Above every number the processes sharing our table use, so that no one's
+    // close_range or dup3 hits them.
     let park = |fd: i32| sp::dup_at_least(fd, plan.fds.park).map_err(|e| format!("dup: {e}"));
     let status_hi = park(*status_fd)?;
     *status_fd = status_hi;
     let wait_hi = park(shared.wait_fd)?;
-    let tty_hi = match &plan.ctty {
-        Some(c) if c.fg_pgrp.is_some() => Some(park(c.fd)?),
-        _ => None,
-    };
-    files::restore_in_child(&plan.placement, plan.fds.park)?;
-    if let Some(t) = tty_hi {
-        sp::dup3(t, plan.fds.tty, libc::O_CLOEXEC).map_err(|e| format!("dup3 to {}: {e}", plan.fds.tty))?;
+    if !plan.installs_for.is_empty() {
+        install_descriptors(shared, plan)?;
     }
-    let place = |fd: OwnedFd, at: i32| -> std::result::Result<(), String> {
-        let raw = fd.into_raw_fd();
-        if raw == at {
-            return Ok(()); // opened right at its place (already close-on-exec)
-        }
-        sp::dup3(raw, at, libc::O_CLOEXEC).map_err(|e| format!("dup3 to {at}: {e}"))?;
-        sp::close_range(raw as u32, raw as u32).map_err(|e| format!("close: {e}"))
-    };
-    let exe_path = std::ffi::OsStr::from_bytes(&rec.mm.exe.path);
-    let exe = sp::open(exe_path.as_ref(), libc::O_RDONLY | libc::O_CLOEXEC, 0)
-        .map_err(|e| format!("open exe {}: {e}", rec.mm.exe.display()))?;
-    place(exe, plan.fds.exe)?;
-    for (f, at, rw) in &plan.fds.maps.files {
-        let mode = if *rw { libc::O_RDWR } else { libc::O_RDONLY };
-        let fd = sp::open(std::ffi::OsStr::from_bytes(&f.path).as_ref(), mode | libc::O_CLOEXEC, 0)
-            .map_err(|e| format!("open mapped file {}: {e}", f.display()))?;
-        place(fd, *at)?;
+    if let Some(r) = report {
+        sp::write_all_raw(r, b"r");
     }
-    task::restore_in_child(SessionPlan::Inherit, &rec.cwd, &rec.root, rec.umask, &rec.comm)?;
+    let fs = (!rec.fs_with_parent).then_some((rec.cwd.as_slice(), rec.root.as_slice(), rec.umask));
+    task::restore_in_child(SessionPlan::Inherit, fs, &rec.comm)?;
     // syscall; then int3 so that a stray resume traps instead of running on.
     // syscall at 0 (single injected calls), the batch runner at BATCH_CODE_AT.
     let mut code = vec![0xcc; BATCH_CODE_AT as usize];
@@ -618,8 +735,56 @@ fn set_own_state(rec: &ProcessRecord) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The restorer's part, with the child seized and stopped. Returns page bytes loaded.
-fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>, pids: &PidMap) -> Result<u64> {
+/// In the restore child that installs a descriptor table: every saved descriptor, then
+/// for itself and each process sharing the table the descriptors the restorer needs
+/// there (controlling terminal, exe, mapped files), at the numbers their FdPlans give.
+fn install_descriptors(shared: &Shared, plan: &Plan) -> std::result::Result<(), String> {
+    let park = |fd: i32| sp::dup_at_least(fd, plan.fds.park).map_err(|e| format!("dup: {e}"));
+    let mut ttys = Vec::new();
+    for &m in &plan.installs_for {
+        let p = &shared.plans[m];
+        if let Some(c) = p.ctty.filter(|c| c.fg_pgrp.is_some()) {
+            ttys.push((park(c.fd)?, p.fds.tty));
+        }
+    }
+    files::restore_in_child(&plan.placement, plan.fds.park)?;
+    for (hi, at) in ttys {
+        sp::dup3(hi, at, libc::O_CLOEXEC).map_err(|e| format!("dup3 to {at}: {e}"))?;
+    }
+    let place = |fd: OwnedFd, at: i32| -> std::result::Result<(), String> {
+        let raw = fd.into_raw_fd();
+        if raw == at {
+            return Ok(()); // opened right at its place (already close-on-exec)
+        }
+        sp::dup3(raw, at, libc::O_CLOEXEC).map_err(|e| format!("dup3 to {at}: {e}"))?;
+        sp::close_range(raw as u32, raw as u32).map_err(|e| format!("close: {e}"))
+    };
+    for &m in &plan.installs_for {
+        let p = &shared.plans[m];
+        let exe_path = std::ffi::OsStr::from_bytes(&p.rec.mm.exe.path);
+        let exe = sp::open(exe_path.as_ref(), libc::O_RDONLY | libc::O_CLOEXEC, 0)
+            .map_err(|e| format!("open exe {}: {e}", p.rec.mm.exe.display()))?;
+        place(exe, p.fds.exe)?;
+        for (f, at, rw) in &p.fds.maps.files {
+            let mode = if *rw { libc::O_RDWR } else { libc::O_RDONLY };
+            let fd = sp::open(std::ffi::OsStr::from_bytes(&f.path).as_ref(), mode | libc::O_CLOEXEC, 0)
+                .map_err(|e| format!("open mapped file {}: {e}", f.display()))?;
+            place(fd, *at)?;
+        }
+    }
+    Ok(())
+}
+
+/// A seized restore child whose address space is built, with what finish_child needs.
+struct Built {
+    inj: Injector,
+    mem: ChildMem,
+}
+
+/// The restorer's first part, with the child seized and stopped: the address space and
+/// the mm fields, which need the helper descriptors in the child. Returns page bytes
+/// loaded.
+fn build_child(plan: &Plan, helper: u64, pages: &[u8], pids: &PidMap) -> Result<(Built, u64)> {
     let rec = plan.rec;
     // As we see it (ptrace, /proc); injected calls use the saved numbers.
     let pid = pids.outer(rec.pid);
@@ -641,12 +806,24 @@ fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>, pid
     if rec.mm.xcomp_perm & (1 << XFEATURE_XTILEDATA) != 0 {
         calls.push("arch_prctl(ARCH_REQ_XCOMP_PERM)", libc::SYS_arch_prctl, [ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, 0, 0, 0, 0]);
     }
-    // The restorer's descriptors in the child: image, exe, mapped files.
-    calls.push("close_range", libc::SYS_close_range, [plan.fds.exe as u64, u32::MAX as u64, 0, 0, 0, 0]);
     let ncalls = calls.len();
     calls.run(&mut inj, &mem, helper)?;
     let loaded = mm::fill(pid, &mem, pages, &rec.mm.vmas)?;
     log::debug!("address space rebuilt ({ncalls} calls in one batch), {loaded} bytes loaded");
+    Ok((Built { inj, mem }, loaded))
+}
+
+/// The restorer's second part, once every process sharing this one's descriptor table
+/// is built: their helper descriptors go, then everything else is set and the threads
+/// made. The new threads go to `extra`.
+fn finish_child(plan: &Plan, built: Built, helper: u64, extra: &mut Vec<Pid>, pids: &PidMap) -> Result<()> {
+    let rec = plan.rec;
+    let pid = pids.outer(rec.pid);
+    let Built { mut inj, mem } = built;
+    let data = helper + HELPER_DATA;
+    // The restorer's descriptors in the child: image, exe, mapped files, parked ones (of
+    // the whole table: a second close_range of a shared one finds nothing left).
+    inj.call("close_range", libc::SYS_close_range, [plan.fds.close_from as u64, u32::MAX as u64, 0, 0, 0, 0])?;
     log::debug!("mm fields set, helper descriptors closed");
     // After the last close in the child: a close drops its POSIX locks on that file.
     locks::restore(&mut inj, &mem, data, &rec.locks)?;
@@ -670,8 +847,7 @@ fn drive_child(plan: &Plan, helper: u64, pages: &[u8], extra: &mut Vec<Pid>, pid
     signals::restore_pending(&mut inj, &mem, data, Pid(rec.pid), None, &rec.shared_pending)?;
     finish_thread(&mut inj, &mem, data, rec, thread, false)?;
     inj.call("munmap(helper)", libc::SYS_munmap, [helper, HELPER_LEN, 0, 0, 0, 0])?;
-    threads::restore_regs(pid, pid, thread)?;
-    Ok(loaded)
+    threads::restore_regs(pid, pid, thread)
 }
 
 fn same_file_as_own_exe(f: &stasis_image::FileRef) -> bool {
@@ -714,4 +890,73 @@ fn set_mm_fields(calls: &mut Batch, mem: &ChildMem, at: u64, m: &MmRecord, exe_f
     mem.write(auxv_at, &auxv)?;
     calls.push("prctl(PR_SET_MM_MAP)", libc::SYS_prctl, [PR_SET_MM, PR_SET_MM_MAP, at, b.len() as u64, 0, 0]);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stasis_image::{FdKind, FdRecord};
+
+    fn rec(pid: i32, ppid: i32, files: bool, fs: bool, fds: &[i32]) -> ProcessRecord {
+        let mut r = crate::dump::test_record(pid, ppid);
+        r.files_with_parent = files;
+        r.fs_with_parent = fs;
+        r.fds = fds
+            .iter()
+            .map(|&fd| FdRecord {
+                fd,
+                cloexec: false,
+                kind: FdKind::CharDevice { path: b"/dev/null".to_vec(), rdev: 0x103, flags: 0 },
+                same_as: None,
+                desc: fd as u64 + 1,
+            })
+            .collect();
+        r
+    }
+
+    /// root ── A (files) ── A1 (files, fs);  root ── B
+    fn tree() -> Vec<ProcessRecord> {
+        vec![
+            rec(10, 1, false, false, &[0, 1, 7]),
+            rec(11, 10, true, false, &[0, 1, 7]),
+            rec(12, 11, true, true, &[0, 1, 7]),
+            rec(13, 10, false, false, &[0, 1]),
+        ]
+    }
+
+    #[test]
+    fn owners_follow_the_parent_chain() {
+        let (files, fs) = table_owners(&tree());
+        assert_eq!(files, vec![0, 0, 0, 3]);
+        assert_eq!(fs, vec![0, 1, 1, 3]);
+    }
+
+    #[test]
+    fn a_shared_table_gets_one_block_per_process() {
+        let procs = tree();
+        let members: Vec<&ProcessRecord> = procs[..3].iter().collect();
+        let plans = FdPlan::group(&members, 5);
+        // Above fd 7: exe and tty of each (no mapped files), one after the other.
+        let layout: Vec<(i32, i32)> = plans.iter().map(|p| (p.exe, p.tty)).collect();
+        assert_eq!(layout, vec![(8, 9), (10, 11), (12, 13)]);
+        assert!(plans.iter().all(|p| p.park == 14 && p.close_from == 8));
+        let alone = FdPlan::group(&[&procs[3]], 20);
+        assert_eq!((alone[0].exe, alone[0].tty, alone[0].park, alone[0].close_from), (3, 4, 20, 3));
+    }
+
+    #[test]
+    fn inconsistent_sharing_is_rejected() {
+        assert!(check_sharing(&tree(), 0).is_ok());
+        let mut t = tree();
+        t[2].fds.pop();
+        assert!(check_sharing(&t, 0).unwrap_err().to_string().contains("descriptors differ"));
+        let mut t = tree();
+        t[1].cwd = b"/tmp".to_vec();
+        t[1].files_with_parent = false;
+        t[1].fs_with_parent = true;
+        assert!(check_sharing(&t, 0).unwrap_err().to_string().contains("cwd"));
+        let mut t = tree();
+        t[0].files_with_parent = true;
+        assert!(check_sharing(&t, 0).unwrap_err().to_string().contains("does not hold"));
+    }
 }

@@ -88,18 +88,22 @@ pub fn session_plan(pid: Pid, sid: i32, shell_job: bool) -> Result<SessionPlan> 
 }
 
 /// In the restore child, before it stops.
-pub fn restore_in_child(plan: SessionPlan, cwd: &[u8], root: &[u8], umask: u32, comm: &str) -> std::result::Result<(), String> {
+/// `fs`: cwd, root and umask, unless the process shares them with its parent (CLONE_FS),
+/// which sets them for both.
+pub fn restore_in_child(plan: SessionPlan, fs: Option<(&[u8], &[u8], u32)>, comm: &str) -> std::result::Result<(), String> {
     use std::ffi::OsStr;
     if plan == SessionPlan::Leader {
         stasis_sys::proc::setsid().map_err(|e| format!("setsid: {e}"))?;
     }
-    let cwd = Path::new(OsStr::from_bytes(cwd));
-    std::env::set_current_dir(cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
-    if root != b"/" {
-        let root = Path::new(OsStr::from_bytes(root));
-        stasis_sys::proc::chroot(root).map_err(|e| format!("chroot {}: {e}", root.display()))?;
+    if let Some((cwd, root, umask)) = fs {
+        let cwd = Path::new(OsStr::from_bytes(cwd));
+        std::env::set_current_dir(cwd).map_err(|e| format!("chdir {}: {e}", cwd.display()))?;
+        if root != b"/" {
+            let root = Path::new(OsStr::from_bytes(root));
+            stasis_sys::proc::chroot(root).map_err(|e| format!("chroot {}: {e}", root.display()))?;
+        }
+        stasis_sys::proc::umask(umask);
     }
-    stasis_sys::proc::umask(umask);
     stasis_sys::proc::set_comm(comm.as_bytes()).map_err(|e| format!("PR_SET_NAME: {e}"))?;
     Ok(())
 }

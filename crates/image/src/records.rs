@@ -100,6 +100,14 @@ pub struct ProcessRecord {
     /// The process's controlling terminal (none in images from before it was recorded).
     #[serde(default)]
     pub ctty: Option<ControllingTty>,
+    /// Shares its descriptor table with its parent (it was cloned with CLONE_FILES): the
+    /// restored parent clones it so again, and only the first process of such a chain
+    /// installs the descriptors, which are then the same for all of them.
+    #[serde(default)]
+    pub files_with_parent: bool,
+    /// Shares its cwd, root and umask with its parent (cloned with CLONE_FS), alike.
+    #[serde(default)]
+    pub fs_with_parent: bool,
 }
 
 /// A controlling terminal, as /proc/PID/stat shows it (tty_nr, tpgid).

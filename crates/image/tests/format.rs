@@ -79,6 +79,8 @@ fn sample() -> Image {
             zombie_status: None,
             locks: vec![],
             ctty: None,
+            files_with_parent: false,
+            fs_with_parent: false,
         }],
         pipes: vec![],
         pid_namespace: false,

@@ -108,21 +108,37 @@ pub enum Forked {
     Parent(Pid),
 }
 
+/// The tables a child made by [`fork_with_pid`] may share with its parent instead of
+/// getting a copy: its descriptor table (`CLONE_FILES`) and its cwd, root and umask
+/// (`CLONE_FS`).
+pub const SHAREABLE: i32 = libc::CLONE_FILES | libc::CLONE_FS;
+
 /// `clone3` without `CLONE_VM` (a fork) whose child gets PID `pid` (`set_tid`), or any
-/// PID when `pid` is `None`. Refused with `EBUSY` unless the calling process has exactly
-/// one thread, because a forked copy of a multi-threaded process may inherit locks held
-/// by threads that do not exist in the child.
-pub fn fork_with_pid(pid: Option<Pid>) -> SysResult<Forked> {
+/// PID when `pid` is `None`, and shares with its parent the tables `share` names (a
+/// subset of [`SHAREABLE`], else `EINVAL`). Refused with `EBUSY` unless the calling
+/// process has exactly one thread, because a forked copy of a multi-threaded process may
+/// inherit locks held by threads that do not exist in the child.
+///
+/// With `CLONE_FILES` the two processes hold the same descriptors: an `OwnedFd` dropped
+/// in one closes the other's too, so the caller must decide which of them owns each.
+pub fn fork_with_pid(pid: Option<Pid>, share: i32) -> SysResult<Forked> {
+    if share & !SHAREABLE != 0 {
+        return Err(Errno(libc::EINVAL));
+    }
     wait_single_threaded()?;
     let tid: libc::pid_t = pid.map(|p| p.0).unwrap_or(0);
     let args = CloneArgs {
+        flags: share as u64,
         exit_signal: libc::SIGCHLD as u64,
         set_tid: if pid.is_some() { &tid as *const libc::pid_t as u64 } else { 0 },
         set_tid_size: pid.is_some() as u64,
         ..Default::default()
     };
     // SAFETY: clone3 without CLONE_VM duplicates the (single-threaded, checked above)
-    // process like fork(); `args` and `tid` are live for the call.
+    // process like fork(): the child runs on its own copy of our memory. CLONE_FILES and
+    // CLONE_FS (the only flags allowed, checked above) share no memory, only the
+    // descriptor table and the cwd/root/umask, which Rust's memory safety does not rest
+    // on. `args` and `tid` are live for the call.
     let r = unsafe {
         libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
     };
@@ -510,6 +526,15 @@ pub fn poll_wait(fd: RawFd, events: i16, timeout_ms: i32) -> SysResult<i16> {
     // SAFETY: one valid pollfd for the call.
     cvt(unsafe { libc::poll(&mut p, 1, timeout_ms) } as libc::c_long)?;
     Ok(p.revents)
+}
+
+/// `poll(2)` on several descriptors for the same events, waiting up to `timeout_ms` (-1:
+/// for ever): the returned events of each, in order.
+pub fn poll_many(fds: &[RawFd], events: i16, timeout_ms: i32) -> SysResult<Vec<i16>> {
+    let mut p: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events, revents: 0 }).collect();
+    // SAFETY: `p` holds `p.len()` valid pollfd structures for the call.
+    cvt(unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) } as libc::c_long)?;
+    Ok(p.iter().map(|p| p.revents).collect())
 }
 
 /// `write(2)` from `buf`: the number of bytes written.

@@ -1,0 +1,287 @@
+//! End-to-end tests of processes that share kernel tables: a descriptor table
+//! (CLONE_FILES) or cwd/root/umask (CLONE_FS) shared along the parent chain
+//! comes back shared; an address space shared between two processes
+//! (CLONE_VM, with or without CLONE_SIGHAND) is refused; a parent waiting in
+//! vfork() for its child is refused in bounded time with the tree running on,
+//! and dumps once the child has let it go; a child started by posix_spawn
+//! (CLONE_VM|CLONE_VFORK, then exec) is an ordinary process.
+//!
+//! The C fixture `sharing` checks itself (see its header): after a restore a
+//! descriptor opened or closed by one sharer must be seen by the other, and a
+//! chdir or umask likewise, while a process that did not share keeps its own.
+//!
+//! Needs root, like the e2e tests: `cargo test -p stasis --test sharing`.
+
+#[allow(dead_code)] // shared with e2e.rs, which uses the rest
+mod common;
+
+use common::*;
+use std::fs;
+use std::time::{Duration, Instant};
+
+fn our_pid() -> i32 {
+    std::process::id() as i32
+}
+
+/// The processes of a fixture (DIR/pids: "ROLE PID" lines), killed by PID and
+/// reaped on drop. Declared after the Fixture, so dropped before it: the root
+/// is killed here too (its guard reaps it), so that the children come to the
+/// test process, the subreaper, which reaps them.
+struct Kids {
+    root: i32,
+    pids: Vec<(String, i32)>,
+}
+
+impl Kids {
+    fn of(fixture: &Fixture) -> Kids {
+        let path = fixture.dir().join("pids");
+        let pids = fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+            .lines()
+            .map(|l| {
+                let (role, pid) = l.split_once(' ').expect("ROLE PID");
+                (role.to_owned(), pid.parse().expect("PID"))
+            })
+            .filter(|(role, _)| role != "root")
+            .collect();
+        Kids { root: fixture.pid(), pids }
+    }
+
+    fn pid(&self, role: &str) -> i32 {
+        self.pids.iter().find(|(r, _)| r == role).map(|(_, p)| *p).expect("role")
+    }
+
+    fn ours(&self, pid: i32) -> bool {
+        proc_state(pid).is_some_and(|(_, ppid)| {
+            ppid == self.root || ppid == our_pid() || self.pids.iter().any(|&(_, p)| p == ppid)
+        })
+    }
+
+    /// Waits until every child is gone, reaping those that became ours.
+    fn reap(&self) -> Result<(), String> {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        for &(_, pid) in &self.pids {
+            while let Some((state, ppid)) = proc_state(pid) {
+                if state == 'Z' && ppid == our_pid() {
+                    let _ = sys::waitpid(pid, libc::WNOHANG);
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("child {pid} still there ({state}, parent {ppid})"));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for &(_, pid) in &self.pids {
+            if self.ours(pid) {
+                let _ = sys::kill(pid, libc::SIGKILL);
+            }
+        }
+        if proc_state(self.root).is_some_and(|(_, ppid)| ppid == our_pid()) {
+            let _ = sys::kill(self.root, libc::SIGKILL);
+        }
+        if let Err(e) = self.reap() {
+            eprintln!("cleaning up: {e}");
+        }
+    }
+}
+
+fn start(args: &[&str]) -> (Fixture, Kids) {
+    let mut all = vec![DIR_ARG];
+    all.extend_from_slice(args);
+    let fixture = Fixture::start("sharing", &all);
+    let kids = Kids::of(&fixture);
+    (fixture, kids)
+}
+
+/// `rounds` times: dump (killing the tree), reap it, restore.
+fn rounds(fixture: &mut Fixture, kids: &Kids, rounds: usize) {
+    for r in 0..rounds {
+        let dir = fixture.dump(&format!("img{r}"), &[]);
+        fixture.reap_killed();
+        kids.reap().unwrap_or_else(|e| panic!("after the dump: {e}"));
+        fixture.restore_detached(&dir);
+    }
+}
+
+/// The fixture's root and then its children must pass.
+fn finish(fixture: Fixture, kids: Kids) {
+    let mut fixture = fixture;
+    let status = fixture.terminate();
+    fixture.assert_verdict(status, true);
+    kids.reap().unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn round_trip(args: &[&str], n: usize) {
+    let (mut fixture, kids) = start(args);
+    rounds(&mut fixture, &kids, n);
+    finish(fixture, kids);
+}
+
+/// The fixture's own checks hold without any dump (and fail when a table
+/// they expect shared is not: see `both`, whose A1 expects its own).
+#[test]
+fn sharing_fixture_alone_passes() {
+    for mode in ["files", "fs", "both", "spawn"] {
+        let (fixture, kids) = start(&[mode]);
+        finish(fixture, kids);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shared descriptor tables and fs info
+
+#[test]
+fn shared_descriptor_table_one_round() {
+    round_trip(&["files"], 1);
+}
+
+#[test]
+fn shared_descriptor_table_three_rounds() {
+    round_trip(&["files"], 3);
+}
+
+#[test]
+fn shared_fs_info_one_round() {
+    round_trip(&["fs"], 1);
+}
+
+#[test]
+fn shared_fs_info_three_rounds() {
+    round_trip(&["fs"], 3);
+}
+
+/// Both tables shared with the parent, and a plain child of the sharing
+/// child that must keep tables of its own.
+#[test]
+fn shared_tables_with_a_private_grandchild_one_round() {
+    round_trip(&["both"], 1);
+}
+
+#[test]
+fn shared_tables_with_a_private_grandchild_three_rounds() {
+    round_trip(&["both"], 3);
+}
+
+/// From outside after a restore: the sharers hold the same descriptors, and
+/// the plain child B does not share them.
+#[test]
+fn restored_sharers_have_one_table() {
+    let (mut fixture, kids) = start(&["both"]);
+    rounds(&mut fixture, &kids, 1);
+    let fds = |pid: i32| {
+        let mut v: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("read fd dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let cwd = |pid: i32| fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd");
+    let (root, a, b) = (fixture.pid(), kids.pid("A"), kids.pid("B"));
+    assert_eq!(fds(root), fds(a), "root and A list different descriptors");
+    assert_eq!(cwd(root), cwd(a));
+    assert_eq!(cwd(root), cwd(b));
+    finish(fixture, kids);
+}
+
+// ---------------------------------------------------------------------------
+// posix_spawn: CLONE_VM|CLONE_VFORK, then exec
+
+#[test]
+fn posix_spawn_child_one_round() {
+    round_trip(&["spawn"], 1);
+}
+
+#[test]
+fn posix_spawn_child_three_rounds() {
+    round_trip(&["spawn"], 3);
+}
+
+// ---------------------------------------------------------------------------
+// Refused
+
+fn assert_untouched(fixture: &Fixture, pids: &[i32]) {
+    assert!(!fixture.dir().join("img").join("stasis.img").exists(), "an image was written");
+    for &pid in pids {
+        assert!(is_alive(pid), "pid {pid} died after the refused dump");
+        assert_eq!(tracer_pid(pid), Some(0), "pid {pid} is still traced");
+    }
+}
+
+fn vm_refused(extra: &[&str]) {
+    let mut args = vec!["vm"];
+    args.extend_from_slice(extra);
+    let (fixture, kids) = start(&args);
+    let (root, a) = (fixture.pid(), kids.pid("A"));
+    assert_refused(
+        &dump_args(root, &fixture.dir().join("img"), &[]),
+        &["address space", "CLONE_VM", &format!("pid {a}"), &format!("pid {root}")],
+    );
+    assert_untouched(&fixture, &[root, a]);
+    finish(fixture, kids);
+}
+
+#[test]
+fn shared_address_space_is_refused() {
+    vm_refused(&[]);
+}
+
+#[test]
+fn shared_address_space_and_signal_handlers_are_refused() {
+    vm_refused(&["sighand"]);
+}
+
+/// A parent blocked in vfork() cannot be frozen until its child execs or
+/// exits: the dump says so in bounded time (it used to hang), naming both,
+/// and the tree runs on. Once the child has exited, the same tree dumps and
+/// restores.
+fn vfork_refused(deep: bool) {
+    let (mut fixture, mut kids) = start(if deep { &["vfork", "deep"] } else { &["vfork"] });
+    let parent = if deep { kids.pid("P") } else { fixture.pid() };
+    let child = kids.pid("child");
+    let t0 = Instant::now();
+    assert_refused(
+        &dump_args(fixture.pid(), &fixture.dir().join("img"), &[]),
+        &[&format!("pid {parent} is in vfork() waiting for child {child} to exec or exit")],
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "the refusal took {:?}", t0.elapsed());
+    assert_untouched(&fixture, &[fixture.pid(), parent, child]);
+    // Let the child go: the parent reaps it and runs on, an ordinary process.
+    sys::kill(child, libc::SIGUSR1).expect("SIGUSR1 to the vfork child");
+    wait_until(EXIT_TIMEOUT, "the vfork child is reaped", || proc_state(child).is_none());
+    kids.pids.retain(|(r, _)| r != "child");
+    rounds(&mut fixture, &kids, 1);
+    finish(fixture, kids);
+}
+
+#[test]
+fn vfork_parent_is_refused_then_dumps() {
+    vfork_refused(false);
+}
+
+/// The same below the root: the root, already frozen, is let go unharmed.
+#[test]
+fn vfork_parent_below_the_root_is_refused_then_dumps() {
+    vfork_refused(true);
+}
+
+/// `stasis show` says which processes share which table with their parent.
+#[test]
+fn show_names_shared_tables() {
+    let (fixture, kids) = start(&["both"]);
+    let dir = fixture.dump("img", &["--leave-running"]);
+    let out = stasis_ok(&[std::ffi::OsStr::new("show"), dir.as_os_str()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let a = kids.pid("A");
+    let a_part = text.split(&format!("process  {a} ")).nth(1).expect("A in the report");
+    let a_part = a_part.split("\nprocess  ").next().unwrap_or(a_part);
+    assert!(a_part.contains("shares with its parent: descriptor table, fs"), "{text}");
+    assert_eq!(text.matches("shares with its parent").count(), 1, "{text}");
+    finish(fixture, kids);
+}
