@@ -311,9 +311,9 @@ fn collect_tree(
 /// does not hang together so, and anything the root shares with its parent outside the
 /// tree.
 fn shared_tables(procs: &mut [ProcessRecord]) -> Result<()> {
-    use stasis_sys::proc::{kcmp_shares, Shared};
+    use stasis_sys::proc::{kcmp_order, kcmp_shares, Shared};
     let live: Vec<usize> = (0..procs.len()).filter(|&i| procs[i].zombie_status.is_none()).collect();
-    let shares = |a: i32, b: i32, what: Shared| kcmp_shares(Pid(a), Pid(b), what).map_err(Error::sys(Pid(a), "kcmp"));
+    let order = |a: i32, b: i32, what: Shared| kcmp_order(Pid(a), Pid(b), what).map_err(Error::sys(Pid(a), "kcmp"));
     const KINDS: [(Shared, &str); 4] = [
         (Shared::Vm, "its address space (CLONE_VM without CLONE_THREAD, as vfork or clone make it)"),
         (Shared::Sighand, "its signal handlers (CLONE_SIGHAND)"),
@@ -334,20 +334,29 @@ fn shared_tables(procs: &mut [ProcessRecord]) -> Result<()> {
         }
     }
     for (what, name) in KINDS {
-        // Groups of processes sharing one object, each listed by index.
+        // Groups of processes sharing one object, each listed by index (in tree order):
+        // sorted by the object, as kcmp orders them, so a tree of n costs n log n calls.
+        let mut failed = None;
+        let mut sorted = live.clone();
+        sorted.sort_by(|&a, &b| {
+            order(procs[a].pid, procs[b].pid, what).unwrap_or_else(|e| {
+                failed.get_or_insert(e);
+                std::cmp::Ordering::Equal
+            })
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let mut groups: Vec<Vec<usize>> = Vec::new();
-        for &i in &live {
-            let mut home = None;
-            for (g, members) in groups.iter().enumerate() {
-                if shares(procs[i].pid, procs[members[0]].pid, what)? {
-                    home = Some(g);
-                    break;
-                }
+        for (k, &i) in sorted.iter().enumerate() {
+            let same = k > 0 && order(procs[i].pid, procs[sorted[k - 1]].pid, what)? == std::cmp::Ordering::Equal;
+            match groups.last_mut() {
+                Some(g) if same => g.push(i),
+                _ => groups.push(vec![i]),
             }
-            match home {
-                Some(g) => groups[g].push(i),
-                None => groups.push(vec![i]),
-            }
+        }
+        for g in groups.iter_mut() {
+            g.sort();
         }
         for members in groups.iter().filter(|m| m.len() > 1) {
             let first = members[0];

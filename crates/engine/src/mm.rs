@@ -131,6 +131,7 @@ pub fn plan(pid: Pid, maps: &[MapEntry], objects: &mut ShmemDump) -> Result<MmPl
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/pagemap").into(), err: e })?;
     let guards_supported = guard_scan_supported(&pagemap);
     let mut planned = Vec::new();
+    let mut files: Vec<((u32, u32, u64, &str), FileRef)> = Vec::new();
     for m in maps {
         let class = classify(m);
         let backing = match &class {
@@ -146,10 +147,19 @@ pub fn plan(pid: Pid, maps: &[MapEntry], objects: &mut ShmemDump) -> Result<MmPl
                 VmaBacking::Shmem(objects.intern(pid, &mf, kind.clone(), |what| Error::UnsupportedMapping { pid, start, end, what })?)
             }
             MapClass::File => {
-                let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-                let md = std::fs::metadata(&mf)
-                    .map_err(|e| Error::Proc { pid, path: mf.into(), err: e })?;
-                VmaBacking::File(file_ref(m.name.as_bytes(), &md))
+                // A file is mapped as several neighbouring mappings (text, data, ...):
+                // one stat of it is enough.
+                let key = (m.dev_major, m.dev_minor, m.inode, m.name.as_str());
+                match files.iter().find(|(k, _)| *k == key) {
+                    Some((_, f)) => VmaBacking::File(f.clone()),
+                    None => {
+                        let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+                        let md = std::fs::metadata(&mf).map_err(|e| Error::Proc { pid, path: mf.into(), err: e })?;
+                        let f = file_ref(m.name.as_bytes(), &md);
+                        files.push((key, f.clone()));
+                        VmaBacking::File(f)
+                    }
+                }
             }
         };
         let mut vma = Vma {

@@ -50,6 +50,18 @@ pub fn kcmp_shares(p1: Pid, p2: Pid, what: Shared) -> SysResult<bool> {
     Ok(r == 0)
 }
 
+/// `kcmp(p1, p2, type, 0, 0)` as an ordering: the kernel orders the objects consistently
+/// (by an obfuscated address), so tasks can be sorted and grouped by object in
+/// O(n log n) comparisons.
+pub fn kcmp_order(p1: Pid, p2: Pid, what: Shared) -> SysResult<std::cmp::Ordering> {
+    let r = syscall6(libc::SYS_kcmp, [p1.0 as u64, p2.0 as u64, what as u64, 0, 0, 0])?;
+    Ok(match r {
+        0 => std::cmp::Ordering::Equal,
+        1 => std::cmp::Ordering::Less,
+        _ => std::cmp::Ordering::Greater,
+    })
+}
+
 /// `kcmp(pid1, pid2, KCMP_FILE, fd1, fd2) == 0`: do two descriptors share one open file
 /// description?
 pub fn kcmp_same_file(p1: Pid, fd1: RemoteFd, p2: Pid, fd2: RemoteFd) -> SysResult<bool> {
