@@ -113,6 +113,9 @@ pub fn file_ref(path: &[u8], md: &std::fs::Metadata) -> FileRef {
     }
 }
 
+/// A mapped file as /proc/PID/maps names it: device, inode, path.
+type MappedFileKey<'a> = (u32, u32, u64, &'a str);
+
 /// Everything of one mapping needed to save it.
 struct Planned {
     vma: Vma,
@@ -131,7 +134,7 @@ pub fn plan(pid: Pid, maps: &[MapEntry], objects: &mut ShmemDump) -> Result<MmPl
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/pagemap").into(), err: e })?;
     let guards_supported = guard_scan_supported(&pagemap);
     let mut planned = Vec::new();
-    let mut files: Vec<((u32, u32, u64, &str), FileRef)> = Vec::new();
+    let mut files: Vec<(MappedFileKey, FileRef)> = Vec::new();
     for m in maps {
         let class = classify(m);
         let backing = match &class {
