@@ -390,32 +390,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     log::debug!("{} restore children ready", shared.plans.len());
     let pids = if opts.pidns { PidMap::walk(first)? } else { PidMap::default() };
     let live: Vec<&Plan> = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none()).collect();
-    for p in &live {
-        seize(pids.outer(p.rec.pid))?;
-    }
-    set_process_groups(&live, helper, &pids)?;
-    let mut memory_bytes = objects.loaded;
-    let mut all_threads: Vec<Pid> = Vec::new();
-    // Every address space first: processes sharing a descriptor table need their helper
-    // descriptors there until the last of them is built.
-    let mut built = Vec::with_capacity(live.len());
-    for p in &live {
-        let (b, loaded) = build_child(p, helper, pages.as_slice(), &pids)?;
-        memory_bytes += loaded;
-        built.push(b);
-    }
-    for (p, b) in live.iter().zip(built) {
-        let mut extra = Vec::new();
-        finish_child(p, b, helper, &mut extra, &pids)?;
-        all_threads.extend(extra);
-        all_threads.push(pids.outer(p.rec.pid));
-    }
-    objects.seal(root_pid)?;
+    let loaded = drive_all(&live, &Drive { helper, pages: pages.as_slice(), pids: &pids, objects: &objects, root: root_pid })?;
+    let memory_bytes = objects.loaded + loaded;
     drop(objects);
-    // All tasks resume together: nothing is detached before every one is ready.
-    for t in all_threads {
-        ptrace::detach(t, 0).map_err(Error::sys(t, "PTRACE_DETACH"))?;
-    }
     guard.armed = false;
     drop(wait_wr);
     if let Some((_, ctl_wr)) = &ctl {
@@ -427,6 +404,91 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         pid_in_ns: opts.pidns.then_some(root_pid),
         stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes },
     })
+}
+
+/// What every tracer worker needs.
+struct Drive<'a> {
+    helper: u64,
+    pages: &'a [u8],
+    pids: &'a PidMap,
+    objects: &'a ShmemTable,
+    root: Pid,
+}
+
+/// At most this many tracer threads: the work is mostly waiting for tracee stops, so a
+/// few more than the CPUs still help.
+const MAX_TRACERS: usize = 8;
+
+/// Seizes and drives every live process to its final registers, then lets all of them
+/// run at once. ptrace requests must come from the thread that seized a tracee, so the
+/// processes are shared out among tracer threads, each of which keeps its own from the
+/// seize to the detach; barriers keep in order the steps that depend on other processes:
+/// process groups (leaders first), foreground groups, every address space before any
+/// process is finished (sharers of a descriptor table need their helper descriptors until
+/// the last of them is built), seals once every mapping exists, and the detach, so that
+/// nothing runs before everything is ready. Returns the page bytes loaded.
+fn drive_all(live: &[&Plan], d: &Drive) -> Result<u64> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Barrier, Mutex};
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let want = live.len().min((2 * cpus).clamp(1, MAX_TRACERS)).max(1);
+    let per = live.len().div_ceil(want).max(1);
+    // Every worker must reach every barrier: as many as there are shares.
+    let workers = live.len().div_ceil(per).max(1);
+    let barrier = Barrier::new(workers);
+    let failed = AtomicBool::new(false);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let loaded = AtomicU64::new(0);
+    // Runs one step of a worker unless some worker failed, then waits for all of them.
+    let step = |work: &mut dyn FnMut() -> Result<()>| {
+        if !failed.load(Ordering::SeqCst) {
+            if let Err(e) = work() {
+                failed.store(true, Ordering::SeqCst);
+                first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+            }
+        }
+        barrier.wait();
+    };
+    let worker = |w: usize, mine: &[&Plan]| {
+        let mut built = Vec::new();
+        let mut threads: Vec<Pid> = Vec::new();
+        step(&mut || mine.iter().try_for_each(|p| seize(d.pids.outer(p.rec.pid))));
+        step(&mut || set_process_groups(mine, live, true, d));
+        step(&mut || set_process_groups(mine, live, false, d));
+        step(&mut || set_foreground_groups(mine, d));
+        step(&mut || {
+            for p in mine {
+                let (b, n) = build_child(p, d.helper, d.pages, d.pids)?;
+                loaded.fetch_add(n, Ordering::Relaxed);
+                built.push(b);
+            }
+            Ok(())
+        });
+        step(&mut || {
+            for (p, b) in mine.iter().zip(built.drain(..)) {
+                finish_child(p, b, d.helper, &mut threads, d.pids)?;
+                threads.push(d.pids.outer(p.rec.pid));
+            }
+            Ok(())
+        });
+        step(&mut || if w == 0 { d.objects.seal(d.root) } else { Ok(()) });
+        // All tasks resume together: nothing is detached before every one is ready.
+        step(&mut || threads.iter().try_for_each(|&t| ptrace::detach(t, 0).map_err(Error::sys(t, "PTRACE_DETACH"))));
+    };
+    if workers == 1 {
+        worker(0, live);
+    } else {
+        std::thread::scope(|s| {
+            for (w, mine) in live.chunks(per).enumerate() {
+                let worker = &worker;
+                s.spawn(move || worker(w, mine));
+            }
+        });
+    }
+    match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(loaded.into_inner()),
+    }
 }
 
 /// (saved number, inherited number, close-on-exec) of the memory objects a process's
@@ -481,30 +543,33 @@ fn seize(pid: Pid) -> Result<()> {
     }
 }
 
-/// Process groups, once every process exists: leaders first, then members.
-fn set_process_groups(live: &[&Plan], helper: u64, pids: &PidMap) -> Result<()> {
+/// Process groups of `mine`, once every process exists: the leaders (`leaders`), or the
+/// members, whose group must exist already. `live` tells which groups are in the tree.
+fn set_process_groups(mine: &[&Plan], live: &[&Plan], leaders: bool, d: &Drive) -> Result<()> {
     let in_tree = |pgid: i32| live.iter().any(|p| p.rec.pid == pgid);
-    for leaders in [true, false] {
-        for p in live {
-            let r = p.rec;
-            if r.sid == r.pid || (r.pgid == r.pid) != leaders || !in_tree(r.pgid) {
-                continue;
-            }
-            let pid = pids.outer(r.pid);
-            let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
-            let mut inj = Injector::new(pid, pid, helper, regs);
-            inj.call("setpgid", libc::SYS_setpgid, [0, r.pgid as u64, 0, 0, 0, 0])?;
+    for p in mine {
+        let r = p.rec;
+        if r.sid == r.pid || (r.pgid == r.pid) != leaders || !in_tree(r.pgid) {
+            continue;
         }
+        let pid = d.pids.outer(r.pid);
+        let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
+        let mut inj = Injector::new(pid, pid, d.helper, regs);
+        inj.call("setpgid", libc::SYS_setpgid, [0, r.pgid as u64, 0, 0, 0, 0])?;
     }
-    // Foreground groups of controlling terminals, now that the groups exist. The leader
-    // blocks every signal, so this cannot stop it with SIGTTOU.
-    for p in live {
+    Ok(())
+}
+
+/// Foreground groups of controlling terminals, once the groups exist. The leader blocks
+/// every signal, so this cannot stop it with SIGTTOU.
+fn set_foreground_groups(mine: &[&Plan], d: &Drive) -> Result<()> {
+    for p in mine {
         let Some(fg) = p.ctty.and_then(|c| c.fg_pgrp) else { continue };
-        let pid = pids.outer(p.rec.pid);
-        let at = helper + HELPER_DATA;
+        let pid = d.pids.outer(p.rec.pid);
+        let at = d.helper + HELPER_DATA;
         ChildMem::open(pid)?.write(at, &fg.to_le_bytes())?;
         let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
-        let mut inj = Injector::new(pid, pid, helper, regs);
+        let mut inj = Injector::new(pid, pid, d.helper, regs);
         inj.call("ioctl(TIOCSPGRP)", libc::SYS_ioctl, [p.fds.tty as u64, libc::TIOCSPGRP, at, 0, 0, 0])?;
     }
     Ok(())
