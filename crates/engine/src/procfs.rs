@@ -294,12 +294,26 @@ pub fn read_text(pid: stasis_sys::Pid, name: &str) -> crate::error::Result<(Stri
 }
 
 /// The bytes of a /proc file. Unlike std::fs::read it asks for no size hint (/proc files
-/// say 0: a wasted statx and a small probe read per file, which add up over a tree) and
-/// reads into a buffer big enough for most of them at once.
+/// say 0: a wasted fstat, lseek and small probe read per file, which add up over a tree)
+/// and reads into a buffer big enough for most of them at once.
 pub fn read_proc_file(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
     let mut f = std::fs::File::open(path)?;
-    let mut buf = Vec::with_capacity(16 << 10);
-    std::io::Read::read_to_end(&mut f, &mut buf)?;
+    // Plain reads: File::read_to_end would first fstat and lseek for a size hint.
+    let mut buf = vec![0u8; 16 << 10];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(2 * len, 0);
+        }
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
     Ok(buf)
 }
 
