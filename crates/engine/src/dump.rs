@@ -73,14 +73,6 @@ fn precheck(pid: Pid) -> Result<()> {
     Ok(())
 }
 
-/// What the collection of one process leaves for the next ones: where the code injection
-/// needs was found, and the memory objects met so far (each saved once).
-#[derive(Default)]
-struct Seen {
-    code: CodeCache,
-    objects: ShmemDump,
-}
-
 /// One process of the tree: frozen, or a zombie (nothing to freeze).
 struct Member {
     pid: Pid,
@@ -210,6 +202,99 @@ fn kill_all(frozen: Vec<Frozen>) -> Result<()> {
     Ok(())
 }
 
+/// Threads that read processes' /proc state while the tracer thread injects into the next
+/// ones.
+const PROC_READERS: usize = 2;
+
+/// The per-process records, descriptors, pidfds and memory plans of every member, in
+/// member order, and the number of threads. The injected calls run here, in the thread
+/// that froze the tree (ptrace requests must come from the tracer); the /proc part of each
+/// process runs on reader threads as soon as its injected calls are over.
+#[allow(clippy::type_complexity)]
+fn collect_members(
+    members: &mut [Member],
+    info: &TreeInfo,
+) -> Result<(Vec<ProcessRecord>, Vec<(Pid, files::DumpedFds)>, Vec<(Pid, std::os::fd::OwnedFd)>, Vec<Option<mm::MmPlan>>, usize)> {
+    use std::sync::mpsc;
+    type Done = (usize, Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)>);
+    let n = members.len();
+    let mut pidfds: Vec<Option<std::os::fd::OwnedFd>> = (0..n).map(|_| None).collect();
+    let mut results: Vec<Option<Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)>>> = (0..n).map(|_| None).collect();
+    let mut code = CodeCache::default();
+    let mut first_err: Option<Error> = None;
+    for (i, m) in members.iter().enumerate() {
+        if m.frozen.is_some() {
+            pidfds[i] = Some(stasis_sys::proc::pidfd_open(m.pid).map_err(Error::sys(m.pid, "pidfd_open"))?);
+        }
+    }
+    let pidfds_ref = &pidfds;
+    let (work_tx, work_rx) = mpsc::channel::<(usize, Pid, &std::os::fd::OwnedFd, Injected)>();
+    let work_rx = std::sync::Mutex::new(work_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Done>();
+    std::thread::scope(|s| {
+        for _ in 0..PROC_READERS {
+            let (rx, tx) = (&work_rx, done_tx.clone());
+            s.spawn(move || loop {
+                let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok((i, pid, pidfd, inj)) = job else { return };
+                let _ = tx.send((i, proc_part(pid, pidfd, inj, info)));
+            });
+        }
+        drop(done_tx);
+        for (i, m) in members.iter_mut().enumerate() {
+            let Some(frozen) = m.frozen.as_mut() else { continue };
+            match inject_part(m.pid, frozen, &mut code) {
+                Ok(inj) => match pidfds_ref[i].as_ref() {
+                    Some(pidfd) => {
+                        let _ = work_tx.send((i, m.pid, pidfd, inj));
+                    }
+                    None => {
+                        first_err = Some(Error::NoSuchProcess(m.pid));
+                        break;
+                    }
+                },
+                Err(e) => {
+                    first_err = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(work_tx);
+        for (i, r) in done_rx {
+            results[i] = Some(r);
+        }
+    });
+    drop(work_rx);
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let mut procs = Vec::with_capacity(n);
+    let mut fds = Vec::with_capacity(n);
+    let mut own_pidfds = Vec::new();
+    let mut mms = Vec::with_capacity(n);
+    let mut nthreads = 0;
+    for (i, m) in members.iter().enumerate() {
+        match results[i].take() {
+            None => {
+                procs.push(zombie_record(m.pid)?);
+                fds.push((m.pid, files::DumpedFds::default()));
+                mms.push(None);
+            }
+            Some(r) => {
+                let (rec, dumped, plan) = r?;
+                nthreads += rec.threads.len();
+                procs.push(rec);
+                fds.push((m.pid, dumped));
+                mms.push(Some(plan));
+                if let Some(fd) = pidfds[i].take() {
+                    own_pidfds.push((m.pid, fd));
+                }
+            }
+        }
+    }
+    Ok((procs, fds, own_pidfds, mms, nthreads))
+}
+
 /// Collects every process, then what the processes share: open file descriptions
 /// (numbered across the tree), pipes, pseudo-terminals and controlling terminals, and
 /// page data (one parallel write for all). The bytes read out of terminals come back
@@ -228,28 +313,13 @@ fn collect_tree(
     let view = pidns::TreeView::read(&tasks)?;
     let sids: std::collections::HashMap<Pid, i32> =
         members.iter().map(|m| Ok((m.pid, read_stat(m.pid)?.session))).collect::<Result<_>>()?;
-    let mut procs = Vec::new();
-    let mut fds = Vec::new();
-    let mut pidfds = Vec::new();
-    let mut mms = Vec::new();
-    let mut seen = Seen::default();
-    let mut nthreads = 0;
-    for m in members.iter_mut() {
-        let pid = m.pid;
-        let Some(frozen) = m.frozen.as_mut() else {
-            procs.push(zombie_record(pid)?);
-            fds.push((pid, files::DumpedFds::default()));
-            mms.push(None);
-            continue;
-        };
-        let pidfd = stasis_sys::proc::pidfd_open(pid).map_err(Error::sys(pid, "pidfd_open"))?;
-        let (rec, dumped, mm_plan) = collect_process(pid, &pidfd, frozen, opts, &sids, root, &mut seen)?;
-        nthreads += rec.threads.len();
-        procs.push(rec);
-        fds.push((pid, dumped));
-        pidfds.push((pid, pidfd));
-        mms.push(Some(mm_plan));
-    }
+    let objects = std::sync::Mutex::new(ShmemDump::default());
+    let info = TreeInfo { opts, sids: &sids, root, objects: &objects };
+    let (procs, fds, pidfds, mms, nthreads) = collect_members(members, &info)?;
+    let mut procs = procs;
+    let mut fds = fds;
+    let mut mms = mms;
+    let mut objects = objects.into_inner().unwrap_or_else(|p| p.into_inner());
     shared_tables(&mut procs)?;
     files::assign_descriptions(&mut fds)?;
     let masters = {
@@ -273,7 +343,7 @@ fn collect_tree(
         rec.fds = d.records;
         rec.locks = l;
     }
-    let vmas = mm::save_all(&mut mms, &mut seen.objects, writer)?;
+    let vmas = mm::save_all(&mut mms, &mut objects, writer)?;
     for (rec, v) in procs.iter_mut().zip(vmas) {
         rec.mm.vmas = v;
     }
@@ -294,7 +364,7 @@ fn collect_tree(
         processes: procs,
         pipes,
         fifos,
-        shmem: seen.objects.into_records(),
+        shmem: objects.into_records(),
         ptys,
         page_block_size: 0,
         page_block_hashes: Vec::new(),
@@ -453,23 +523,22 @@ fn empty_record(pid: i32, ppid: i32) -> ProcessRecord {
     }
 }
 
-/// One live process: everything but what it shares with others (descriptions, pipes)
-/// and its page data, which the tree-level steps fill in.
-fn collect_process(
-    pid: Pid,
-    pidfd: &std::os::fd::OwnedFd,
-    frozen: &mut Frozen,
-    opts: &DumpOptions,
-    sids: &std::collections::HashMap<Pid, i32>,
-    root: Pid,
-    seen: &mut Seen,
-) -> Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)> {
-    // Everything that needs injected calls, then the scratch page is gone again before
-    // the memory layout is read.
+/// What the injected calls of one process found (the tracer thread's part).
+struct Injected {
+    sigactions: Vec<stasis_image::SigAction>,
+    brk: u64,
+    xcomp_perm: u64,
+    threads: Vec<stasis_image::ThreadRecord>,
+    shared_pending: Vec<stasis_image::SigInfo>,
+}
+
+/// The part of one live process that needs ptrace (injected calls, registers, queued
+/// signals), run by the tracer thread. The scratch area is gone again when it returns.
+fn inject_part(pid: Pid, frozen: &mut Frozen, code: &mut CodeCache) -> Result<Injected> {
     let status = read_status(pid)?;
     let nthreads = frozen.threads.len();
     let main = &mut frozen.threads[0];
-    let mut p = Parasite::start(pid, main, nthreads, &mut seen.code)?;
+    let mut p = Parasite::start(pid, main, nthreads, code)?;
     let sigactions = signals::dump_actions(&mut p, status.sig_caught | status.sig_ignored)?;
     let brk = p.inj.call("brk", libc::SYS_brk, [0, 0, 0, 0, 0, 0])?;
     const PERM_AT: u64 = 12288;
@@ -477,30 +546,46 @@ fn collect_process(
         0 => p.read_u64(PERM_AT)?,
         _ => 0,
     };
-    let mut thread_recs = vec![threads::dump(pid, main, &mut p)?];
+    let mut threads = vec![threads::dump(pid, main, &mut p)?];
     for t in frozen.threads.iter_mut().skip(1) {
         p.use_thread(t)?;
-        thread_recs.push(threads::dump(pid, t, &mut p)?);
+        threads.push(threads::dump(pid, t, &mut p)?);
     }
     // The scratch area goes from whichever thread ran last: all share the address space.
     p.finish()?;
     for t in &frozen.threads {
         t.restore_state().map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
     }
+    log::debug!("pid {pid}: parasite done");
+    Ok(Injected { sigactions, brk, xcomp_perm, threads, shared_pending: signals::dump_pending(pid, pid, true)? })
+}
 
+/// What the tree-wide steps of collect_tree need to know of every process.
+struct TreeInfo<'a> {
+    opts: &'a DumpOptions,
+    sids: &'a std::collections::HashMap<Pid, i32>,
+    root: Pid,
+    objects: &'a std::sync::Mutex<ShmemDump>,
+}
+
+/// The rest of one live process, read from /proc and its descriptors (no ptrace: any
+/// thread may run it, once the process's own injected calls are over), put together with
+/// the injected part: everything but what it shares with others (descriptions, pipes)
+/// and its page data, which the tree-level steps fill in.
+fn proc_part(pid: Pid, pidfd: &std::os::fd::OwnedFd, inj: Injected, t: &TreeInfo) -> Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)> {
+    let objects = || t.objects.lock().unwrap_or_else(|p| p.into_inner());
     let ts = task::dump(pid)?;
     // Sessions: a leader, or the session of its parent inside the tree; only the root may
     // belong to an outside session, and then only with --shell-job.
-    if pid == root {
-        task::session_plan(pid, ts.sid, opts.shell_job)?;
-    } else if ts.sid != pid.0 && sids.get(&Pid(ts.ppid)) != Some(&ts.sid) {
+    if pid == t.root {
+        task::session_plan(pid, ts.sid, t.opts.shell_job)?;
+    } else if ts.sid != pid.0 && t.sids.get(&Pid(ts.ppid)) != Some(&ts.sid) {
         return Err(Error::Unsupported { pid, what: format!("a session (sid {}) other than its parent's", ts.sid) });
     }
-    let fds = files::dump(pid, pidfd, opts.shell_job, &mut seen.objects)?;
-
-    log::debug!("pid {pid}: parasite done");
+    let fds = files::dump(pid, pidfd, t.opts.shell_job, &mut objects())?;
     let maps = mm::read_maps(pid)?;
-    let mm_plan = mm::plan(pid, &maps, &mut seen.objects)?;
+    let mm_plan = mm::plan(pid, &maps, &mut objects())?;
+    log::debug!("pid {pid}: {} mappings planned", maps.len());
     let stat = read_stat(pid)?;
     let auxv = procfs::read_proc_file(&format!("/proc/{pid}/auxv"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/auxv").into(), err: e })?;
@@ -515,7 +600,7 @@ fn collect_process(
         start_data: stat.start_data,
         end_data: stat.end_data,
         start_brk: stat.start_brk,
-        brk,
+        brk: inj.brk,
         start_stack: stat.start_stack,
         arg_start: stat.arg_start,
         arg_end: stat.arg_end,
@@ -523,7 +608,7 @@ fn collect_process(
         env_end: stat.env_end,
         auxv: procfs::parse_auxv(&auxv),
         exe: mm::file_ref(exe_link.as_os_str().as_bytes(), &exe_md),
-        xcomp_perm,
+        xcomp_perm: inj.xcomp_perm,
         vmas: Vec::new(),
     };
     let process = ProcessRecord {
@@ -537,11 +622,11 @@ fn collect_process(
         root: ts.root,
         umask: ts.umask,
         rlimits: ts.rlimits,
-        sigactions,
-        shared_pending: signals::dump_pending(pid, pid, true)?,
+        sigactions: inj.sigactions,
+        shared_pending: inj.shared_pending,
         mm,
         fds: Vec::new(),
-        threads: thread_recs,
+        threads: inj.threads,
         no_new_privs: ts.no_new_privs,
         personality: ts.personality,
         zombie_status: None,
