@@ -138,6 +138,70 @@ fn wait_for_stop(pid: Pid, tid: Pid) -> Result<()> {
     }
 }
 
+/// System calls that run with a temporary signal mask and put the caller's own back when
+/// they return (the kernel keeps it as saved_sigmask meanwhile).
+const MASK_SWAPPING_CALLS: [i64; 6] = [
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_ppoll,
+    libc::SYS_pselect6,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    333, // io_pgetevents (not in the libc crate)
+];
+
+/// The thread's own signal mask when it is stopped in a call that swapped it for a
+/// temporary one (sigsuspend, ppoll, pselect, epoll_pwait): ptrace shows only the
+/// temporary mask, and PTRACE_SETSIGMASK would drop the saved one. One injected getpid,
+/// with the mask untouched, takes the thread through the kernel's return to user space,
+/// which puts the saved mask back; it is read at the call's entry stop. The restarted
+/// call installs its temporary mask again, as it did the first time. `None` for a thread
+/// in any other call (its mask is its own). The thread is left at a syscall-exit stop.
+/// A signal that arrives right then (the temporary mask may let it through) is given
+/// back to the thread, which is released, and the dump is refused: dump again.
+fn real_sigmask(pid: Pid, tid: Pid, regs: &UserRegs) -> Result<Option<u64>> {
+    if !MASK_SWAPPING_CALLS.contains(&(regs.orig_rax as i64)) {
+        return Ok(None);
+    }
+    // The thread stopped inside the call, so the two bytes before rip are its syscall.
+    let mut insn = [0u8; 2];
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
+    if std::os::unix::fs::FileExt::read_exact_at(&mem, &mut insn, regs.rip.wrapping_sub(2)).is_err() || insn != [0x0f, 0x05] {
+        return Ok(None);
+    }
+    let mut r = *regs;
+    r.rip -= 2;
+    r.rax = libc::SYS_getpid as u64;
+    r.orig_rax = u64::MAX;
+    ptrace::set_regs(tid, &r).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+    let mut mask = None;
+    for _ in 0..2 {
+        ptrace::syscall(tid, 0).map_err(Error::sys(pid, "PTRACE_SYSCALL"))?;
+        loop {
+            match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
+                WaitStatus::Stopped(_, s, 0) if s == libc::SIGTRAP | 0x80 => break,
+                WaitStatus::Stopped(_, sig, 0) => {
+                    // A signal-delivery stop: back to where the thread was, with its signal.
+                    ptrace::set_regs(tid, regs).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+                    ptrace::detach(tid, sig).map_err(Error::sys(pid, "PTRACE_DETACH"))?;
+                    return Err(Error::Unsupported {
+                        pid,
+                        what: format!("a signal ({sig}) that arrived while thread {tid} was being frozen in a call with a temporary signal mask; dump again"),
+                    });
+                }
+                WaitStatus::Stopped(..) | WaitStatus::StillAlive => {}
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    return Err(Error::TargetDied { pid, what: format!("thread {tid} exited while freezing") })
+                }
+            }
+        }
+        if mask.is_none() {
+            mask = Some(ptrace::get_sigmask(tid).map_err(Error::sys(pid, "PTRACE_GETSIGMASK"))?);
+        }
+    }
+    Ok(mask)
+}
+
 impl Frozen {
     /// Seizes and stops every thread of `pid`, re-reading the thread list until a pass
     /// finds no thread it has not stopped (threads started meanwhile cannot escape).
@@ -168,8 +232,11 @@ impl Frozen {
                 ptrace::interrupt(tid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
                 wait_for_stop(pid, tid)?;
                 let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
-                let sigmask = ptrace::get_sigmask(tid).map_err(Error::sys(pid, "PTRACE_GETSIGMASK"))?;
-                fr.threads.push(FrozenThread { tid, regs, sigmask, injected: false });
+                let (sigmask, injected) = match real_sigmask(pid, tid, &regs)? {
+                    Some(m) => (m, true),
+                    None => (ptrace::get_sigmask(tid).map_err(Error::sys(pid, "PTRACE_GETSIGMASK"))?, false),
+                };
+                fr.threads.push(FrozenThread { tid, regs, sigmask, injected });
             }
         }
         if fr.threads.is_empty() {

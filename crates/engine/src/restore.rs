@@ -932,9 +932,14 @@ fn finish_thread(
     fresh: bool,
 ) -> Result<()> {
     let pid = Pid(rec.pid);
-    threads::restore_kernel_addrs(inj, mem, data, t, fresh)?;
     signals::restore_pending(inj, mem, data, pid, Some(Pid(t.tid)), &t.pending)?;
-    task::restore_creds(inj, mem, data, &rec.creds)
+    // The rest in one batch: kernel-held addresses (name at data, alternate stack at data
+    // + 64), then credentials (groups at data + 512).
+    let mut calls = Batch::default();
+    threads::restore_kernel_addrs(&mut calls, mem, data, t, fresh)?;
+    task::restore_creds(&mut calls, inj.tid, mem, data + 512, &rec.creds)?;
+    let helper = data - HELPER_DATA;
+    calls.run(inj, mem, helper)
 }
 
 /// prctl(PR_SET_MM, PR_SET_MM_MAP): code/data/brk/stack/args/env boundaries, auxv and the

@@ -8,7 +8,7 @@
 //! injected calls at the end, and the blocked mask goes in last.
 
 use crate::error::{Error, Result};
-use crate::inject::Injector;
+use crate::inject::{Batch, Injector};
 use crate::mm::ChildMem;
 use crate::parasite::Parasite;
 use stasis_image::{AltStack, SigAction, SigInfo};
@@ -68,10 +68,9 @@ pub fn restore_actions_in_child(actions: &[SigAction]) -> std::result::Result<()
     Ok(())
 }
 
-/// Injected in the restored thread: its alternate signal stack.
-/// Always set, disabled ones included: the restore child inherited the restorer's own
-/// alternate stack, which points into memory that no longer exists.
-pub fn restore_altstack(inj: &mut Injector, mem: &ChildMem, at: u64, ss: &AltStack) -> Result<()> {
+/// Injected in a new thread of a restored process: its alternate signal stack (the main
+/// thread sets its own before it stops).
+pub fn restore_altstack(calls: &mut Batch, mem: &ChildMem, at: u64, ss: &AltStack) -> Result<()> {
     let ss = if ss.flags & SS_DISABLE != 0 { AltStack { sp: 0, flags: SS_DISABLE, size: 0 } } else { *ss };
     let mut b = [0u8; 24];
     b[0..8].copy_from_slice(&ss.sp.to_le_bytes());
@@ -79,7 +78,8 @@ pub fn restore_altstack(inj: &mut Injector, mem: &ChildMem, at: u64, ss: &AltSta
     b[8..12].copy_from_slice(&(ss.flags & !SS_ONSTACK).to_le_bytes());
     b[16..24].copy_from_slice(&ss.size.to_le_bytes());
     mem.write(at, &b)?;
-    inj.call("sigaltstack", libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0]).map(drop)
+    calls.push("sigaltstack", libc::SYS_sigaltstack, [at, 0, 0, 0, 0, 0]);
+    Ok(())
 }
 
 /// Injected: queues saved signals again, to the process (`tid` None) or one thread.

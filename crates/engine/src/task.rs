@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::freeze::{read_stat, read_status};
-use crate::inject::Injector;
+use crate::inject::Batch;
 use crate::mm::ChildMem;
 use crate::procfs;
 use stasis_image::{Creds, Rlimit};
@@ -138,17 +138,17 @@ pub fn check_rlimits(pid: Pid, limits: &[Rlimit], have_sys_resource: bool) -> Re
 /// Injected last of all, in every thread (credentials belong to threads; libc makes the
 /// set*id calls of one thread apply to all): groups, gids, uids (in that order: after
 /// setresuid a non-root thread could no longer change its groups).
-pub fn restore_creds(inj: &mut Injector, mem: &ChildMem, at: u64, c: &Creds) -> Result<()> {
-    let cur = read_status(inj.tid)?;
+pub fn restore_creds(calls: &mut Batch, tid: Pid, mem: &ChildMem, at: u64, c: &Creds) -> Result<()> {
+    let cur = read_status(tid)?;
     if cur.uids == c.uids && cur.gids == c.gids && cur.groups == c.groups {
         return Ok(());
     }
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
     mem.write(at, &groups)?;
-    inj.call("setgroups", libc::SYS_setgroups, [c.groups.len() as u64, at, 0, 0, 0, 0])?;
-    inj.call("setresgid", libc::SYS_setresgid, [c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64, 0, 0, 0])?;
-    inj.call("setfsgid", libc::SYS_setfsgid, [c.gids[3] as u64, 0, 0, 0, 0, 0])?;
-    inj.call("setresuid", libc::SYS_setresuid, [c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64, 0, 0, 0])?;
-    inj.call("setfsuid", libc::SYS_setfsuid, [c.uids[3] as u64, 0, 0, 0, 0, 0])?;
+    calls.push("setgroups", libc::SYS_setgroups, [c.groups.len() as u64, at, 0, 0, 0, 0]);
+    calls.push("setresgid", libc::SYS_setresgid, [c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64, 0, 0, 0]);
+    calls.push("setfsgid", libc::SYS_setfsgid, [c.gids[3] as u64, 0, 0, 0, 0, 0]);
+    calls.push("setresuid", libc::SYS_setresuid, [c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64, 0, 0, 0]);
+    calls.push("setfsuid", libc::SYS_setfsuid, [c.uids[3] as u64, 0, 0, 0, 0, 0]);
     Ok(())
 }

@@ -79,24 +79,24 @@ pub fn unregister_inherited_rseq(pid: Pid, calls: &mut Batch) -> Result<()> {
 /// group, hence prctl). Otherwise the main thread, which set its name, robust list,
 /// clear_child_tid and alternate stack itself before it stopped. rseq registration
 /// writes to the area at once, so it waits for the memory in every thread.
-pub fn restore_kernel_addrs(inj: &mut Injector, mem: &ChildMem, scratch: u64, t: &ThreadRecord, fresh: bool) -> Result<()> {
+pub fn restore_kernel_addrs(calls: &mut Batch, mem: &ChildMem, scratch: u64, t: &ThreadRecord, fresh: bool) -> Result<()> {
     if fresh {
         let mut name = [0u8; 16];
         let n = t.comm.len().min(15);
         name[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
         mem.write(scratch, &name)?;
-        inj.call("prctl(PR_SET_NAME)", libc::SYS_prctl, [libc::PR_SET_NAME as u64, scratch, 0, 0, 0, 0])?;
+        calls.push("prctl(PR_SET_NAME)", libc::SYS_prctl, [libc::PR_SET_NAME as u64, scratch, 0, 0, 0, 0]);
         if t.robust_list.0 != 0 {
-            inj.call("set_robust_list", libc::SYS_set_robust_list, [t.robust_list.0, t.robust_list.1, 0, 0, 0, 0])?;
+            calls.push("set_robust_list", libc::SYS_set_robust_list, [t.robust_list.0, t.robust_list.1, 0, 0, 0, 0]);
         }
     }
     if let Some(r) = t.rseq {
-        inj.call("rseq", libc::SYS_rseq, [r.addr, r.len as u64, 0, r.sig as u64, 0, 0])?;
+        calls.push("rseq", libc::SYS_rseq, [r.addr, r.len as u64, 0, r.sig as u64, 0, 0]);
     }
     if !fresh || t.altstack.flags & libc::SS_DISABLE != 0 {
         return Ok(());
     }
-    signals::restore_altstack(inj, mem, scratch, &t.altstack)
+    signals::restore_altstack(calls, mem, scratch + 64, &t.altstack)
 }
 
 /// After the last injected call: the thread's own registers, set at an interrupt stop so
