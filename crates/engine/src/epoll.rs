@@ -163,12 +163,15 @@ fn check_targets(pid: Pid, epfd: i32, targets: &[EpollTarget], procs: &[(Pid, Du
     Ok(())
 }
 
+/// An epoll descriptor of a process and the registrations to make on it.
+pub type Registrations = (i32, Vec<EpollTarget>);
+
 /// For each process of the image, the registrations it makes on restore: (epoll
 /// descriptor, targets). The one that makes those of an epoll description is the first
 /// process installing a descriptor table (`installs[i]`) that holds the description and
 /// every target at its number.
-pub fn plan(procs: &[ProcessRecord], installs: &[bool]) -> Result<Vec<Vec<(i32, Vec<EpollTarget>)>>> {
-    let mut out: Vec<Vec<(i32, Vec<EpollTarget>)>> = vec![Vec::new(); procs.len()];
+pub fn plan(procs: &[ProcessRecord], installs: &[bool]) -> Result<Vec<Vec<Registrations>>> {
+    let mut out: Vec<Vec<Registrations>> = vec![Vec::new(); procs.len()];
     let mut done: Vec<u64> = Vec::new();
     for p in procs {
         for r in &p.fds {
@@ -212,7 +215,7 @@ pub fn create(pid: Pid, fd: i32, flags: i32) -> Result<OwnedFd> {
 }
 
 /// In the restore child, with its descriptors in place: the registrations `plan` gave it.
-pub fn register_in_child(regs: &[(i32, Vec<EpollTarget>)]) -> std::result::Result<(), String> {
+pub fn register_in_child(regs: &[Registrations]) -> std::result::Result<(), String> {
     for (epfd, targets) in regs {
         for t in targets {
             let fail = |op: &str, e: String| format!("epoll fd {epfd}: {op} of fd {}: {e}", t.fd);

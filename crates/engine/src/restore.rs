@@ -197,7 +197,7 @@ struct Plan<'a> {
     share: i32,
     /// The epoll registrations it makes once its descriptors are in place: (epoll
     /// descriptor, targets).
-    epolls: Vec<(i32, Vec<stasis_image::EpollTarget>)>,
+    epolls: Vec<epoll::Registrations>,
     /// Indexes of the children to fork, zombies included.
     children: Vec<usize>,
     /// A session leader's controlling terminal.

@@ -33,7 +33,7 @@ pub struct Info {
 /// "(SECONDS, NANOSECONDS)" in nanoseconds.
 fn parse_pair(v: &str) -> Option<u64> {
     let (s, ns) = v.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
-    Some(s.trim().parse::<u64>().ok()?.checked_mul(1_000_000_000)?.checked_add(ns.trim().parse::<u64>().ok()?)?)
+    s.trim().parse::<u64>().ok()?.checked_mul(1_000_000_000)?.checked_add(ns.trim().parse::<u64>().ok()?)
 }
 
 pub fn parse(text: &str) -> std::result::Result<Info, String> {
