@@ -110,7 +110,7 @@ pub fn restart_state(rax: i64) -> Option<&'static str> {
         -512 => "ERESTARTSYS (re-executed on restore)",
         -513 => "ERESTARTNOINTR (re-executed on restore)",
         -514 => "ERESTARTNOHAND (re-executed on restore)",
-        -516 => "ERESTART_RESTARTBLOCK (returns EINTR on restore)",
+        -516 => "ERESTART_RESTARTBLOCK (returns EINTR on restore; poll runs again)",
         _ => return None,
     })
 }

@@ -452,6 +452,27 @@ fn file_report(f: &stasis_image::FdRecord, locks: &[stasis_image::LockRecord]) -
         FdKind::Shmem { id, flags, pos } => (format!("object {id}"), *flags, Some(*pos)),
         FdKind::PtyMaster { index, flags } => (format!("/dev/ptmx (master of /dev/pts/{index})"), *flags, None),
         FdKind::PtySlave { index, flags } => (format!("/dev/pts/{index}"), *flags, None),
+        FdKind::Signalfd { mask, flags } => (format!("signalfd (signals {})", signal_list(*mask)), *flags, None),
+        FdKind::Eventfd { count, semaphore, flags } => {
+            (format!("eventfd (count {count}{})", if *semaphore { ", semaphore" } else { "" }), *flags, None)
+        }
+        FdKind::Timerfd(t) => (
+            format!(
+                "timerfd (clock {}, next {} ns{}, interval {} ns, {} unread)",
+                t.clockid,
+                t.value_ns,
+                if t.settime_flags & 1 != 0 { " absolute" } else { "" },
+                t.interval_ns,
+                t.ticks
+            ),
+            t.flags,
+            None,
+        ),
+        FdKind::Epoll { flags, targets } => {
+            let regs: Vec<String> =
+                targets.iter().map(|t| format!("fd {} events {:#x} data {:#x}", t.fd, t.events, t.data)).collect();
+            (format!("epoll [{}]", regs.join("; ")), *flags, None)
+        }
     };
     FileReport {
         fd: f.fd,
@@ -464,6 +485,12 @@ fn file_report(f: &stasis_image::FdRecord, locks: &[stasis_image::LockRecord]) -
         same_as: f.same_as,
         locks: locks.iter().filter(|l| l.fd == f.fd).map(stasis_engine::locks::describe).collect(),
     }
+}
+
+/// Signal numbers of a mask (bit N-1: signal N), comma-separated.
+fn signal_list(mask: u64) -> String {
+    let sigs: Vec<String> = (0..64).filter(|b| mask & (1 << b) != 0).map(|b| (b + 1).to_string()).collect();
+    sigs.join(",")
 }
 
 /// Register `name` of a thread record (0 if the record is short).

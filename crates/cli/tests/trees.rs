@@ -509,8 +509,8 @@ fn tree_with_a_socket_is_refused() {
 }
 
 #[test]
-fn tree_with_an_eventfd_is_refused() {
-    tree_with_unsupported_fd("eventfd");
+fn tree_with_an_inotify_instance_is_refused() {
+    tree_with_unsupported_fd("inotify");
 }
 
 // ---------------------------------------------------------------------------

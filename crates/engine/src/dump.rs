@@ -13,7 +13,7 @@ use crate::freeze::{read_stat, read_status, Frozen};
 use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
 use crate::shmem::ShmemDump;
-use crate::{fifo, files, host, locks, mm, pidns, signals, task, threads, tty};
+use crate::{epoll, fifo, files, host, locks, mm, pidns, signals, task, threads, tty};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
 use stasis_sys::Pid;
 use std::path::PathBuf;
@@ -322,6 +322,7 @@ fn collect_tree(
     let mut objects = objects.into_inner().unwrap_or_else(|p| p.into_inner());
     shared_tables(&mut procs)?;
     files::assign_descriptions(&mut fds)?;
+    epoll::resolve(&mut fds, &pidfds)?;
     let masters = {
         let mut recs: Vec<(Pid, &mut Vec<stasis_image::FdRecord>)> =
             fds.iter_mut().map(|(pid, d)| (*pid, &mut d.records)).collect();

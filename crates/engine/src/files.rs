@@ -1,8 +1,9 @@
 //! File descriptors: regular files and directories (by path, offset and flags), stateless
 //! character devices (/dev/null, /dev/zero, ...), terminals under --shell-job, pipes,
 //! FIFOs (see fifo.rs), memory objects (memfd, deleted tmpfs files; their data is saved by
-//! the shmem module) and pseudo-terminal pairs inside the tree (their state lives in the
-//! tty module). The file locks each descriptor shows go to locks.rs.
+//! the shmem module), pseudo-terminal pairs inside the tree (their state lives in the
+//! tty module) and event descriptors (signalfd, eventfd, timerfd, epoll: each in its
+//! module). The file locks each descriptor shows go to locks.rs.
 //!
 //! Dump takes its own duplicate of each descriptor with pidfd_getfd to fstat it, and reads
 //! position and flags from /proc/PID/fdinfo. Anything else is refused, naming the
@@ -70,7 +71,7 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool, objects: &mut ShmemDump)
         let link_bytes = link.as_os_str().as_bytes().to_vec();
         let link_str = link.to_string_lossy().into_owned();
         let (path, text) = procfs::read_text(pid, &format!("fdinfo/{fd}"))?;
-        let info = procfs::parse_fdinfo(&text).map_err(|what| Error::ProcParse { pid, path, what })?;
+        let info = procfs::parse_fdinfo(&text).map_err(|what| Error::ProcParse { pid, path: path.clone(), what })?;
         let own = stasis_sys::proc::pidfd_getfd(pidfd, RemoteFd(fd)).map_err(Error::sys(pid, "pidfd_getfd"))?;
         let md = std::fs::metadata(format!("/proc/self/fd/{}", own.as_raw_fd()))
             .map_err(|e| Error::Proc { pid, path: format!("fd {fd}").into(), err: e })?;
@@ -78,7 +79,15 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool, objects: &mut ShmemDump)
         let cloexec = info.flags & libc::O_CLOEXEC != 0;
         let flags = info.flags & !libc::O_CLOEXEC;
         let unsupported = |kind: String| Error::UnsupportedFd { pid, fd, kind };
-        let kind = if ft.is_file() || ft.is_dir() {
+        let kind = if let Some(anon) = link_str.strip_prefix("anon_inode:") {
+            match anon {
+                "[signalfd]" => crate::signalfd::dump(pid, &path, &text, flags)?,
+                "[eventfd]" => crate::eventfd::dump(pid, &path, &text, flags)?,
+                "[timerfd]" => crate::timerfd::dump(pid, fd, &own, flags)?,
+                "[eventpoll]" => crate::epoll::dump(pid, &path, &text, flags)?,
+                _ => return Err(unsupported(kind_from_link(&link_str))),
+            }
+        } else if ft.is_file() || ft.is_dir() {
             if !link_str.starts_with('/') {
                 return Err(unsupported(kind_from_link(&link_str)));
             }
@@ -248,7 +257,11 @@ pub fn check(pid: Pid, fds: &[FdRecord]) -> Result<()> {
             | FdKind::Pipe { .. }
             | FdKind::Shmem { .. }
             | FdKind::PtyMaster { .. }
-            | FdKind::PtySlave { .. } => continue,
+            | FdKind::PtySlave { .. }
+            | FdKind::Signalfd { .. }
+            | FdKind::Eventfd { .. }
+            | FdKind::Timerfd(_)
+            | FdKind::Epoll { .. } => continue,
         };
         let md = std::fs::metadata(Path::new(std::ffi::OsStr::from_bytes(&file.path))).map_err(|e| {
             Error::FileChanged { pid, path: file.display(), what: format!("(fd {}) is gone: {e}", r.fd) }
@@ -401,6 +414,18 @@ impl DescTable {
                         fd
                     }
                     FdKind::PtySlave { index, flags } => crate::tty::open_slave(pair(pid, r.fd, *index)?, *flags)?,
+                    FdKind::Signalfd { mask, flags } => {
+                        let fd = crate::signalfd::create(pid, r.fd, *mask, *flags)?;
+                        set_flags(pid, &fd, *flags)?;
+                        fd
+                    }
+                    FdKind::Eventfd { count, semaphore, flags } => {
+                        let fd = crate::eventfd::create(pid, r.fd, *count, *semaphore, *flags)?;
+                        set_flags(pid, &fd, *flags)?;
+                        fd
+                    }
+                    FdKind::Timerfd(t) => crate::timerfd::create(pid, r.fd, t)?,
+                    FdKind::Epoll { flags, .. } => crate::epoll::create(pid, r.fd, *flags)?,
                 };
                 fds.insert(key, fd);
             }
@@ -443,7 +468,7 @@ fn make_pipe(pid: Pid, rec: &stasis_image::PipeRecord) -> Result<(OwnedFd, Owned
 }
 
 /// The status flags the kernel lets one change after open (O_NONBLOCK, O_APPEND, ...).
-fn set_flags(pid: Pid, fd: &OwnedFd, flags: i32) -> Result<()> {
+pub(crate) fn set_flags(pid: Pid, fd: &OwnedFd, flags: i32) -> Result<()> {
     let settable = libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
     stasis_sys::proc::set_status_flags(fd.as_raw_fd(), flags & settable).map_err(Error::sys(pid, "F_SETFL"))
 }

@@ -265,6 +265,22 @@ pub fn restart_fixup(regs: &UserRegs, same_task: bool) -> UserRegs {
     r
 }
 
+/// The registers a restored thread resumes with, for the kernel's restart logic to act on
+/// at its interrupt stop. A restored task has a fresh restart block, so a call that was
+/// to continue through it (-ERESTART_RESTARTBLOCK) returns EINTR, as after a signal with a
+/// handler: right for nanosleep (it reports the time left), wrong for poll with a
+/// timeout, which reports nothing and which programs that block every signal (such as
+/// `script`, reading signals from a signalfd) take as a fatal error. Such a poll runs
+/// again with its original arguments (-ERESTARTNOHAND): its timeout starts afresh, which
+/// only makes it wait longer, as a checkpointed program does anyway.
+pub fn resume_in_new_task(regs: &UserRegs) -> UserRegs {
+    let mut r = *regs;
+    if r.orig_rax == libc::SYS_poll as u64 && r.rax as i64 == ERESTART_RESTARTBLOCK {
+        r.rax = ERESTARTNOHAND as u64;
+    }
+    r
+}
+
 /// Finds a `syscall` instruction (0f 05) in `code`, mapped at `base`. Any occurrence will
 /// do: execution starts at the pair itself, so what precedes it does not matter.
 pub fn find_syscall_insn(code: &[u8], base: u64) -> Option<u64> {
@@ -293,6 +309,15 @@ mod tests {
         assert_eq!((r.rax as i64, r.rip), (-4, 0x1002));
         let r = restart_fixup(&in_call(ERESTART_RESTARTBLOCK), true);
         assert_eq!((r.rax, r.rip), (libc::SYS_restart_syscall as u64, 0x1000));
+    }
+
+    #[test]
+    fn an_interrupted_poll_runs_again_in_a_new_task() {
+        let poll = UserRegs { orig_rax: libc::SYS_poll as u64, rax: ERESTART_RESTARTBLOCK as u64, rip: 0x1002, ..Default::default() };
+        let r = restart_fixup(&resume_in_new_task(&poll), false);
+        assert_eq!((r.rax, r.rip), (libc::SYS_poll as u64, 0x1000));
+        let sleep = in_call(ERESTART_RESTARTBLOCK);
+        assert_eq!(resume_in_new_task(&sleep), sleep);
     }
 
     #[test]

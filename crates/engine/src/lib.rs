@@ -11,7 +11,9 @@
 
 pub mod check;
 pub mod dump;
+pub mod epoll;
 pub mod error;
+pub mod eventfd;
 pub mod fifo;
 pub mod files;
 pub mod freeze;
@@ -24,9 +26,11 @@ pub mod pidns;
 pub mod procfs;
 pub mod restore;
 pub mod shmem;
+pub mod signalfd;
 pub mod signals;
 pub mod task;
 pub mod threads;
+pub mod timerfd;
 pub mod tty;
 
 pub use dump::{dump, DumpOptions, DumpStats};

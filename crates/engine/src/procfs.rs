@@ -265,6 +265,11 @@ pub fn parse_fdinfo(text: &str) -> Result<FdInfo, String> {
 }
 
 /// Parses /proc/PID/auxv into its u64 words, up to and including the AT_NULL pair.
+/// The value of the first `key: value` line of an fdinfo text with this key, trimmed.
+pub fn fdinfo_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.split_once(':').filter(|(k, _)| *k == key).map(|(_, v)| v.trim()))
+}
+
 pub fn parse_auxv(bytes: &[u8]) -> Vec<u64> {
     let words: Vec<u64> = bytes
         .chunks_exact(8)

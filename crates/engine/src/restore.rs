@@ -33,7 +33,7 @@ use crate::mm::{self, ChildMem, MapFds, MmRestore, HELPER_DATA, HELPER_LEN};
 use crate::pidns::{self, PidMap};
 use crate::shmem::{self, ShmemTable};
 use crate::task::SessionPlan;
-use crate::{files, host, locks, signals, task, threads, tty};
+use crate::{epoll, files, host, locks, signals, task, threads, tty};
 use stasis_image::{ImageReader, MmRecord, ProcessRecord};
 use stasis_sys::proc::{self as sp, Forked};
 use stasis_sys::ptrace::{self, WaitStatus};
@@ -195,6 +195,9 @@ struct Plan<'a> {
     installs_for: Vec<usize>,
     /// Clone flags it is created with: the tables it shares with its parent.
     share: i32,
+    /// The epoll registrations it makes once its descriptors are in place: (epoll
+    /// descriptor, targets).
+    epolls: Vec<epoll::Registrations>,
     /// Indexes of the children to fork, zombies included.
     children: Vec<usize>,
     /// A session leader's controlling terminal.
@@ -308,6 +311,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             fd_plans[i] = Some(plan);
         }
     }
+    let installs: Vec<bool> = (0..img.processes.len()).map(|i| files_owner[i] == i).collect();
+    let mut epolls = epoll::plan(&img.processes, &installs)?;
     let mut plans: Vec<Plan> = img
         .processes
         .iter()
@@ -334,6 +339,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             fds,
             placement,
             installs_for,
+            epolls: std::mem::take(&mut epolls[i]),
             share,
             children: img
                 .processes
@@ -745,6 +751,7 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32, report: Option<i
     let wait_hi = park(shared.wait_fd)?;
     if !plan.installs_for.is_empty() {
         install_descriptors(shared, plan)?;
+        epoll::register_in_child(&plan.epolls)?;
     }
     if let Some(r) = report {
         sp::write_all_raw(r, b"r");

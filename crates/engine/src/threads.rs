@@ -109,7 +109,8 @@ pub fn restore_regs(pid: Pid, tid: Pid, t: &ThreadRecord) -> Result<()> {
         ptrace::set_regset(tid, ptrace::NT_X86_XSTATE, &t.xstate)
             .map_err(Error::sys(pid, "PTRACE_SETREGSET NT_X86_XSTATE"))?;
     }
-    ptrace::set_regs(tid, &regs_of(pid, t)?).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+    let regs = crate::inject::resume_in_new_task(&regs_of(pid, t)?);
+    ptrace::set_regs(tid, &regs).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
     ptrace::set_sigmask(tid, t.sigmask).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))
 }
 

@@ -344,6 +344,44 @@ pub enum FdKind {
     PtyMaster { index: u32, flags: i32 },
     /// The slave /dev/pts/`index` of a pair whose master is in the image.
     PtySlave { index: u32, flags: i32 },
+    /// A signalfd: the signals it reads (bit N-1 stands for signal N) and its status flags.
+    Signalfd { mask: u64, flags: i32 },
+    /// An eventfd: its counter, semaphore mode (`EFD_SEMAPHORE`) and status flags.
+    Eventfd { count: u64, semaphore: bool, flags: i32 },
+    /// A timerfd (see `TimerfdRecord`).
+    Timerfd(TimerfdRecord),
+    /// An epoll instance: its status flags and its registrations.
+    Epoll { flags: i32, targets: Vec<EpollTarget> },
+}
+
+/// A timerfd: its clock, status flags, the flags it was last armed with, when it expires
+/// next, its period, and the expirations that happened and were not read yet.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TimerfdRecord {
+    pub clockid: i32,
+    pub flags: i32,
+    /// `timerfd_settime` flags: `TFD_TIMER_ABSTIME` (1), `TFD_TIMER_CANCEL_ON_SET` (2).
+    pub settime_flags: i32,
+    /// Next expiry in nanoseconds: time left at dump for a relative timer, the clock's
+    /// time of the expiry with `TFD_TIMER_ABSTIME`; 0: disarmed.
+    pub value_ns: u64,
+    /// Period in nanoseconds; 0: one-shot.
+    pub interval_ns: u64,
+    /// Expirations not read yet.
+    pub ticks: u64,
+}
+
+/// One registration of an epoll instance: the target at descriptor `fd` of the process
+/// that registers it on restore, which must hold the description `desc` there.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EpollTarget {
+    pub fd: i32,
+    /// `EPOLLIN`, ..., `EPOLLET`, `EPOLLONESHOT`, `EPOLLEXCLUSIVE`, `EPOLLWAKEUP`, as the
+    /// kernel keeps them (a one-shot registration that fired keeps only its flag bits).
+    pub events: u32,
+    pub data: u64,
+    /// The target's open file description (`FdRecord::desc`).
+    pub desc: u64,
 }
 
 impl FdKind {
@@ -357,6 +395,10 @@ impl FdKind {
             FdKind::Shmem { .. } => "shmem",
             FdKind::PtyMaster { .. } => "ptmx",
             FdKind::PtySlave { .. } => "pts",
+            FdKind::Signalfd { .. } => "signalfd",
+            FdKind::Eventfd { .. } => "eventfd",
+            FdKind::Timerfd(_) => "timerfd",
+            FdKind::Epoll { .. } => "epoll",
         }
     }
 }

@@ -7,6 +7,7 @@
 #![allow(unsafe_code)]
 
 pub mod cpu;
+pub mod events;
 pub mod mem;
 pub mod pagemap;
 pub mod probe;
