@@ -19,18 +19,6 @@ use std::fs::{self, File};
 use std::path::Path;
 use std::process::Stdio;
 
-/// DIR/pids of the tree fixture: role -> PID (as the tree sees itself).
-fn roles(dir: &Path) -> BTreeMap<String, i32> {
-    fs::read_to_string(dir.join("pids"))
-        .expect("reading the fixture's pids")
-        .lines()
-        .map(|l| {
-            let (role, pid) = l.split_once(' ').expect("ROLE PID");
-            (role.to_owned(), pid.parse().expect("PID"))
-        })
-        .collect()
-}
-
 fn status_field(pid: i32, key: &str) -> Vec<i32> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     text.lines()
@@ -108,7 +96,7 @@ fn restore_detached(image: &Path, pidfile: &Path, saved: &BTreeMap<String, i32>)
 #[test]
 fn one_image_restored_twice_side_by_side() {
     let mut fixture = Fixture::start("tree", &[DIR_ARG]);
-    let saved = roles(fixture.dir().path());
+    let saved = tree_roles(fixture.dir().path());
     let originals: Vec<Proc> =
         saved.iter().filter(|(r, _)| *r != "root").map(|(r, p)| Proc::adopted(*p, format!("original {r}"))).collect();
     let image = fixture.dump("img", &[]);
@@ -158,7 +146,7 @@ fn one_image_restored_twice_side_by_side() {
 #[test]
 fn namespaced_tree_three_rounds() {
     let mut fixture = Fixture::start("tree", &[DIR_ARG]);
-    let saved = roles(fixture.dir().path());
+    let saved = tree_roles(fixture.dir().path());
     let originals: Vec<Proc> =
         saved.iter().filter(|(r, _)| *r != "root").map(|(r, p)| Proc::adopted(*p, format!("original {r}"))).collect();
     let mut image = fixture.dump("img0", &[]);

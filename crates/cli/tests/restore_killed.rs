@@ -8,22 +8,9 @@
 mod common;
 
 use common::*;
-use std::collections::BTreeMap;
-use std::fs;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-
-fn roles(dir: &Path) -> BTreeMap<String, i32> {
-    fs::read_to_string(dir.join("pids"))
-        .expect("reading the fixture's pids")
-        .lines()
-        .map(|l| {
-            let (role, pid) = l.split_once(' ').expect("ROLE PID");
-            (role.to_owned(), pid.parse().expect("PID"))
-        })
-        .collect()
-}
 
 /// Waits until none of `pids` exists any more, collecting those that end up ours (we
 /// are the subreaper of everything the tests start).
@@ -39,7 +26,7 @@ fn wait_all_gone(pids: &[i32], what: &str) {
 #[test]
 fn a_restorer_killed_midway_leaves_nothing_of_the_tree() {
     let mut fixture = Fixture::start("tree", &[DIR_ARG]);
-    let saved = roles(fixture.dir().path());
+    let saved = tree_roles(fixture.dir().path());
     let pids: Vec<i32> = saved.values().copied().collect();
     let image = fixture.dump("img", &[]);
     fixture.reap_killed();

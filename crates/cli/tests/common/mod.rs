@@ -659,3 +659,17 @@ pub fn wait_ready(fifo: &mut File, pid: i32) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// DIR/pids of the tree fixture: role ("root", "A", "B", "A1") -> PID, as the tree sees
+/// itself.
+#[allow(dead_code)] // not every test file uses the tree fixture
+pub fn tree_roles(dir: &Path) -> std::collections::BTreeMap<String, i32> {
+    fs::read_to_string(dir.join("pids"))
+        .expect("reading the fixture's pids")
+        .lines()
+        .map(|l| {
+            let (role, pid) = l.split_once(' ').expect("ROLE PID");
+            (role.to_owned(), pid.parse().expect("PID"))
+        })
+        .collect()
+}
