@@ -238,12 +238,7 @@ fn one_run(exe: &Path, size: u64, work: &Path, n: usize) -> Result<Sample> {
     target.reap_after_dump()?;
     util::settle_threads();
     let t = Instant::now();
-    let restored = stasis_engine::restore(&RestoreOptions {
-        dir: images.clone(),
-        shell_job: false,
-        inherit_fds: Vec::new(),
-        pidns: false,
-    })?;
+    let restored = stasis_engine::restore(&RestoreOptions::plain(images.clone()))?;
     let restore_s = t.elapsed().as_secs_f64();
     Child::new(restored.pid).kill()?;
     std::fs::remove_dir_all(&images).with_context(|| format!("remove {}", images.display()))?;

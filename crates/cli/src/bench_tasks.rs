@@ -109,12 +109,7 @@ fn one_run(exe: &Path, kind: TaskKind, n: usize, work: &Path, i: usize) -> Resul
     reap_all(&pids[1..]);
     util::settle_threads();
     let t = Instant::now();
-    let restored = stasis_engine::restore(&RestoreOptions {
-        dir: images.clone(),
-        shell_job: false,
-        inherit_fds: Vec::new(),
-        pidns: false,
-    })?;
+    let restored = stasis_engine::restore(&RestoreOptions::plain(images.clone()))?;
     let restore_s = t.elapsed().as_secs_f64();
     kill_tree(restored.pid);
     std::fs::remove_dir_all(&images).with_context(|| format!("remove {}", images.display()))?;

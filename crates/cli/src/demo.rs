@@ -196,12 +196,7 @@ pub fn run() -> Result<u8> {
     say!("  last tick before the dump: tick {last}");
 
     util::settle_threads();
-    let restored = stasis_engine::restore(&RestoreOptions {
-        dir: images.clone(),
-        shell_job: false,
-        inherit_fds: Vec::new(),
-        pidns: false,
-    })?;
+    let restored = stasis_engine::restore(&RestoreOptions::plain(images.clone()))?;
     let mut again = Child::new(restored.pid);
     say!("  {}", crate::restore::summary(&restored));
     if restored.pid != pid {

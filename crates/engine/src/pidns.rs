@@ -27,6 +27,9 @@ use std::collections::HashMap;
 pub struct TreeView {
     /// Our PID → the tree's PID, for every process and thread.
     map: HashMap<i32, i32>,
+    /// Our PID of each process → its process group and session in the tree's namespace.
+    groups: HashMap<i32, (i32, i32)>,
+    depth: usize,
 }
 
 impl TreeView {
@@ -34,10 +37,14 @@ impl TreeView {
     /// every thread). `procs` are the tree's processes, root first, as we see them.
     pub fn read(procs: &[(Pid, Vec<Pid>)]) -> Result<Option<TreeView>> {
         let root = procs[0].0;
-        let depth = read_status(root)?.nspid.len();
+        let mut depth = 0;
         let mut map = HashMap::new();
+        let mut groups = HashMap::new();
         for (pid, threads) in procs {
             let st = read_status(*pid)?;
+            if *pid == root {
+                depth = st.nspid.len();
+            }
             if st.nspid.len() != depth {
                 return Err(Error::Unsupported {
                     pid: *pid,
@@ -51,28 +58,30 @@ impl TreeView {
                 continue;
             }
             map.insert(pid.0, innermost(*pid, &st.nspid)?);
+            groups.insert(pid.0, (innermost(*pid, &st.nspgid)?, innermost(*pid, &st.nssid)?));
             for t in threads.iter().filter(|t| *t != pid) {
                 let (path, text) = procfs::read_text(*pid, &format!("task/{t}/status"))?;
                 let ts = procfs::parse_status(&text).map_err(|what| Error::ProcParse { pid: *pid, path, what })?;
                 map.insert(t.0, innermost(*pid, &ts.nspid)?);
             }
         }
-        Ok((depth > 1).then_some(TreeView { map }))
+        Ok((depth > 1).then_some(TreeView { map, groups, depth }))
     }
 
     /// Rewrites every PID of the records into the tree's own numbering.
     pub fn translate(&self, recs: &mut [ProcessRecord]) -> Result<()> {
         for r in recs.iter_mut() {
             let ours = Pid(r.pid);
-            let st = read_status(ours)?;
-            r.pgid = innermost(ours, &st.nspgid)?;
-            r.sid = innermost(ours, &st.nssid)?;
+            (r.pgid, r.sid) = self.groups.get(&r.pid).copied().ok_or_else(|| Error::Unsupported {
+                pid: ours,
+                what: "a process that appeared after the tree was read".into(),
+            })?;
             // The root's parent may be outside the tree: its PID in the tree's namespace,
             // or 0 when it is not in it (the root is then the namespace's init).
             r.ppid = match self.map.get(&r.ppid) {
                 Some(p) => *p,
                 None => match read_status(Pid(r.ppid)) {
-                    Ok(pst) if pst.nspid.len() == st.nspid.len() => innermost(ours, &pst.nspid)?,
+                    Ok(pst) if pst.nspid.len() == self.depth => innermost(ours, &pst.nspid)?,
                     _ => 0,
                 },
             };

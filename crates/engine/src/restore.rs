@@ -57,6 +57,14 @@ pub struct RestoreOptions {
     pub pidns: bool,
 }
 
+impl RestoreOptions {
+    /// A plain restore from `dir`: no shell job, no inherited descriptors, no new PID
+    /// namespace.
+    pub fn plain(dir: PathBuf) -> RestoreOptions {
+        RestoreOptions { dir, shell_job: false, inherit_fds: Vec::new(), pidns: false }
+    }
+}
+
 /// Figures of one restore.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct RestoreStats {

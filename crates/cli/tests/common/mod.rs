@@ -673,3 +673,78 @@ pub fn tree_roles(dir: &Path) -> std::collections::BTreeMap<String, i32> {
         })
         .collect()
 }
+
+/// The processes of a fixture (DIR/pids: "ROLE PID" lines), killed by PID and
+/// reaped on drop. Declared after the Fixture, so dropped before it: the root
+/// is killed here too (its guard reaps it), so that the children come to the
+/// test process, the subreaper, which reaps them.
+#[allow(dead_code)] // only the tests of multi-process fixtures use it
+pub struct Kids {
+    root: i32,
+    pub pids: Vec<(String, i32)>,
+}
+
+#[allow(dead_code)]
+impl Kids {
+    pub fn of(fixture: &Fixture) -> Kids {
+        let path = fixture.dir().join("pids");
+        let pids = fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+            .lines()
+            .map(|l| {
+                let (role, pid) = l.split_once(' ').expect("ROLE PID");
+                (role.to_owned(), pid.parse().expect("PID"))
+            })
+            .filter(|(role, _)| role != "root")
+            .collect();
+        Kids { root: fixture.pid(), pids }
+    }
+
+    pub fn pid(&self, role: &str) -> i32 {
+        self.pids.iter().find(|(r, _)| r == role).map(|(_, p)| *p).expect("role")
+    }
+
+    pub fn ours(&self, pid: i32) -> bool {
+        proc_state(pid).is_some_and(|(_, ppid)| {
+            ppid == self.root || ppid == std::process::id() as i32 || self.pids.iter().any(|&(_, p)| p == ppid)
+        })
+    }
+
+    /// After a dump killed the tree and the root was reaped.
+    pub fn reap_dumped(&self) {
+        self.reap().unwrap_or_else(|e| panic!("after the dump: {e}"));
+    }
+
+    /// Waits until every child is gone, reaping those that became ours.
+    pub fn reap(&self) -> Result<(), String> {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        for &(_, pid) in &self.pids {
+            while let Some((state, ppid)) = proc_state(pid) {
+                if state == 'Z' && ppid == std::process::id() as i32 {
+                    let _ = sys::waitpid(pid, libc::WNOHANG);
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("child {pid} still there ({state}, parent {ppid})"));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for &(_, pid) in &self.pids {
+            if self.ours(pid) {
+                let _ = sys::kill(pid, libc::SIGKILL);
+            }
+        }
+        if proc_state(self.root).is_some_and(|(_, ppid)| ppid == std::process::id() as i32) {
+            let _ = sys::kill(self.root, libc::SIGKILL);
+        }
+        if let Err(e) = self.reap() {
+            eprintln!("cleaning up: {e}");
+        }
+    }
+}
