@@ -38,6 +38,8 @@ pub struct DumpStatsJson {
     pub memory_bytes: u64,
     pub processes: usize,
     pub threads: usize,
+    /// Seconds of each step.
+    pub phases: std::collections::BTreeMap<&'static str, f64>,
 }
 
 impl DumpStatsJson {
@@ -50,6 +52,7 @@ impl DumpStatsJson {
             memory_bytes: s.memory_bytes,
             processes: s.processes,
             threads: s.threads,
+            phases: s.phases.iter().map(|(k, d)| (*k, d.as_secs_f64())).collect(),
         }
     }
 }
@@ -104,11 +107,13 @@ mod tests {
             memory_bytes: 8,
             processes: 1,
             threads: 2,
+            phases: vec![("freeze", Duration::from_millis(5))],
         };
         let v = serde_json::to_value(DumpStatsJson::new(7, &s)).unwrap();
         assert_eq!(v["total"], 1.5);
         assert_eq!(v["frozen"], 0.25);
         assert_eq!(v["threads"], 2);
+        assert_eq!(v["phases"]["freeze"], 0.005);
         assert!(summary(&s).contains("1 process, 2 threads"));
     }
 }

@@ -81,6 +81,8 @@ pub struct RestoreStatsJson {
     pub total: f64,
     pub validate: f64,
     pub memory_bytes: u64,
+    /// Seconds of each step.
+    pub phases: std::collections::BTreeMap<&'static str, f64>,
 }
 
 impl RestoreStatsJson {
@@ -91,6 +93,7 @@ impl RestoreStatsJson {
             total: r.stats.total.as_secs_f64(),
             validate: r.stats.validate.as_secs_f64(),
             memory_bytes: r.stats.memory_bytes,
+            phases: r.stats.phases.iter().map(|(k, d)| (*k, d.as_secs_f64())).collect(),
         }
     }
 }

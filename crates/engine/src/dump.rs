@@ -9,14 +9,17 @@
 //! temporary file unless the image was completed.
 
 use crate::error::{Error, Result};
+use crate::Lap;
 use crate::freeze::{read_stat, read_status, Frozen};
 use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
 use crate::shmem::ShmemDump;
+use crate::tracers::{self, Tracers};
 use crate::{epoll, fifo, files, host, locks, mm, pidns, signals, task, threads, tty};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
 use stasis_sys::Pid;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What to dump, where, and what happens to the target afterwards.
@@ -43,6 +46,9 @@ pub struct DumpStats {
     pub memory_bytes: u64,
     pub processes: usize,
     pub threads: usize,
+    /// How long each step took, in order: freezing the tree, collecting every process,
+    /// what the processes share, page data, writing the image, releasing the tree.
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 const ARCH_GET_XCOMP_PERM: u64 = 0x1022;
@@ -73,34 +79,86 @@ fn precheck(pid: Pid) -> Result<()> {
     Ok(())
 }
 
-/// One process of the tree: frozen, or a zombie (nothing to freeze).
+/// One process of the tree: frozen (by tracer `tracer`, with these threads), or a zombie
+/// (nothing to freeze).
 struct Member {
     pid: Pid,
-    frozen: Option<Frozen>,
+    tids: Option<Vec<Pid>>,
+    tracer: usize,
 }
 
 /// Freezes the tree rooted at `root`, parents before children: a frozen parent cannot
-/// fork, so the children listed after freezing it are all it has.
-fn freeze_tree(root: Pid) -> Result<Vec<Member>> {
-    let mut members = vec![Member { pid: root, frozen: Some(Frozen::freeze(root)?) }];
-    let mut i = 0;
-    while i < members.len() {
-        let pid = members[i].pid;
-        if members[i].frozen.is_some() {
-            for child in children_of(pid)? {
-                if child == stasis_sys::proc::getpid() {
-                    return Err(Error::Unsupported {
-                        pid: root,
-                        what: format!("a tree that contains stasis itself (pid {child}, child of {pid})"),
-                    });
+/// fork or reap, so its children are listed once it is frozen, and so on down. The
+/// processes are frozen by the tracer threads in turn, each as soon as it is listed.
+fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
+    use std::sync::mpsc;
+    type Frozen1 = (usize, Result<Option<Vec<Pid>>>);
+    let (tx, rx) = mpsc::channel::<Frozen1>();
+    let freeze_on = |tracers: &mut Tracers, idx: usize, pid: Pid, w: usize| {
+        let tx = tx.clone();
+        tracers.run(w, move |held| {
+            let r = match idx {
+                0 => Frozen::freeze(pid).map(Some),
+                _ => freeze_child(pid),
+            };
+            let r = r.map(|f| {
+                f.map(|f| {
+                    let tids = f.threads.iter().map(|t| t.tid).collect();
+                    held.push(f);
+                    tids
+                })
+            });
+            let _ = tx.send((idx, r));
+        })
+    };
+    let mut members = vec![Member { pid: root, tids: None, tracer: 0 }];
+    freeze_on(tracers, 0, root, 0)?;
+    let mut pending = 1;
+    let mut first_err: Option<Error> = None;
+    while pending > 0 {
+        let Ok((idx, r)) = rx.recv() else {
+            first_err.get_or_insert(Error::TracerLost);
+            break;
+        };
+        pending -= 1;
+        let tids = match r {
+            Ok(Some(tids)) => tids,
+            Ok(None) => continue,
+            Err(e) => {
+                first_err.get_or_insert(e);
+                continue;
+            }
+        };
+        members[idx].tids = Some(tids);
+        if first_err.is_some() {
+            continue;
+        }
+        let pid = members[idx].pid;
+        let children = children_of(pid).and_then(|kids| match kids.iter().find(|&&c| c == stasis_sys::proc::getpid()) {
+            Some(c) => Err(Error::Unsupported {
+                pid: root,
+                what: format!("a tree that contains stasis itself (pid {c}, child of {pid})"),
+            }),
+            None => Ok(kids),
+        });
+        match children {
+            Ok(kids) => {
+                for child in kids {
+                    let (i, w) = (members.len(), members.len() % tracers.max());
+                    members.push(Member { pid: child, tids: None, tracer: w });
+                    freeze_on(tracers, i, child, w)?;
+                    pending += 1;
                 }
-                let frozen = freeze_child(child)?;
-                members.push(Member { pid: child, frozen });
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
             }
         }
-        i += 1;
     }
-    Ok(members)
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(members),
+    }
 }
 
 /// Freezes a child of a frozen process; `None` if it is a zombie. A child exiting while
@@ -143,29 +201,38 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     let host = host::current()?;
     let mut writer = ImageWriter::create(&opts.dir)?;
     let frozen_at = Instant::now();
-    let mut members = freeze_tree(root)?;
+    // Dropped last: on any error the processes are let go only after everything else.
+    let mut tracers = Tracers::new();
+    let members = freeze_tree(root, &mut tracers)?;
     log::debug!("pid {root}: froze a tree of {} processes", members.len());
-    let (mut image, nthreads, drained) = collect_tree(root, &mut members, &mut writer, opts, host)?;
+    let mut phases = vec![("freeze", frozen_at.elapsed())];
+    let (mut image, nthreads, drained) = collect_tree(root, &members, &mut tracers, &mut writer, opts, host, &mut phases)?;
     let memory_bytes = writer.pages_len();
     log::debug!("pid {root}: state collected, {memory_bytes} bytes of pages written");
     // A tree that runs on needs no durable image to be safe: release it before the
     // metadata, fsync and rename. One that will be killed must wait until the image is
     // complete on disk, or a failed write would lose it.
     let frozen_for;
-    let frozen: Vec<Frozen> = members.into_iter().filter_map(|m| m.frozen).collect();
-    // Declared after `frozen`, so dropped first: on an error below, the bytes read out of
+    let live: Vec<Pid> = members.iter().filter(|m| m.tids.is_some()).map(|m| m.pid).collect();
+    // Declared after `tracers`, so dropped first: on an error below, the bytes read out of
     // terminals go back while the tree is still frozen.
     let drained = drained;
+    let mut lap = Lap::new();
     let image_bytes = if opts.leave_running {
         drained.put_back()?;
-        release_all(frozen)?;
+        tracers.release_all()?;
         frozen_for = frozen_at.elapsed();
-        writer.finish(&mut image)?
+        phases.push(("release", lap.next()));
+        let n = writer.finish(&mut image)?;
+        phases.push(("write", lap.next()));
+        n
     } else {
         let n = writer.finish(&mut image)?;
-        kill_all(frozen)?;
+        phases.push(("write", lap.next()));
+        tracers.kill_all(&live)?;
         drained.discard();
         frozen_for = frozen_at.elapsed();
+        phases.push(("kill", lap.next()));
         n
     };
     log::debug!("pid {root}: image complete");
@@ -176,97 +243,82 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
         memory_bytes,
         processes: image.processes.len(),
         threads: nthreads,
+        phases,
     })
 }
 
-fn release_all(frozen: Vec<Frozen>) -> Result<()> {
-    let mut first = Ok(());
-    for f in frozen {
-        if let Err(e) = f.release() {
-            first = first.and(Err(e));
-        }
-    }
-    first
-}
+/// What one live process gave: its record, descriptors, memory plan and a pidfd.
+type Collected = (ProcessRecord, files::DumpedFds, mm::MmPlan, std::os::fd::OwnedFd);
 
-/// Kills every process first, then collects the exits, children before parents: a PID
-/// namespace's init ends only after every other task of its namespace is gone, and as
-/// their tracer we must collect those first.
-fn kill_all(frozen: Vec<Frozen>) -> Result<()> {
-    for f in &frozen {
-        stasis_sys::proc::kill(f.pid, libc::SIGKILL).map_err(Error::sys(f.pid, "kill"))?;
-    }
-    for f in frozen.into_iter().rev() {
-        f.kill()?;
-    }
-    Ok(())
-}
-
-/// Threads that read processes' /proc state while the tracer thread injects into the next
-/// ones.
+/// Threads that read processes' /proc state while the tracers inject into the next ones.
 const PROC_READERS: usize = 2;
 
 /// The per-process records, descriptors, pidfds and memory plans of every member, in
-/// member order, and the number of threads. The injected calls run here, in the thread
-/// that froze the tree (ptrace requests must come from the tracer); the /proc part of each
-/// process runs on reader threads as soon as its injected calls are over.
+/// member order, and the number of threads. Each tracer thread runs the injected calls
+/// of the processes it froze, one after the other, all tracers at the same time; the
+/// /proc part of each process runs on reader threads as soon as its injected calls are
+/// over.
 #[allow(clippy::type_complexity)]
 fn collect_members(
-    members: &mut [Member],
+    members: &[Member],
+    tracers: &mut Tracers,
     info: &TreeInfo,
 ) -> Result<(Vec<ProcessRecord>, Vec<(Pid, files::DumpedFds)>, Vec<(Pid, std::os::fd::OwnedFd)>, Vec<Option<mm::MmPlan>>, usize)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::mpsc;
-    type Done = (usize, Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)>);
+    type Work = (usize, Pid, std::os::fd::OwnedFd, Injected);
     let n = members.len();
-    let mut pidfds: Vec<Option<std::os::fd::OwnedFd>> = (0..n).map(|_| None).collect();
-    let mut results: Vec<Option<Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)>>> = (0..n).map(|_| None).collect();
-    let mut code = CodeCache::default();
-    let mut first_err: Option<Error> = None;
-    for (i, m) in members.iter().enumerate() {
-        if m.frozen.is_some() {
-            pidfds[i] = Some(stasis_sys::proc::pidfd_open(m.pid).map_err(Error::sys(m.pid, "pidfd_open"))?);
-        }
+    let code = Arc::new(std::sync::Mutex::new(CodeCache::default()));
+    let failed = Arc::new(AtomicBool::new(false));
+    let (work_tx, work_rx) = mpsc::channel::<Work>();
+    let (done_tx, done_rx) = mpsc::channel::<(usize, Result<Collected>)>();
+    for w in 0..tracers.started() {
+        let mine: Vec<(usize, Pid)> =
+            members.iter().enumerate().filter(|(_, m)| m.tids.is_some() && m.tracer == w).map(|(i, m)| (i, m.pid)).collect();
+        let (code, failed, work_tx, done_tx) = (code.clone(), failed.clone(), work_tx.clone(), done_tx.clone());
+        tracers.run(w, move |held| {
+            for (i, pid) in mine {
+                if failed.load(Ordering::SeqCst) {
+                    return;
+                }
+                let r = stasis_sys::proc::pidfd_open(pid)
+                    .map_err(Error::sys(pid, "pidfd_open"))
+                    .and_then(|pidfd| Ok((pidfd, inject_part(pid, tracers::held(held, pid)?, &code)?)));
+                match r {
+                    Ok((pidfd, inj)) => {
+                        let _ = work_tx.send((i, pid, pidfd, inj));
+                    }
+                    Err(e) => {
+                        failed.store(true, Ordering::SeqCst);
+                        let _ = done_tx.send((i, Err(e)));
+                    }
+                }
+            }
+        })?;
     }
-    let pidfds_ref = &pidfds;
-    let (work_tx, work_rx) = mpsc::channel::<(usize, Pid, &std::os::fd::OwnedFd, Injected)>();
+    drop(work_tx);
     let work_rx = std::sync::Mutex::new(work_rx);
-    let (done_tx, done_rx) = mpsc::channel::<Done>();
+    let mut results: Vec<Option<Result<Collected>>> = (0..n).map(|_| None).collect();
     std::thread::scope(|s| {
         for _ in 0..PROC_READERS {
-            let (rx, tx) = (&work_rx, done_tx.clone());
+            let (rx, tx, failed) = (&work_rx, done_tx.clone(), &failed);
             s.spawn(move || loop {
                 let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok((i, pid, pidfd, inj)) = job else { return };
-                let _ = tx.send((i, proc_part(pid, pidfd, inj, info)));
+                let r = proc_part(pid, &pidfd, inj, info).map(|(rec, fds, plan)| (rec, fds, plan, pidfd));
+                if r.is_err() {
+                    failed.store(true, Ordering::SeqCst);
+                }
+                let _ = tx.send((i, r));
             });
         }
         drop(done_tx);
-        for (i, m) in members.iter_mut().enumerate() {
-            let Some(frozen) = m.frozen.as_mut() else { continue };
-            match inject_part(m.pid, frozen, &mut code) {
-                Ok(inj) => match pidfds_ref[i].as_ref() {
-                    Some(pidfd) => {
-                        let _ = work_tx.send((i, m.pid, pidfd, inj));
-                    }
-                    None => {
-                        first_err = Some(Error::NoSuchProcess(m.pid));
-                        break;
-                    }
-                },
-                Err(e) => {
-                    first_err = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(work_tx);
         for (i, r) in done_rx {
             results[i] = Some(r);
         }
     });
-    drop(work_rx);
-    if let Some(e) = first_err {
-        return Err(e);
+    if let Some(e) = results.iter_mut().find_map(|r| r.take_if(|r| r.is_err())) {
+        return e.map(|_| unreachable!("an error was found"));
     }
     let mut procs = Vec::with_capacity(n);
     let mut fds = Vec::with_capacity(n);
@@ -274,22 +326,21 @@ fn collect_members(
     let mut mms = Vec::with_capacity(n);
     let mut nthreads = 0;
     for (i, m) in members.iter().enumerate() {
-        match results[i].take() {
-            None => {
+        match (results[i].take(), &m.tids) {
+            (_, None) => {
                 procs.push(zombie_record(m.pid)?);
                 fds.push((m.pid, files::DumpedFds::default()));
                 mms.push(None);
             }
-            Some(r) => {
-                let (rec, dumped, plan) = r?;
+            (Some(r), Some(_)) => {
+                let (rec, dumped, plan, pidfd) = r?;
                 nthreads += rec.threads.len();
                 procs.push(rec);
                 fds.push((m.pid, dumped));
                 mms.push(Some(plan));
-                if let Some(fd) = pidfds[i].take() {
-                    own_pidfds.push((m.pid, fd));
-                }
+                own_pidfds.push((m.pid, pidfd));
             }
+            (None, Some(_)) => return Err(Error::TracerLost),
         }
     }
     Ok((procs, fds, own_pidfds, mms, nthreads))
@@ -299,27 +350,31 @@ fn collect_members(
 /// (numbered across the tree), pipes, pseudo-terminals and controlling terminals, and
 /// page data (one parallel write for all). The bytes read out of terminals come back
 /// with the guard that puts them back.
+#[allow(clippy::too_many_arguments)]
 fn collect_tree(
     root: Pid,
-    members: &mut [Member],
+    members: &[Member],
+    tracers: &mut Tracers,
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     host: stasis_image::HostInfo,
+    phases: &mut Vec<(&'static str, Duration)>,
 ) -> Result<(Image, usize, tty::Drained)> {
+    let mut lap = Lap::new();
     let tasks: Vec<(Pid, Vec<Pid>)> = members
         .iter()
-        .map(|m| (m.pid, m.frozen.as_ref().map(|f| f.threads.iter().map(|t| t.tid).collect()).unwrap_or_default()))
+        .map(|m| (m.pid, m.tids.clone().unwrap_or_default()))
         .collect();
     let view = pidns::TreeView::read(&tasks)?;
     let sids: std::collections::HashMap<Pid, i32> =
         members.iter().map(|m| Ok((m.pid, read_stat(m.pid)?.session))).collect::<Result<_>>()?;
-    let objects = std::sync::Mutex::new(ShmemDump::default());
-    let info = TreeInfo { opts, sids: &sids, root, objects: &objects };
-    let (procs, fds, pidfds, mms, nthreads) = collect_members(members, &info)?;
+    let info = TreeInfo { opts, sids: &sids, root, objects: std::sync::Mutex::new(ShmemDump::default()) };
+    let (procs, fds, pidfds, mms, nthreads) = collect_members(members, tracers, &info)?;
+    phases.push(("collect", lap.next()));
     let mut procs = procs;
     let mut fds = fds;
     let mut mms = mms;
-    let mut objects = objects.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut objects = info.objects.into_inner().unwrap_or_else(|p| p.into_inner());
     shared_tables(&mut procs)?;
     files::assign_descriptions(&mut fds)?;
     epoll::resolve(&mut fds, &pidfds)?;
@@ -344,7 +399,9 @@ fn collect_tree(
         rec.fds = d.records;
         rec.locks = l;
     }
+    phases.push(("shared", lap.next()));
     let vmas = mm::save_all(&mut mms, &mut objects, writer)?;
+    phases.push(("pages", lap.next()));
     for (rec, v) in procs.iter_mut().zip(vmas) {
         rec.mm.vmas = v;
     }
@@ -535,7 +592,7 @@ struct Injected {
 
 /// The part of one live process that needs ptrace (injected calls, registers, queued
 /// signals), run by the tracer thread. The scratch area is gone again when it returns.
-fn inject_part(pid: Pid, frozen: &mut Frozen, code: &mut CodeCache) -> Result<Injected> {
+fn inject_part(pid: Pid, frozen: &mut Frozen, code: &std::sync::Mutex<CodeCache>) -> Result<Injected> {
     let status = read_status(pid)?;
     let nthreads = frozen.threads.len();
     let main = &mut frozen.threads[0];
@@ -566,7 +623,7 @@ struct TreeInfo<'a> {
     opts: &'a DumpOptions,
     sids: &'a std::collections::HashMap<Pid, i32>,
     root: Pid,
-    objects: &'a std::sync::Mutex<ShmemDump>,
+    objects: std::sync::Mutex<ShmemDump>,
 }
 
 /// The rest of one live process, read from /proc and its descriptors (no ptrace: any

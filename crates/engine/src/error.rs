@@ -17,6 +17,8 @@ pub enum Error {
     AlreadyTraced { pid: Pid, tracer: i32 },
     #[error("pid {pid}{thread} is in vfork() waiting for child {child} to exec or exit (waited {waited:?}); dump again once it has")]
     InVfork { pid: Pid, thread: String, child: Pid, waited: std::time::Duration },
+    #[error("a tracer thread of the dump ended unexpectedly")]
+    TracerLost,
     #[error("pid {pid}: {what} is not supported yet")]
     Unsupported { pid: Pid, what: String },
     #[error("pid {pid}: fd {fd}: unsupported descriptor kind: {kind}")]

@@ -31,9 +31,26 @@ pub mod signals;
 pub mod task;
 pub mod threads;
 pub mod timerfd;
+pub mod tracers;
 pub mod tty;
 
 pub use dump::{dump, DumpOptions, DumpStats};
 pub use error::Error;
 pub use restore::{restore, RestoreOptions, RestoreStats, Restored};
 pub use stasis_sys::Pid;
+
+/// Times consecutive steps: each `next` returns the time since the previous one.
+pub(crate) struct Lap(std::time::Instant);
+
+impl Lap {
+    pub(crate) fn new() -> Lap {
+        Lap(std::time::Instant::now())
+    }
+
+    pub(crate) fn next(&mut self) -> std::time::Duration {
+        let now = std::time::Instant::now();
+        let d = now - self.0;
+        self.0 = now;
+        d
+    }
+}

@@ -96,9 +96,19 @@ pub fn prot_of(m: &MapEntry) -> u32 {
         | (if m.exec { PROT_EXEC } else { 0 })
 }
 
-/// Reads the target's mappings.
+/// Reads the target's mappings with their flags and sizes (smaps).
 pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>> {
-    let (path, text) = procfs::read_text(pid, "smaps")?;
+    read_mappings(pid, "smaps")
+}
+
+/// Reads only where a process's mappings are and what they are called (maps: far cheaper
+/// than smaps, which walks the page tables of every mapping).
+pub fn read_layout(pid: Pid) -> Result<Vec<MapEntry>> {
+    read_mappings(pid, "maps")
+}
+
+fn read_mappings(pid: Pid, file: &str) -> Result<Vec<MapEntry>> {
+    let (path, text) = procfs::read_text(pid, file)?;
     procfs::parse_smaps(&text).map_err(|what| Error::ProcParse { pid, path, what })
 }
 
@@ -471,15 +481,23 @@ impl MapFds {
 }
 
 /// Checks, before anything is created, that the files behind the mappings still fit.
-pub fn check_files(pid: Pid, vmas: &[Vma]) -> Result<()> {
+/// `seen` keeps what was looked up already: the processes of a tree map the same files.
+pub fn check_files(pid: Pid, vmas: &[Vma], seen: &mut std::collections::HashMap<Vec<u8>, std::fs::Metadata>) -> Result<()> {
     for v in vmas {
         let VmaBacking::File(f) = &v.backing else { continue };
         let path = f.display();
-        let md = std::fs::metadata(&path).map_err(|e| Error::FileChanged {
-            pid,
-            path: path.clone(),
-            what: format!("is gone ({e}); it is mapped at {:#x}-{:#x}", v.start, v.end),
-        })?;
+        let md = match seen.get(&f.path) {
+            Some(md) => md.clone(),
+            None => {
+                let md = std::fs::metadata(&path).map_err(|e| Error::FileChanged {
+                    pid,
+                    path: path.clone(),
+                    what: format!("is gone ({e}); it is mapped at {:#x}-{:#x}", v.start, v.end),
+                })?;
+                seen.insert(f.path.clone(), md.clone());
+                md
+            }
+        };
         let needed = f.size.min(v.file_offset + v.len());
         if md.size() < needed {
             return Err(Error::FileChanged {

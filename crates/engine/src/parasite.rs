@@ -58,13 +58,13 @@ pub struct Parasite {
 impl Parasite {
     /// Starts a session in `thread` of process `pid`, with room for `nthreads` frames.
     /// `code` remembers where earlier processes had the instructions injection needs.
-    pub fn start(pid: Pid, thread: &mut FrozenThread, nthreads: usize, code: &mut CodeCache) -> Result<Parasite> {
+    pub fn start(pid: Pid, thread: &mut FrozenThread, nthreads: usize, code: &std::sync::Mutex<CodeCache>) -> Result<Parasite> {
         let mem = File::options()
             .read(true)
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
-        let (ip, tramp) = find_code(pid, &mem, code)?;
+        let (ip, tramp) = find_code(pid, &mem, &mut code.lock().unwrap_or_else(|p| p.into_inner()))?;
         ptrace::set_sigmask(thread.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
         thread.injected = true;
         let mut inj = Injector::new(pid, thread.tid, ip, thread.regs);

@@ -74,6 +74,9 @@ pub struct RestoreStats {
     pub validate: Duration,
     /// Bytes of page data loaded.
     pub memory_bytes: u64,
+    /// How long each step took, in order: reading and checking the image, creating the
+    /// processes, rebuilding them (memory, threads, registers) until they run.
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 /// A restored process tree, running.
@@ -263,7 +266,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         return Err(Error::Restore { pid: root_pid, what: "the image was dumped with --shell-job; restore it with --shell-job".into() });
     }
     let caps = read_status(sp::getpid())?.cap_eff;
-    let mut busy: Vec<(u64, u64)> = mm::read_maps(sp::getpid())?.iter().map(|m| (m.start, m.end)).collect();
+    let mut busy: Vec<(u64, u64)> = mm::read_layout(sp::getpid())?.iter().map(|m| (m.start, m.end)).collect();
+    let mut mapped_files = std::collections::HashMap::new();
     for rec in &img.processes {
         let pid = Pid(rec.pid);
         if !opts.pidns {
@@ -278,7 +282,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         for t in rec.threads[1..].iter().filter(|_| !opts.pidns) {
             check_pid_free(Pid(t.tid))?;
         }
-        mm::check_files(pid, &rec.mm.vmas)?;
+        mm::check_files(pid, &rec.mm.vmas, &mut mapped_files)?;
         files::check(pid, &rec.fds)?;
         task::check_rlimits(pid, &rec.rlimits, caps & (1 << CAP_SYS_RESOURCE) != 0)?;
         busy.extend(mm::busy_ranges(&rec.mm.vmas));
@@ -402,6 +406,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     };
     wait_until_ready(&shared, status_rd)?;
     log::debug!("{} restore children ready", shared.plans.len());
+    let created = t0.elapsed();
     let pids = if opts.pidns { PidMap::walk(first)? } else { PidMap::default() };
     let live: Vec<&Plan> = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none()).collect();
     let loaded = drive_all(&live, &Drive { helper, pages: pages.as_slice(), pids: &pids, objects: &objects, root: root_pid })?;
@@ -416,7 +421,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         pid: pids.outer(root.pid),
         child: first,
         pid_in_ns: opts.pidns.then_some(root_pid),
-        stats: RestoreStats { total: t0.elapsed(), validate, memory_bytes },
+        stats: RestoreStats {
+            total: t0.elapsed(),
+            validate,
+            memory_bytes,
+            phases: vec![("validate", validate), ("create", created - validate), ("rebuild", t0.elapsed() - created)],
+        },
     })
 }
 
@@ -877,7 +887,7 @@ fn build_child(plan: &Plan, helper: u64, pages: &[u8], pids: &PidMap) -> Result<
     // batch returns to user space between its calls.
     let mut calls = Batch::default();
     threads::unregister_inherited_rseq(pid, &mut calls)?;
-    let child_maps = mm::read_maps(pid)?;
+    let child_maps = mm::read_layout(pid)?;
     MmRestore { pid, calls: &mut calls, mem: &mem, helper, pages }.rebuild(&child_maps, &rec.mm.vmas, &plan.fds.maps)?;
     // The child's exe link is the restorer's binary; when that is already the saved exe the
     // kernel must not be asked to change it (it refuses while the file is mapped).

@@ -1,0 +1,146 @@
+//! The tracer threads of a dump.
+//!
+//! ptrace requests must come from the thread that seized a tracee, and most of a dump's
+//! time goes in waiting for tracee stops. So the processes of a tree are shared out
+//! among a few tracer threads: each one seizes its processes, runs their injected calls
+//! and reads their state, and keeps them frozen until it releases or kills them. Work
+//! reaches a tracer as a job on its channel.
+//!
+//! A tracer whose channel closes (the dump ended, by error or not) drops the processes
+//! it still holds, and the freeze guard lets each of them run on as before. Dropping
+//! [`Tracers`] waits for that, so no process is left frozen once a dump returns.
+
+use crate::error::{Error, Result};
+use crate::freeze::Frozen;
+use stasis_sys::Pid;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+/// The frozen processes of one tracer thread, in the order it froze them.
+pub(crate) type Held = Vec<Frozen>;
+
+type Job = Box<dyn FnOnce(&mut Held) + Send>;
+
+/// At most this many tracer threads: the work is mostly waiting for tracee stops, so a
+/// few more than the CPUs still help.
+const MAX_TRACERS: usize = 8;
+
+struct Worker {
+    tx: Option<mpsc::Sender<Job>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+pub(crate) struct Tracers {
+    workers: Vec<Worker>,
+    max: usize,
+}
+
+impl Tracers {
+    /// No thread is started before it gets work.
+    pub(crate) fn new() -> Tracers {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let max = std::env::var("STASIS_TRACERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2 * cpus);
+        Tracers { workers: Vec::new(), max: max.clamp(1, MAX_TRACERS) }
+    }
+
+    /// How many tracer threads there may be.
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// How many tracer threads run.
+    pub(crate) fn started(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Runs `job` on tracer `w` (below [`Tracers::max`]), with the processes it holds.
+    pub(crate) fn run(&mut self, w: usize, job: impl FnOnce(&mut Held) + Send + 'static) -> Result<()> {
+        while self.workers.len() <= w {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let handle = std::thread::Builder::new()
+                .name(format!("tracer-{}", self.workers.len()))
+                .spawn(move || {
+                    let mut held = Held::new();
+                    for job in rx {
+                        job(&mut held);
+                    }
+                })
+                .map_err(|e| Error::Sys { pid: stasis_sys::proc::getpid(), op: "start a tracer thread", errno: stasis_sys::Errno(e.raw_os_error().unwrap_or(libc::EAGAIN)) })?;
+            self.workers.push(Worker { tx: Some(tx), handle: Some(handle) });
+        }
+        let sent = self.workers[w].tx.as_ref().map(|tx| tx.send(Box::new(job)).is_ok()).unwrap_or(false);
+        match sent {
+            true => Ok(()),
+            false => Err(Error::TracerLost),
+        }
+    }
+
+    /// Runs `job` on every started tracer at once and returns the first error.
+    fn on_all(&mut self, job: impl Fn(&mut Held) -> Result<()> + Send + Sync + Clone + 'static) -> Result<()> {
+        let (tx, rx) = mpsc::channel::<Result<()>>();
+        for w in 0..self.started() {
+            let (job, tx) = (job.clone(), tx.clone());
+            self.run(w, move |held| {
+                let _ = tx.send(job(held));
+            })?;
+        }
+        drop(tx);
+        let mut first = Ok(());
+        let mut answers = 0;
+        for r in rx {
+            answers += 1;
+            first = first.and(r);
+        }
+        match answers == self.started() {
+            true => first,
+            false => first.and(Err(Error::TracerLost)),
+        }
+    }
+
+    /// Lets every process run on, registers and signal masks as they were.
+    pub(crate) fn release_all(mut self) -> Result<()> {
+        self.on_all(|held| {
+            let mut first = Ok(());
+            for f in held.drain(..) {
+                first = first.and(f.release());
+            }
+            first
+        })
+    }
+
+    /// Kills every process first, then each tracer collects the exits of its own,
+    /// children before parents: a PID namespace's init ends only after every other task
+    /// of its namespace is gone, and as their tracer we must collect those first (the
+    /// tracers do so at the same time, so one waiting for an init does not hold up the
+    /// others).
+    pub(crate) fn kill_all(mut self, pids: &[Pid]) -> Result<()> {
+        for &pid in pids {
+            stasis_sys::proc::kill(pid, libc::SIGKILL).map_err(Error::sys(pid, "kill"))?;
+        }
+        self.on_all(|held| {
+            let mut first = Ok(());
+            while let Some(f) = held.pop() {
+                first = first.and(f.kill());
+            }
+            first
+        })
+    }
+}
+
+impl Drop for Tracers {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            w.tx = None;
+        }
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// The frozen process `pid` among those a tracer holds.
+pub(crate) fn held(held: &mut Held, pid: Pid) -> Result<&mut Frozen> {
+    held.iter_mut().find(|f| f.pid == pid).ok_or(Error::TracerLost)
+}
