@@ -85,6 +85,13 @@ struct Member {
     pid: Pid,
     tids: Option<Vec<Pid>>,
     tracer: usize,
+    /// Read once the process was frozen (for a zombie, once it was found to be one).
+    proc: Option<Box<(procfs::Stat, procfs::Status)>>,
+}
+
+/// /proc/PID/stat and status, read once per process, frozen.
+fn stat_and_status(pid: Pid) -> Result<Box<(procfs::Stat, procfs::Status)>> {
+    Ok(Box::new((read_stat(pid)?, read_status(pid)?)))
 }
 
 /// Freezes the tree rooted at `root`, parents before children: a frozen parent cannot
@@ -92,7 +99,7 @@ struct Member {
 /// processes are frozen by the tracer threads in turn, each as soon as it is listed.
 fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
     use std::sync::mpsc;
-    type Frozen1 = (usize, Result<Option<Vec<Pid>>>);
+    type Frozen1 = (usize, Result<(Option<Vec<Pid>>, Box<(procfs::Stat, procfs::Status)>)>);
     let (tx, rx) = mpsc::channel::<Frozen1>();
     let freeze_on = |tracers: &mut Tracers, idx: usize, pid: Pid, w: usize| {
         let tx = tx.clone();
@@ -101,17 +108,21 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
                 0 => Frozen::freeze(pid).map(Some),
                 _ => freeze_child(pid),
             };
-            let r = r.map(|f| {
-                f.map(|f| {
-                    let tids = f.threads.iter().map(|t| t.tid).collect();
-                    held.push(f);
-                    tids
-                })
+            let r = r.and_then(|f| {
+                let proc = stat_and_status(pid)?;
+                Ok((
+                    f.map(|f| {
+                        let tids = f.threads.iter().map(|t| t.tid).collect();
+                        held.push(f);
+                        tids
+                    }),
+                    proc,
+                ))
             });
             let _ = tx.send((idx, r));
         })
     };
-    let mut members = vec![Member { pid: root, tids: None, tracer: 0 }];
+    let mut members = vec![Member { pid: root, tids: None, tracer: 0, proc: None }];
     freeze_on(tracers, 0, root, 0)?;
     let mut pending = 1;
     let mut first_err: Option<Error> = None;
@@ -122,8 +133,14 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
         };
         pending -= 1;
         let tids = match r {
-            Ok(Some(tids)) => tids,
-            Ok(None) => continue,
+            Ok((Some(tids), proc)) => {
+                members[idx].proc = Some(proc);
+                tids
+            }
+            Ok((None, proc)) => {
+                members[idx].proc = Some(proc);
+                continue;
+            }
             Err(e) => {
                 first_err.get_or_insert(e);
                 continue;
@@ -145,7 +162,7 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
             Ok(kids) => {
                 for child in kids {
                     let (i, w) = (members.len(), members.len() % tracers.max());
-                    members.push(Member { pid: child, tids: None, tracer: w });
+                    members.push(Member { pid: child, tids: None, tracer: w, proc: None });
                     freeze_on(tracers, i, child, w)?;
                     pending += 1;
                 }
@@ -165,9 +182,6 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
 /// it is being frozen can only become a zombie (its parent is frozen and cannot reap it),
 /// so that is what it is recorded as.
 fn freeze_child(child: Pid) -> Result<Option<Frozen>> {
-    if read_stat(child)?.state == 'Z' {
-        return Ok(None);
-    }
     match Frozen::freeze(child) {
         Ok(f) => Ok(Some(f)),
         Err(e @ (Error::TargetDied { .. } | Error::NoSuchProcess(_) | Error::Sys { .. })) => {
@@ -273,17 +287,21 @@ fn collect_members(
     let (work_tx, work_rx) = mpsc::channel::<Work>();
     let (done_tx, done_rx) = mpsc::channel::<(usize, Result<Collected>)>();
     for w in 0..tracers.started() {
-        let mine: Vec<(usize, Pid)> =
-            members.iter().enumerate().filter(|(_, m)| m.tids.is_some() && m.tracer == w).map(|(i, m)| (i, m.pid)).collect();
+        let mine: Vec<(usize, Pid, Box<(procfs::Stat, procfs::Status)>)> = members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.tids.is_some() && m.tracer == w)
+            .filter_map(|(i, m)| Some((i, m.pid, m.proc.clone()?)))
+            .collect();
         let (code, failed, work_tx, done_tx) = (code.clone(), failed.clone(), work_tx.clone(), done_tx.clone());
         tracers.run(w, move |held| {
-            for (i, pid) in mine {
+            for (i, pid, proc) in mine {
                 if failed.load(Ordering::SeqCst) {
                     return;
                 }
                 let r = stasis_sys::proc::pidfd_open(pid)
                     .map_err(Error::sys(pid, "pidfd_open"))
-                    .and_then(|pidfd| Ok((pidfd, inject_part(pid, tracers::held(held, pid)?, &code)?)));
+                    .and_then(|pidfd| Ok((pidfd, inject_part(pid, tracers::held(held, pid)?, proc, &code)?)));
                 match r {
                     Ok((pidfd, inj)) => {
                         let _ = work_tx.send((i, pid, pidfd, inj));
@@ -365,9 +383,10 @@ fn collect_tree(
         .iter()
         .map(|m| (m.pid, m.tids.clone().unwrap_or_default()))
         .collect();
-    let view = pidns::TreeView::read(&tasks)?;
+    let statuses: Vec<Option<&procfs::Status>> = members.iter().map(|m| m.proc.as_ref().map(|p| &p.1)).collect();
+    let view = pidns::TreeView::read(&tasks, &statuses)?;
     let sids: std::collections::HashMap<Pid, i32> =
-        members.iter().map(|m| Ok((m.pid, read_stat(m.pid)?.session))).collect::<Result<_>>()?;
+        members.iter().filter_map(|m| Some((m.pid, m.proc.as_ref()?.0.session))).collect();
     let info = TreeInfo { opts, sids: &sids, root, objects: std::sync::Mutex::new(ShmemDump::default()) };
     let (procs, fds, pidfds, mms, nthreads) = collect_members(members, tracers, &info)?;
     phases.push(("collect", lap.next()));
@@ -588,25 +607,45 @@ struct Injected {
     xcomp_perm: u64,
     threads: Vec<stasis_image::ThreadRecord>,
     shared_pending: Vec<stasis_image::SigInfo>,
+    /// Read once frozen.
+    proc: Box<(procfs::Stat, procfs::Status)>,
+    /// The mappings (smaps), read before the injected calls.
+    maps: Vec<procfs::MapEntry>,
 }
 
 /// The part of one live process that needs ptrace (injected calls, registers, queued
 /// signals), run by the tracer thread. The scratch area is gone again when it returns.
-fn inject_part(pid: Pid, frozen: &mut Frozen, code: &std::sync::Mutex<CodeCache>) -> Result<Injected> {
-    let status = read_status(pid)?;
+fn inject_part(
+    pid: Pid,
+    frozen: &mut Frozen,
+    proc: Box<(procfs::Stat, procfs::Status)>,
+    code: &std::sync::Mutex<CodeCache>,
+) -> Result<Injected> {
+    let status = &proc.1;
     let nthreads = frozen.threads.len();
     let main = &mut frozen.threads[0];
-    let mut p = Parasite::start(pid, main, nthreads, code)?;
-    let sigactions = signals::dump_actions(&mut p, status.sig_caught | status.sig_ignored)?;
-    let brk = p.inj.call("brk", libc::SYS_brk, [0, 0, 0, 0, 0, 0])?;
+    // Before the scratch area exists: the program's own layout.
+    let maps = mm::read_maps(pid)?;
+    let mut p = Parasite::start(pid, main, nthreads, &maps, code, status.sig_caught)?;
+    // What lands in memory runs as one chain of calls; brk answers in a register only.
+    let non_default = status.sig_caught | status.sig_ignored;
+    signals::queue_actions(&mut p, non_default)?;
     const PERM_AT: u64 = 12288;
-    let xcomp_perm = match p.inj.raw(libc::SYS_arch_prctl, [ARCH_GET_XCOMP_PERM, p.scratch.0 + PERM_AT, 0, 0, 0, 0])? {
-        0 => p.read_u64(PERM_AT)?,
-        _ => 0,
+    p.write(PERM_AT, &[0xff; 8])?;
+    p.queue("arch_prctl(ARCH_GET_XCOMP_PERM)", libc::SYS_arch_prctl, [ARCH_GET_XCOMP_PERM, p.scratch.0 + PERM_AT, 0, 0, 0, 0], false);
+    threads::queue(&mut p)?;
+    p.flush()?;
+    let sigactions = signals::read_actions(&p, non_default)?;
+    let xcomp_perm = match p.read_u64(PERM_AT)? {
+        u64::MAX => 0, // not known to this kernel
+        perm => perm,
     };
+    let brk = p.inj.call("brk", libc::SYS_brk, [0, 0, 0, 0, 0, 0])?;
     let mut threads = vec![threads::dump(pid, main, &mut p)?];
     for t in frozen.threads.iter_mut().skip(1) {
         p.use_thread(t)?;
+        threads::queue(&mut p)?;
+        p.flush()?;
         threads.push(threads::dump(pid, t, &mut p)?);
     }
     // The scratch area goes from whichever thread ran last: all share the address space.
@@ -615,7 +654,7 @@ fn inject_part(pid: Pid, frozen: &mut Frozen, code: &std::sync::Mutex<CodeCache>
         t.restore_state().map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
     }
     log::debug!("pid {pid}: parasite done");
-    Ok(Injected { sigactions, brk, xcomp_perm, threads, shared_pending: signals::dump_pending(pid, pid, true)? })
+    Ok(Injected { sigactions, brk, xcomp_perm, threads, shared_pending: signals::dump_pending(pid, pid, true)?, proc, maps })
 }
 
 /// What the tree-wide steps of collect_tree need to know of every process.
@@ -632,7 +671,8 @@ struct TreeInfo<'a> {
 /// and its page data, which the tree-level steps fill in.
 fn proc_part(pid: Pid, pidfd: &std::os::fd::OwnedFd, inj: Injected, t: &TreeInfo) -> Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)> {
     let objects = || t.objects.lock().unwrap_or_else(|p| p.into_inner());
-    let ts = task::dump(pid)?;
+    let (stat, status) = &*inj.proc;
+    let ts = task::dump(pid, stat, status, &inj.threads[0].comm)?;
     // Sessions: a leader, or the session of its parent inside the tree; only the root may
     // belong to an outside session, and then only with --shell-job.
     if pid == t.root {
@@ -641,10 +681,9 @@ fn proc_part(pid: Pid, pidfd: &std::os::fd::OwnedFd, inj: Injected, t: &TreeInfo
         return Err(Error::Unsupported { pid, what: format!("a session (sid {}) other than its parent's", ts.sid) });
     }
     let fds = files::dump(pid, pidfd, t.opts.shell_job, &mut objects())?;
-    let maps = mm::read_maps(pid)?;
-    let mm_plan = mm::plan(pid, &maps, &mut objects())?;
+    let maps = &inj.maps;
+    let mm_plan = mm::plan(pid, maps, &mut objects())?;
     log::debug!("pid {pid}: {} mappings planned", maps.len());
-    let stat = read_stat(pid)?;
     let auxv = procfs::read_proc_file(&format!("/proc/{pid}/auxv"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/auxv").into(), err: e })?;
     let exe_link = std::fs::read_link(format!("/proc/{pid}/exe"))

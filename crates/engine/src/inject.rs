@@ -223,7 +223,7 @@ pub fn to_interrupt_stop(pid: Pid, tid: Pid) -> Result<()> {
 /// Fault injection for tests of rule 1: with `STASIS_FAULT_KILL_AT_INJECTION=N` in the
 /// environment, the process SIGKILLs itself while its N-th injected call (counting from 1)
 /// is in flight, as a dumper killed at that instant would be.
-fn fault_point() {
+pub(crate) fn fault_point() {
     use std::sync::atomic::{AtomicU64, Ordering};
     static AT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static COUNT: AtomicU64 = AtomicU64::new(0);

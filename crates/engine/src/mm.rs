@@ -143,6 +143,7 @@ pub fn plan(pid: Pid, maps: &[MapEntry], objects: &mut ShmemDump) -> Result<MmPl
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/pagemap").into(), err: e })?;
     let guards_supported = guard_scan_supported(&pagemap);
+    let regions = scan_process(pid, &pagemap, maps, guards_supported)?;
     let mut planned = Vec::new();
     let mut files: Vec<(MappedFileKey, FileRef)> = Vec::new();
     for m in maps {
@@ -189,15 +190,12 @@ pub fn plan(pid: Pid, maps: &[MapEntry], objects: &mut ShmemDump) -> Result<MmPl
         };
         // Private mappings keep their own (copy-on-write) pages; shared ones only refer to
         // their file or object.
+        let is_guard = |cat: u64| cat & pagemap::PAGE_IS_GUARD != 0;
         if matches!(class, MapClass::Anonymous | MapClass::File | MapClass::Shmem(_)) && !m.shared {
-            vma.pages = scan_private(pid, &pagemap, m, guards_supported)?;
+            vma.pages = runs_in(&regions, m.start, m.end, |cat| !is_guard(cat));
         }
         if guards_supported && !matches!(vma.backing, VmaBacking::Special(_)) {
-            vma.guards = scan_runs(pid, &pagemap, m, ScanQuery {
-                mask: pagemap::PAGE_IS_GUARD,
-                return_mask: pagemap::PAGE_IS_GUARD,
-                ..Default::default()
-            })?;
+            vma.guards = runs_in(&regions, m.start, m.end, is_guard);
         }
         planned.push(Planned { vma });
     }
@@ -211,31 +209,40 @@ fn guard_scan_supported(pagemap: &File) -> bool {
     pagemap::scan(pagemap, 0, PAGE_SIZE, q, &mut out).is_ok()
 }
 
-fn scan_runs(pid: Pid, pagemap: &File, m: &MapEntry, q: ScanQuery) -> Result<Vec<PageRun>> {
+/// Highest user-space address: mappings above (the legacy vsyscall page) cannot be scanned.
+const USER_END: u64 = 1 << 47;
+
+/// One scan of the whole address space for what a plan needs: pages that hold the
+/// program's own data (present or swapped, not a page of a file, not the shared zero
+/// page) and guard markers, told apart by their categories. Which mapping each belongs
+/// to, and whether it matters there, is for the caller.
+fn scan_process(pid: Pid, pagemap: &File, maps: &[MapEntry], guards: bool) -> Result<Vec<pagemap::PageRegion>> {
+    let user = || maps.iter().filter(|m| m.end <= USER_END);
+    let (Some(start), Some(end)) = (user().map(|m| m.start).min(), user().map(|m| m.end).max()) else {
+        return Ok(Vec::new());
+    };
+    let not = pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO;
+    let anyof = pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED | if guards { pagemap::PAGE_IS_GUARD } else { 0 };
     let mut regions = Vec::new();
-    pagemap::scan(pagemap, m.start, m.end, q, &mut regions).map_err(Error::sys(pid, "PAGEMAP_SCAN"))?;
-    let mut runs: Vec<PageRun> = Vec::new();
-    for r in regions {
-        let npages = (r.end - r.start) / PAGE_SIZE;
-        match runs.last_mut() {
-            Some(last) if last.end() == r.start => last.npages += npages,
-            _ => runs.push(PageRun { addr: r.start, npages }),
-        }
-    }
-    Ok(runs)
+    let q = ScanQuery { mask: not, inverted: not, anyof, return_mask: anyof };
+    pagemap::scan(pagemap, start, end, q, &mut regions).map_err(Error::sys(pid, "PAGEMAP_SCAN"))?;
+    Ok(regions)
 }
 
-/// Pages of a private mapping that hold the program's own data: present or swapped, not
-/// a page of the file, not the shared zero page, not a guard marker (which the kernel
-/// reports as a swap-like entry).
-fn scan_private(pid: Pid, pagemap: &File, m: &MapEntry, guards: bool) -> Result<Vec<PageRun>> {
-    let not = pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO | if guards { pagemap::PAGE_IS_GUARD } else { 0 };
-    scan_runs(pid, pagemap, m, ScanQuery {
-        mask: not,
-        inverted: not,
-        anyof: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
-        return_mask: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
-    })
+/// The runs of pages within `start..end` of the regions whose categories `want` takes.
+/// `regions` are sorted and may span several mappings. Pure.
+fn runs_in(regions: &[pagemap::PageRegion], start: u64, end: u64, want: impl Fn(u64) -> bool) -> Vec<PageRun> {
+    let first = regions.partition_point(|r| r.end <= start);
+    let mut runs: Vec<PageRun> = Vec::new();
+    for r in regions[first..].iter().take_while(|r| r.start < end).filter(|r| want(r.categories)) {
+        let (a, b) = (r.start.max(start), r.end.min(end));
+        let npages = (b - a) / PAGE_SIZE;
+        match runs.last_mut() {
+            Some(last) if last.end() == a => last.npages += npages,
+            _ => runs.push(PageRun { addr: a, npages }),
+        }
+    }
+    runs
 }
 
 /// Bytes each dump worker copies per step: large enough for few system calls, small
@@ -775,6 +782,22 @@ fn write_segments(pid: Pid, pages: &[u8], segs: &[(u64, u64, u64)]) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_are_cut_at_mapping_edges_and_sorted_by_kind() {
+        let r = |start: u64, end: u64, categories: u64| pagemap::PageRegion { start, end, categories };
+        let (data, guard) = (pagemap::PAGE_IS_PRESENT, pagemap::PAGE_IS_GUARD | pagemap::PAGE_IS_SWAPPED);
+        // One data region over two mappings (0x1000-0x4000, 0x4000-0x8000), a guard
+        // page, then data again.
+        let regions = [r(0x2000, 0x6000, data), r(0x6000, 0x7000, guard), r(0x7000, 0x8000, data), r(0x9000, 0xa000, data)];
+        let is_guard = |c: u64| c & pagemap::PAGE_IS_GUARD != 0;
+        let pages = |s, e| runs_in(&regions, s, e, |c| !is_guard(c));
+        assert_eq!(pages(0x1000, 0x4000), vec![PageRun { addr: 0x2000, npages: 2 }]);
+        assert_eq!(pages(0x4000, 0x8000), vec![PageRun { addr: 0x4000, npages: 2 }, PageRun { addr: 0x7000, npages: 1 }]);
+        assert_eq!(runs_in(&regions, 0x4000, 0x8000, is_guard), vec![PageRun { addr: 0x6000, npages: 1 }]);
+        assert!(pages(0x8000, 0x9000).is_empty());
+        assert!(runs_in(&[], 0x1000, 0x2000, |_| true).is_empty());
+    }
 
     fn entry(name: &str, shared: bool, inode: u64) -> MapEntry {
         MapEntry { start: 0x1000, end: 0x2000, shared, inode, name: name.into(), read: true, ..Default::default() }

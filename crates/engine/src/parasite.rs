@@ -13,7 +13,12 @@
 //! and its calls run from a `syscall; ret` pair with the stack pointer at that frame,
 //! whose return slot holds the program's own signal trampoline (`mov $15,%rax; syscall`):
 //! a thread orphaned mid-call returns into rt_sigreturn and continues where it was. Only
-//! the mmap, one sigaltstack query per thread and the final munmap run unprotected.
+//! the mmap and the final munmap run unprotected.
+//!
+//! Calls whose results land in memory are queued and run as one chain (see
+//! [`Parasite::flush`]): each call returns through rt_sigreturn into a small frame that
+//! loads the next one, and the last frame unblocks a signal we sent beforehand, whose
+//! delivery stops the thread for us. One resume and one stop instead of two stops per call.
 
 use crate::error::{Error, Result};
 use crate::freeze::FrozenThread;
@@ -30,6 +35,25 @@ pub const SCRATCH_LEN: u64 = 16 * 4096;
 /// One sigframe slot per thread after that: header, registers and an XSAVE image.
 const FRAME_SLOT: u64 = 16 * 4096;
 const ALT_OUT: u64 = SCRATCH_LEN - 64;
+/// Where a thread's chain frames start in its slot (after its own frame), and their size.
+const CHAIN_AT: u64 = 16 * 1024;
+const CHAIN_FRAME: u64 = 512;
+/// A `stack_t` that rt_sigreturn rejects, which leaves the alternate signal stack as it is
+/// (the kernel ignores every error of that step but EFAULT): the frames never change it.
+const KEEP_ALTSTACK: AltStack = AltStack { sp: 0, flags: 3, size: 0 };
+/// Signals whose default action is to ignore them: one of these, neither caught nor
+/// blocked by the thread, ends a chain (if nobody traces the thread it is discarded).
+const STOP_SIGNALS: [i32; 3] = [libc::SIGURG, libc::SIGWINCH, libc::SIGCHLD];
+
+/// A call queued for [`Parasite::flush`]: its results are read from memory it writes.
+/// `strict`: a failure is an error (checked where a call runs on its own; in a chain the
+/// caller checks what the call wrote).
+struct Queued {
+    name: &'static str,
+    nr: i64,
+    args: [u64; 6],
+    strict: bool,
+}
 
 /// Addresses in the target that make protected calls possible.
 #[derive(Clone, Copy)]
@@ -47,24 +71,50 @@ pub struct Parasite {
     scratch_len: u64,
     syscall_ip: u64,
     tramp: Option<Trampolines>,
-    /// The current thread's alternate signal stack.
-    pub altstack: AltStack,
     /// Registers for unprotected calls in the current thread.
     plain: UserRegs,
     slot: u64,
     open: bool,
+    /// Signals the process catches (no chain may end with one of them).
+    caught: u64,
+    /// The current thread's own frame and what ends its chains, if it can have them.
+    chain: Option<Chain>,
+    queued: Vec<Queued>,
+}
+
+/// What a thread needs for chains of calls.
+#[derive(Clone, Copy)]
+struct Chain {
+    /// The thread's own frame (its context, returned to at the end).
+    frame: u64,
+    /// Its XSAVE image in that frame, which every chain frame points to.
+    fpstate: Option<u64>,
+    /// Offset of the thread's slot in the scratch area.
+    slot: u64,
+    stop_sig: i32,
+    regs: UserRegs,
+    tid: Pid,
 }
 
 impl Parasite {
     /// Starts a session in `thread` of process `pid`, with room for `nthreads` frames.
-    /// `code` remembers where earlier processes had the instructions injection needs.
-    pub fn start(pid: Pid, thread: &mut FrozenThread, nthreads: usize, code: &std::sync::Mutex<CodeCache>) -> Result<Parasite> {
+    /// `code` remembers where earlier processes had the instructions injection needs;
+    /// `caught` are the signals the process has handlers for.
+    /// `maps`: the process's mappings, read with it frozen.
+    pub fn start(
+        pid: Pid,
+        thread: &mut FrozenThread,
+        nthreads: usize,
+        maps: &[procfs::MapEntry],
+        code: &std::sync::Mutex<CodeCache>,
+        caught: u64,
+    ) -> Result<Parasite> {
         let mem = File::options()
             .read(true)
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
-        let (ip, tramp) = find_code(pid, &mem, &mut code.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let (ip, tramp) = find_code(pid, &mem, maps, &mut code.lock().unwrap_or_else(|p| p.into_inner()))?;
         ptrace::set_sigmask(thread.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
         thread.injected = true;
         let mut inj = Injector::new(pid, thread.tid, ip, thread.regs);
@@ -88,10 +138,12 @@ impl Parasite {
             scratch_len,
             syscall_ip: ip,
             tramp,
-            altstack: AltStack::default(),
             plain: thread.regs,
             slot: 0,
             open: true,
+            caught,
+            chain: None,
+            queued: Vec::new(),
         };
         p.arm(thread)?;
         Ok(p)
@@ -106,35 +158,139 @@ impl Parasite {
         self.arm(thread)
     }
 
-    /// Reads the thread's alternate stack (unprotected: the frame needs it), then writes
-    /// its sigframe and switches to protected calls.
+    /// Writes the thread's sigframe and switches to protected calls. Its alternate stack
+    /// is read by the first flush (see [`Parasite::queue_altstack`]).
     fn arm(&mut self, thread: &FrozenThread) -> Result<()> {
         let pid = self.inj.pid;
         self.plain = thread.regs;
+        self.chain = None;
         self.inj = Injector::new(pid, thread.tid, self.syscall_ip, thread.regs);
-        let out = self.scratch.0 + ALT_OUT;
-        self.inj.call("sigaltstack", libc::SYS_sigaltstack, [0, out, 0, 0, 0, 0])?;
-        let mut b = [0u8; 24];
-        self.read(ALT_OUT, &mut b)?;
-        self.altstack = AltStack {
-            sp: u64::from_le_bytes(b[0..8].try_into().unwrap_or_default()),
-            flags: i32::from_le_bytes(b[8..12].try_into().unwrap_or_default()),
-            size: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
-        };
         let Some(t) = self.tramp else { return Ok(()) };
         let slot = SCRATCH_LEN + self.slot.min((self.scratch_len - SCRATCH_LEN) / FRAME_SLOT - 1) * FRAME_SLOT;
         let frame = self.scratch.0 + slot;
         let xstate = ptrace::get_regset(thread.tid, ptrace::NT_X86_XSTATE, stasis_sys::cpu::xsave_size())
             .map_err(Error::sys(pid, "PTRACE_GETREGSET NT_X86_XSTATE"))?;
         let resume = restart_fixup(&thread.regs, true);
-        let bytes = sigframe(frame, t.sigreturn, &resume, thread.sigmask, &self.altstack, &xstate);
-        if bytes.len() as u64 > FRAME_SLOT {
-            return Ok(()); // an XSAVE area larger than a slot: stay unprotected
+        let bytes = sigframe(frame, t.sigreturn, &resume, thread.sigmask, &KEEP_ALTSTACK, &xstate);
+        if bytes.len() as u64 > CHAIN_AT {
+            return Ok(()); // an XSAVE area larger than the room for it: stay unprotected
         }
         self.write(slot, &bytes)?;
         let mut base = thread.regs;
         base.rsp = frame;
         self.inj = Injector::new(pid, thread.tid, t.syscall_ret, base);
+        let usable = |s: &&i32| (self.caught | thread.sigmask) & (1u64 << (**s - 1)) == 0;
+        self.chain = STOP_SIGNALS.iter().find(usable).map(|&stop_sig| Chain {
+            frame,
+            fpstate: (!xstate.is_empty()).then(|| fpstate_at(frame)),
+            slot,
+            stop_sig,
+            regs: thread.regs,
+            tid: thread.tid,
+        });
+        Ok(())
+    }
+
+    /// Queues a call for the next flush; `strict`: see [`Queued`].
+    pub fn queue(&mut self, name: &'static str, nr: i64, args: [u64; 6], strict: bool) {
+        self.queued.push(Queued { name, nr, args, strict });
+    }
+
+    /// Queues the query of the current thread's alternate stack; [`Parasite::altstack`]
+    /// reads it after the flush.
+    pub fn queue_altstack(&mut self) -> Result<()> {
+        self.write(ALT_OUT, &[0xff; 24])?;
+        self.queue("sigaltstack", libc::SYS_sigaltstack, [0, self.scratch.0 + ALT_OUT, 0, 0, 0, 0], true);
+        Ok(())
+    }
+
+    /// The alternate stack the last flush read.
+    pub fn altstack(&self) -> Result<AltStack> {
+        let mut b = [0u8; 24];
+        self.read(ALT_OUT, &mut b)?;
+        if b == [0xff; 24] {
+            return Err(Error::Injected { pid: self.inj.pid, call: "sigaltstack", errno: stasis_sys::Errno(libc::EFAULT) });
+        }
+        let word = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+        Ok(AltStack { sp: word(0), flags: word(8) as u32 as i32, size: word(16) })
+    }
+
+    /// Runs the queued calls in the current thread. With the thread's own frame in place
+    /// and a usable stop signal, as one chain: the signal is sent (it stays pending, every
+    /// signal being blocked), the first call is started with the stack pointer at a frame
+    /// that loads the second, and so on; the last frame unblocks only the stop signal and
+    /// returns into rt_sigreturn over the thread's own frame. The signal's delivery is our
+    /// stop, before that return. A thread orphaned meanwhile runs the rest of the chain,
+    /// its stop signal is discarded (default action: ignore) and it returns to where it
+    /// was. Otherwise one protected call at a time.
+    pub fn flush(&mut self) -> Result<()> {
+        let calls = std::mem::take(&mut self.queued);
+        match (self.chain, self.tramp) {
+            (Some(c), Some(t)) if !calls.is_empty() => self.run_chain(c, t, &calls),
+            _ => {
+                for q in calls {
+                    let r = self.inj.raw(q.nr, q.args)?;
+                    if q.strict && (-4095..0).contains(&r) {
+                        return Err(Error::Injected { pid: self.inj.pid, call: q.name, errno: stasis_sys::Errno(-r as i32) });
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn run_chain(&mut self, c: Chain, t: Trampolines, calls: &[Queued]) -> Result<()> {
+        let pid = self.inj.pid;
+        let blocked_but_stop = !(1u64 << (c.stop_sig - 1));
+        let at = |k: usize| self.scratch.0 + c.slot + CHAIN_AT + k as u64 * CHAIN_FRAME;
+        let room = ((FRAME_SLOT - CHAIN_AT) / CHAIN_FRAME) as usize;
+        if calls.len() > room {
+            return Err(Error::Unsupported { pid, what: format!("{} injected calls in one chain", calls.len()) });
+        }
+        let with_call = |mut r: UserRegs, q: &Queued, rsp: u64| {
+            r.rip = t.syscall_ret;
+            r.rsp = rsp;
+            r.rax = q.nr as u64;
+            r.orig_rax = u64::MAX;
+            [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = q.args;
+            r
+        };
+        // Frame k loads call k + 1 (its stack pointer at frame k + 1); the last one ends.
+        let mut bytes = Vec::with_capacity(calls.len() * CHAIN_FRAME as usize);
+        for (k, q) in calls.iter().enumerate().skip(1) {
+            let regs = with_call(c.regs, q, at(k));
+            bytes.extend(frame_header(t.sigreturn, &regs, !0, &KEEP_ALTSTACK, c.fpstate));
+            bytes.resize(k * CHAIN_FRAME as usize, 0);
+        }
+        let mut last = c.regs;
+        last.rip = t.sigreturn;
+        last.rsp = c.frame + 8;
+        bytes.extend(frame_header(t.sigreturn, &last, blocked_but_stop, &KEEP_ALTSTACK, c.fpstate));
+        self.write(c.slot + CHAIN_AT, &bytes)?;
+        stasis_sys::proc::tgkill(pid, c.tid, c.stop_sig).map_err(Error::sys(pid, "tgkill"))?;
+        let first = with_call(c.regs, &calls[0], at(0));
+        ptrace::set_regs(c.tid, &first).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+        ptrace::cont(c.tid, 0).map_err(Error::sys(pid, "PTRACE_CONT"))?;
+        crate::inject::fault_point();
+        loop {
+            match ptrace::waitpid(c.tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
+                ptrace::WaitStatus::Stopped(_, s, 0) if s == c.stop_sig => break,
+                ptrace::WaitStatus::Stopped(_, s, ev) => {
+                    return Err(Error::UnexpectedStop { pid, tid: c.tid, what: format!("signal {s}, event {ev}, in a chain of injected calls") })
+                }
+                ptrace::WaitStatus::Exited(_, code) => {
+                    return Err(Error::TargetDied { pid, what: format!("exit {code} in a chain of injected calls") })
+                }
+                ptrace::WaitStatus::Signaled(_, s) => {
+                    return Err(Error::TargetDied { pid, what: format!("signal {s} in a chain of injected calls") })
+                }
+                ptrace::WaitStatus::StillAlive => {}
+            }
+        }
+        // Stopped at the stop signal's delivery, which the next resume drops; everything
+        // blocked again for the calls that follow.
+        ptrace::set_sigmask(c.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
+        log::trace!("pid {pid}: {} injected calls in one chain", calls.len());
         Ok(())
     }
 
@@ -145,7 +301,7 @@ impl Parasite {
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })
     }
 
-    fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
+    pub fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
         let pid = self.inj.pid;
         self.mem
             .write_all_at(buf, self.scratch.0 + off)
@@ -188,35 +344,12 @@ const SW_BYTES: usize = 464;
 /// mask), siginfo, then the XSAVE image 64-byte aligned with its trailing magic. What
 /// rt_sigreturn reads to put a thread back into `regs`. Pure: bytes out.
 pub fn sigframe(at: u64, restorer: u64, regs: &UserRegs, mask: u64, alt: &AltStack, xstate: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; 440];
-    let put = |f: &mut Vec<u8>, off: usize, v: u64| f[off..off + 8].copy_from_slice(&v.to_le_bytes());
-    put(&mut f, 0, restorer);
-    let fp_off = (at + 440).next_multiple_of(64) - at;
-    let flags = UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS | if xstate.is_empty() { 0 } else { UC_FP_XSTATE };
-    put(&mut f, 8, flags);
-    put(&mut f, 24, alt.sp);
-    f[32..36].copy_from_slice(&alt.flags.to_le_bytes());
-    put(&mut f, 40, alt.size);
-    // struct sigcontext at 48.
-    let r = regs;
-    for (i, v) in [
-        r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi, r.rsi, r.rbp, r.rbx, r.rdx,
-        r.rax, r.rcx, r.rsp, r.rip, r.eflags,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        put(&mut f, 48 + i * 8, v);
-    }
-    let segs = (r.cs & 0xffff) | ((r.gs & 0xffff) << 16) | ((r.fs & 0xffff) << 32) | ((r.ss & 0xffff) << 48);
-    put(&mut f, 48 + 18 * 8, segs);
-    if !xstate.is_empty() {
-        put(&mut f, 48 + 23 * 8, at + fp_off); // fpstate pointer
-    }
-    put(&mut f, 304, mask);
+    let fpstate = (!xstate.is_empty()).then(|| fpstate_at(at));
+    let mut f = frame_header(restorer, regs, mask, alt, fpstate);
     if xstate.is_empty() {
         return f;
     }
+    let fp_off = fpstate_at(at) - at;
     f.resize(fp_off as usize, 0);
     let fp = f.len();
     f.extend_from_slice(xstate);
@@ -234,6 +367,43 @@ pub fn sigframe(at: u64, restorer: u64, regs: &UserRegs, mask: u64, alt: &AltSta
     sw[16..20].copy_from_slice(&size.to_le_bytes());
     f[fp + SW_BYTES..fp + SW_BYTES + 48].copy_from_slice(&sw);
     f.extend_from_slice(&FP_XSTATE_MAGIC2.to_le_bytes());
+    f
+}
+
+/// Where [`sigframe`] puts the XSAVE image of a frame at `at`.
+fn fpstate_at(at: u64) -> u64 {
+    (at + 440).next_multiple_of(64)
+}
+
+/// The first 440 bytes of an `rt_sigframe` at `at`: return slot, ucontext with the
+/// registers, mask and alternate stack, and a pointer to an XSAVE image at `fpstate`
+/// (none: rt_sigreturn resets the FPU state). Pure.
+fn frame_header(restorer: u64, regs: &UserRegs, mask: u64, alt: &AltStack, fpstate: Option<u64>) -> Vec<u8> {
+    let mut f = vec![0u8; 440];
+    let put = |f: &mut Vec<u8>, off: usize, v: u64| f[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    put(&mut f, 0, restorer);
+    let flags = UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS | if fpstate.is_some() { UC_FP_XSTATE } else { 0 };
+    put(&mut f, 8, flags);
+    put(&mut f, 24, alt.sp);
+    f[32..36].copy_from_slice(&alt.flags.to_le_bytes());
+    put(&mut f, 40, alt.size);
+    // struct sigcontext at 48.
+    let r = regs;
+    for (i, v) in [
+        r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi, r.rsi, r.rbp, r.rbx, r.rdx,
+        r.rax, r.rcx, r.rsp, r.rip, r.eflags,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        put(&mut f, 48 + i * 8, v);
+    }
+    let segs = (r.cs & 0xffff) | ((r.gs & 0xffff) << 16) | ((r.fs & 0xffff) << 32) | ((r.ss & 0xffff) << 48);
+    put(&mut f, 48 + 18 * 8, segs);
+    if let Some(fp) = fpstate {
+        put(&mut f, 48 + 23 * 8, fp); // fpstate pointer
+    }
+    put(&mut f, 304, mask);
     f
 }
 
@@ -290,9 +460,7 @@ fn find_bytes(hay: &[u8], pat: &[u8]) -> Option<usize> {
     None
 }
 
-fn find_code(pid: Pid, mem: &File, cache: &mut CodeCache) -> Result<(u64, Option<Trampolines>)> {
-    let (path, text) = procfs::read_text(pid, "maps")?;
-    let maps = procfs::parse_smaps(&text).map_err(|what| Error::ProcParse { pid, path, what })?;
+fn find_code(pid: Pid, mem: &File, maps: &[procfs::MapEntry], cache: &mut CodeCache) -> Result<(u64, Option<Trampolines>)> {
     let mut candidates: Vec<&procfs::MapEntry> = maps.iter().filter(|m| m.exec && m.read).collect();
     candidates.sort_by_key(|m| m.name != "[vdso]");
     let (mut plain, mut syscall_ret, mut sigreturn) = (None, None, None);

@@ -35,13 +35,17 @@ pub struct TreeView {
 impl TreeView {
     /// Reads NSpid of every process (and, when the tree has a namespace of its own, of
     /// every thread). `procs` are the tree's processes, root first, as we see them.
-    pub fn read(procs: &[(Pid, Vec<Pid>)]) -> Result<Option<TreeView>> {
+    /// `statuses`: each process's status as read with the tree frozen, if it was.
+    pub fn read(procs: &[(Pid, Vec<Pid>)], statuses: &[Option<&procfs::Status>]) -> Result<Option<TreeView>> {
         let root = procs[0].0;
         let mut depth = 0;
         let mut map = HashMap::new();
         let mut groups = HashMap::new();
-        for (pid, threads) in procs {
-            let st = read_status(*pid)?;
+        for ((pid, threads), known) in procs.iter().zip(statuses.iter().chain(std::iter::repeat(&None))) {
+            let st = match known {
+                Some(st) => (*st).clone(),
+                None => read_status(*pid)?,
+            };
             if *pid == root {
                 depth = st.nspid.len();
             }

@@ -28,23 +28,38 @@ fn catchable(sig: i32) -> bool {
 /// the scratch page. Which ones those are comes from /proc (SigCgt, SigIgn), so that the
 /// injected phase, during which a dumper killed by SIGKILL would leave the thread with
 /// borrowed registers, stays as short as possible.
-pub fn dump_actions(p: &mut Parasite, non_default: u64) -> Result<Vec<SigAction>> {
-    let wanted = |s: &i32| catchable(*s) && non_default & (1u64 << (*s - 1)) != 0;
-    for sig in (1..=NSIG).filter(wanted) {
+/// `queue_actions` queues the calls for the parasite's next flush; `read_actions` reads
+/// what they wrote (each slot starts filled with a marker no disposition can have).
+pub fn queue_actions(p: &mut Parasite, non_default: u64) -> Result<()> {
+    p.write(0, &vec![0xff; (NSIG as usize + 1) * 32])?;
+    for sig in (1..=NSIG).filter(|s| non_default_sig(non_default, *s)) {
         let out = p.scratch.0 + sig as u64 * 32;
-        p.inj.call("rt_sigaction", libc::SYS_rt_sigaction, [sig as u64, 0, out, 8, 0, 0])?;
+        p.queue("rt_sigaction", libc::SYS_rt_sigaction, [sig as u64, 0, out, 8, 0, 0], true);
     }
+    Ok(())
+}
+
+fn non_default_sig(non_default: u64, sig: i32) -> bool {
+    catchable(sig) && non_default & (1u64 << (sig - 1)) != 0
+}
+
+/// See [`queue_actions`].
+pub fn read_actions(p: &Parasite, non_default: u64) -> Result<Vec<SigAction>> {
     let mut buf = vec![0u8; (NSIG as usize + 1) * 32];
     p.read(0, &mut buf)?;
     let word = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap_or_default());
-    Ok((1..=NSIG)
-        .filter(wanted)
-        .map(|sig| {
-            let o = sig as usize * 32;
-            SigAction { sig, handler: word(o), flags: word(o + 8), restorer: word(o + 16), mask: word(o + 24) }
-        })
-        .filter(|a| a.handler != 0 || a.flags != 0 || a.mask != 0)
-        .collect())
+    let mut out = Vec::new();
+    for sig in (1..=NSIG).filter(|s| non_default_sig(non_default, *s)) {
+        let o = sig as usize * 32;
+        if buf[o..o + 32].iter().all(|&b| b == 0xff) {
+            return Err(Error::Injected { pid: p.inj.pid, call: "rt_sigaction", errno: stasis_sys::Errno(libc::EINVAL) });
+        }
+        let a = SigAction { sig, handler: word(o), flags: word(o + 8), restorer: word(o + 16), mask: word(o + 24) };
+        if a.handler != 0 || a.flags != 0 || a.mask != 0 {
+            out.push(a);
+        }
+    }
+    Ok(out)
 }
 
 /// Queued signals of a thread (`shared` false) or of its whole process (`shared` true).

@@ -7,7 +7,7 @@
 //! work, credentials last because dropping them would stop prctl(PR_SET_MM_MAP).
 
 use crate::error::{Error, Result};
-use crate::freeze::{read_stat, read_status};
+use crate::freeze::read_status;
 use crate::inject::Batch;
 use crate::mm::ChildMem;
 use crate::procfs;
@@ -38,9 +38,8 @@ fn link(pid: Pid, name: &str) -> Result<Vec<u8>> {
         .map_err(|e| Error::Proc { pid, path: path.into(), err: e })
 }
 
-pub fn dump(pid: Pid) -> Result<TaskState> {
-    let stat = read_stat(pid)?;
-    let status = read_status(pid)?;
+/// `stat` and `status` were read with the process frozen; `comm` is its main thread's.
+pub fn dump(pid: Pid, stat: &procfs::Stat, status: &procfs::Status, comm: &str) -> Result<TaskState> {
     if status.seccomp != 0 {
         return Err(Error::Unsupported { pid, what: format!("seccomp mode {}", status.seccomp) });
     }
@@ -52,8 +51,8 @@ pub fn dump(pid: Pid) -> Result<TaskState> {
         ppid: stat.ppid,
         pgid: stat.pgrp,
         sid: stat.session,
-        comm: procfs::read_text(pid, "comm")?.1.trim_end_matches('\n').to_string(),
-        creds: Creds { uids: status.uids, gids: status.gids, groups: status.groups },
+        comm: comm.to_string(),
+        creds: Creds { uids: status.uids, gids: status.gids, groups: status.groups.clone() },
         cwd: link(pid, "cwd")?,
         root: link(pid, "root")?,
         umask: status.umask,

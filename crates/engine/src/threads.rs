@@ -19,17 +19,28 @@ use stasis_sys::Pid;
 const PR_GET_TID_ADDRESS: u64 = 40;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 
-/// Reads one frozen thread. The parasite must run in this very thread.
+const TID_AT: u64 = 8192;
+
+/// Queues what one thread's record needs from inside it (its clear_child_tid address
+/// and alternate stack), for the parasite's next flush in this very thread.
+pub fn queue(p: &mut Parasite) -> Result<()> {
+    p.write(TID_AT, &[0xff; 8])?;
+    p.queue("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, [PR_GET_TID_ADDRESS, p.scratch.0 + TID_AT, 0, 0, 0, 0], true);
+    p.queue_altstack()
+}
+
+/// Reads one frozen thread, once what [`queue`] queued has run.
 pub fn dump(pid: Pid, t: &FrozenThread, p: &mut Parasite) -> Result<ThreadRecord> {
     let tid = t.tid;
     let xstate = ptrace::get_regset(tid, ptrace::NT_X86_XSTATE, stasis_sys::cpu::xsave_size())
         .map_err(Error::sys(pid, "PTRACE_GETREGSET NT_X86_XSTATE"))?;
     let rc = ptrace::get_rseq_config(tid).map_err(Error::sys(pid, "PTRACE_GET_RSEQ_CONFIGURATION"))?;
     let robust_list = stasis_sys::proc::get_robust_list(tid).map_err(Error::sys(pid, "get_robust_list"))?;
-    const TID_AT: u64 = 8192;
-    p.inj.call("prctl(PR_GET_TID_ADDRESS)", libc::SYS_prctl, [PR_GET_TID_ADDRESS, p.scratch.0 + TID_AT, 0, 0, 0, 0])?;
-    let clear_child_tid = p.read_u64(TID_AT)?;
-    let altstack = p.altstack;
+    let clear_child_tid = match p.read_u64(TID_AT)? {
+        u64::MAX => return Err(Error::Injected { pid, call: "prctl(PR_GET_TID_ADDRESS)", errno: stasis_sys::Errno(libc::EINVAL) }),
+        a => a,
+    };
+    let altstack = p.altstack()?;
     let comm = crate::procfs::read_text(pid, &format!("task/{tid}/comm"))?.1;
     Ok(ThreadRecord {
         tid: tid.0,

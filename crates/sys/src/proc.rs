@@ -176,6 +176,12 @@ pub fn kill(pid: Pid, sig: i32) -> SysResult<()> {
     cvt(unsafe { libc::kill(pid.0, sig) } as libc::c_long).map(drop)
 }
 
+/// `tgkill(2)`: signal `sig` to thread `tid` of process `tgid`.
+pub fn tgkill(tgid: Pid, tid: Pid, sig: i32) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::syscall(libc::SYS_tgkill, tgid.0 as libc::c_long, tid.0 as libc::c_long, sig as libc::c_long) }).map(drop)
+}
+
 /// `setsid(2)`.
 pub fn setsid() -> SysResult<Pid> {
     // SAFETY: no arguments.
