@@ -13,7 +13,7 @@ use crate::freeze::{read_stat, read_status, Frozen};
 use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
 use crate::shmem::ShmemDump;
-use crate::{epoll, fifo, files, host, locks, mm, pidns, signals, task, threads, tty};
+use crate::{epoll, fifo, files, host, locks, mm, pidns, signals, task, threads, tty, vmshare};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
 use stasis_sys::Pid;
 use std::path::PathBuf;
@@ -145,7 +145,8 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     let frozen_at = Instant::now();
     let mut members = freeze_tree(root)?;
     log::debug!("pid {root}: froze a tree of {} processes", members.len());
-    let (mut image, nthreads, drained) = collect_tree(root, &mut members, &mut writer, opts, host)?;
+    let sharing = address_spaces(root, &members)?;
+    let (mut image, nthreads, drained) = collect_tree(root, &mut members, &sharing, &mut writer, opts, host)?;
     let memory_bytes = writer.pages_len();
     log::debug!("pid {root}: state collected, {memory_bytes} bytes of pages written");
     // A tree that runs on needs no durable image to be safe: release it before the
@@ -209,17 +210,28 @@ const PROC_READERS: usize = 2;
 /// The per-process records, descriptors, pidfds and memory plans of every member, in
 /// member order, and the number of threads. The injected calls run here, in the thread
 /// that froze the tree (ptrace requests must come from the tracer); the /proc part of each
-/// process runs on reader threads as soon as its injected calls are over.
+/// process runs on reader threads as soon as its injected calls are over, and those of
+/// every process sharing its address space: their scratch areas appear in its mappings.
 #[allow(clippy::type_complexity)]
 fn collect_members(
     members: &mut [Member],
     info: &TreeInfo,
 ) -> Result<(Vec<ProcessRecord>, Vec<(Pid, files::DumpedFds)>, Vec<(Pid, std::os::fd::OwnedFd)>, Vec<Option<mm::MmPlan>>, usize)> {
     use std::sync::mpsc;
-    type Done = (usize, Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)>);
+    type Done = (usize, Result<(ProcessRecord, files::DumpedFds, Option<mm::MmPlan>)>);
     let n = members.len();
     let mut pidfds: Vec<Option<std::os::fd::OwnedFd>> = (0..n).map(|_| None).collect();
-    let mut results: Vec<Option<Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)>>> = (0..n).map(|_| None).collect();
+    let mut results: Vec<Option<Result<(ProcessRecord, files::DumpedFds, Option<mm::MmPlan>)>>> = (0..n).map(|_| None).collect();
+    // Per address space (by the index of its first process): members not yet through
+    // their injected calls.
+    let space = |i: usize| info.sharing.vm_parent[i].unwrap_or(i);
+    let mut left = vec![0usize; n];
+    for (i, m) in members.iter().enumerate() {
+        if m.frozen.is_some() {
+            left[space(i)] += 1;
+        }
+    }
+    let mut held: Vec<(usize, Injected)> = Vec::new();
     let mut code = CodeCache::default();
     let mut first_err: Option<Error> = None;
     for (i, m) in members.iter().enumerate() {
@@ -228,6 +240,7 @@ fn collect_members(
         }
     }
     let pidfds_ref = &pidfds;
+    let members_pids: Vec<Pid> = members.iter().map(|m| m.pid).collect();
     let (work_tx, work_rx) = mpsc::channel::<(usize, Pid, &std::os::fd::OwnedFd, Injected)>();
     let work_rx = std::sync::Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<Done>();
@@ -237,26 +250,34 @@ fn collect_members(
             s.spawn(move || loop {
                 let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok((i, pid, pidfd, inj)) = job else { return };
-                let _ = tx.send((i, proc_part(pid, pidfd, inj, info)));
+                let _ = tx.send((i, proc_part(i, pid, pidfd, inj, info)));
             });
         }
         drop(done_tx);
         for (i, m) in members.iter_mut().enumerate() {
             let Some(frozen) = m.frozen.as_mut() else { continue };
             match inject_part(m.pid, frozen, &mut code) {
-                Ok(inj) => match pidfds_ref[i].as_ref() {
-                    Some(pidfd) => {
-                        let _ = work_tx.send((i, m.pid, pidfd, inj));
-                    }
-                    None => {
-                        first_err = Some(Error::NoSuchProcess(m.pid));
-                        break;
-                    }
-                },
+                Ok(inj) => {
+                    held.push((i, inj));
+                    left[space(i)] -= 1;
+                }
                 Err(e) => {
                     first_err = Some(e);
                     break;
                 }
+            }
+            let (ready, wait): (Vec<_>, Vec<_>) = held.drain(..).partition(|(j, _)| left[space(*j)] == 0);
+            held = wait;
+            for (j, inj) in ready {
+                match pidfds_ref[j].as_ref() {
+                    Some(pidfd) => {
+                        let _ = work_tx.send((j, members_pids[j], pidfd, inj));
+                    }
+                    None => first_err = Some(Error::NoSuchProcess(members_pids[j])),
+                }
+            }
+            if first_err.is_some() {
+                break;
             }
         }
         drop(work_tx);
@@ -285,7 +306,7 @@ fn collect_members(
                 nthreads += rec.threads.len();
                 procs.push(rec);
                 fds.push((m.pid, dumped));
-                mms.push(Some(plan));
+                mms.push(plan);
                 if let Some(fd) = pidfds[i].take() {
                     own_pidfds.push((m.pid, fd));
                 }
@@ -302,6 +323,7 @@ fn collect_members(
 fn collect_tree(
     root: Pid,
     members: &mut [Member],
+    sharing: &vmshare::Sharing,
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     host: stasis_image::HostInfo,
@@ -314,13 +336,13 @@ fn collect_tree(
     let sids: std::collections::HashMap<Pid, i32> =
         members.iter().map(|m| Ok((m.pid, read_stat(m.pid)?.session))).collect::<Result<_>>()?;
     let objects = std::sync::Mutex::new(ShmemDump::default());
-    let info = TreeInfo { opts, sids: &sids, root, objects: &objects };
+    let info = TreeInfo { opts, sids: &sids, root, objects: &objects, sharing };
     let (procs, fds, pidfds, mms, nthreads) = collect_members(members, &info)?;
     let mut procs = procs;
     let mut fds = fds;
     let mut mms = mms;
     let mut objects = objects.into_inner().unwrap_or_else(|p| p.into_inner());
-    shared_tables(&mut procs)?;
+    shared_tables(&mut procs, sharing)?;
     files::assign_descriptions(&mut fds)?;
     epoll::resolve(&mut fds, &pidfds)?;
     let masters = {
@@ -373,29 +395,81 @@ fn collect_tree(
     Ok((image, nthreads, drained))
 }
 
+/// Groups of the processes (indexes into `pids`, of those in `live`) that share one
+/// kernel object of kind `what`, each in tree order: sorted by the object, as kcmp
+/// orders them, so a tree of n costs n log n calls.
+fn groups_sharing(pids: &[i32], live: &[usize], what: stasis_sys::proc::Shared) -> Result<Vec<Vec<usize>>> {
+    use stasis_sys::proc::kcmp_order;
+    let order = |a: i32, b: i32| kcmp_order(Pid(a), Pid(b), what).map_err(Error::sys(Pid(a), "kcmp"));
+    let mut failed = None;
+    let mut sorted = live.to_vec();
+    sorted.sort_by(|&a, &b| {
+        order(pids[a], pids[b]).unwrap_or_else(|e| {
+            failed.get_or_insert(e);
+            std::cmp::Ordering::Equal
+        })
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (k, &i) in sorted.iter().enumerate() {
+        let same = k > 0 && order(pids[i], pids[sorted[k - 1]])? == std::cmp::Ordering::Equal;
+        match groups.last_mut() {
+            Some(g) if same => g.push(i),
+            _ => groups.push(vec![i]),
+        }
+    }
+    for g in groups.iter_mut() {
+        g.sort();
+    }
+    Ok(groups)
+}
+
+/// Right after the freeze, before any injected call: which processes share their
+/// parent's address space (and signal handlers); see vmshare. Refuses the root sharing
+/// its address space or handlers with its parent outside the tree, and every grouping
+/// that vmshare::assign does not keep.
+fn address_spaces(root: Pid, members: &[Member]) -> Result<vmshare::Sharing> {
+    use stasis_sys::proc::{kcmp_shares, Shared};
+    let mut info = Vec::with_capacity(members.len());
+    for m in members {
+        let st = read_stat(m.pid)?;
+        let threads = m.frozen.as_ref().map(|f| f.threads.len()).unwrap_or(0);
+        info.push(vmshare::Member { pid: m.pid.0, ppid: st.ppid, threads });
+    }
+    let ppid = info[0].ppid;
+    for (what, name) in [(Shared::Vm, "its address space (CLONE_VM)"), (Shared::Sighand, "its signal handlers (CLONE_SIGHAND)")] {
+        // kcmp needs ptrace access to both: a parent we may not inspect (an init of
+        // another user namespace) is not compared.
+        if ppid > 0 && kcmp_shares(root, Pid(ppid), what).unwrap_or(false) {
+            return Err(Error::Unsupported { pid: root, what: format!("sharing {name} with its parent {ppid}, outside the dumped tree") });
+        }
+    }
+    let live: Vec<usize> = (0..members.len()).filter(|&i| members[i].frozen.is_some()).collect();
+    let pids: Vec<i32> = info.iter().map(|m| m.pid).collect();
+    let vm = groups_sharing(&pids, &live, Shared::Vm)?;
+    let sighand = groups_sharing(&pids, &live, Shared::Sighand)?;
+    vmshare::assign(&info, &vm, &sighand).map_err(|(pid, what)| Error::Unsupported { pid: Pid(pid), what })
+}
+
 /// What processes of the tree share with each other instead of holding copies. A
 /// descriptor table (CLONE_FILES) or cwd/root/umask (CLONE_FS) shared with the parent is
 /// recorded, and restore clones the process alike; since sharing is handed down at
 /// clone time, a group of sharers must hang together along the parent chain (each one's
-/// parent in the group, but for the first). Refused: an address space or signal handlers
-/// shared between processes (CLONE_VM without CLONE_THREAD, CLONE_SIGHAND), a group that
-/// does not hang together so, and anything the root shares with its parent outside the
-/// tree.
-fn shared_tables(procs: &mut [ProcessRecord]) -> Result<()> {
-    use stasis_sys::proc::{kcmp_order, kcmp_shares, Shared};
+/// parent in the group, but for the first). An address space and signal handlers shared
+/// with the parent (`sharing`, from address_spaces) are recorded too, once the records
+/// agree with what restore can do (vmshare::check). Refused: a group that does not hang
+/// together so, and anything the root shares with its parent outside the tree.
+fn shared_tables(procs: &mut [ProcessRecord], sharing: &vmshare::Sharing) -> Result<()> {
+    use stasis_sys::proc::{kcmp_shares, Shared};
     let live: Vec<usize> = (0..procs.len()).filter(|&i| procs[i].zombie_status.is_none()).collect();
-    let order = |a: i32, b: i32, what: Shared| kcmp_order(Pid(a), Pid(b), what).map_err(Error::sys(Pid(a), "kcmp"));
-    const KINDS: [(Shared, &str); 4] = [
-        (Shared::Vm, "its address space (CLONE_VM without CLONE_THREAD, as vfork or clone make it)"),
-        (Shared::Sighand, "its signal handlers (CLONE_SIGHAND)"),
-        (Shared::Files, "its descriptor table (CLONE_FILES)"),
-        (Shared::Fs, "its cwd, root and umask (CLONE_FS)"),
-    ];
+    const KINDS: [(Shared, &str); 2] =
+        [(Shared::Files, "its descriptor table (CLONE_FILES)"), (Shared::Fs, "its cwd, root and umask (CLONE_FS)")];
     let root = &procs[0];
     if root.ppid > 0 {
         for (what, name) in KINDS {
-            // kcmp needs ptrace access to both: a parent we may not inspect (an init
-            // of another user namespace) is not compared.
+            // kcmp needs ptrace access to both: see address_spaces.
             if kcmp_shares(Pid(root.pid), Pid(root.ppid), what).unwrap_or(false) {
                 return Err(Error::Unsupported {
                     pid: Pid(root.pid),
@@ -404,37 +478,10 @@ fn shared_tables(procs: &mut [ProcessRecord]) -> Result<()> {
             }
         }
     }
+    let pids: Vec<i32> = procs.iter().map(|p| p.pid).collect();
     for (what, name) in KINDS {
-        // Groups of processes sharing one object, each listed by index (in tree order):
-        // sorted by the object, as kcmp orders them, so a tree of n costs n log n calls.
-        let mut failed = None;
-        let mut sorted = live.clone();
-        sorted.sort_by(|&a, &b| {
-            order(procs[a].pid, procs[b].pid, what).unwrap_or_else(|e| {
-                failed.get_or_insert(e);
-                std::cmp::Ordering::Equal
-            })
-        });
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        for (k, &i) in sorted.iter().enumerate() {
-            let same = k > 0 && order(procs[i].pid, procs[sorted[k - 1]].pid, what)? == std::cmp::Ordering::Equal;
-            match groups.last_mut() {
-                Some(g) if same => g.push(i),
-                _ => groups.push(vec![i]),
-            }
-        }
-        for g in groups.iter_mut() {
-            g.sort();
-        }
+        let groups = groups_sharing(&pids, &live, what)?;
         for members in groups.iter().filter(|m| m.len() > 1) {
-            let first = members[0];
-            if matches!(what, Shared::Vm | Shared::Sighand) {
-                let (p, q) = (procs[members[1]].pid, procs[first].pid);
-                return Err(Error::Unsupported { pid: Pid(p), what: format!("sharing {name} with pid {q}") });
-            }
             let in_group = |pid: i32| members.iter().any(|&m| procs[m].pid == pid);
             let heads: Vec<usize> = members.iter().copied().filter(|&m| !in_group(procs[m].ppid)).collect();
             if let [_, second, ..] = heads[..] {
@@ -453,7 +500,11 @@ fn shared_tables(procs: &mut [ProcessRecord]) -> Result<()> {
             }
         }
     }
-    Ok(())
+    for (i, p) in procs.iter_mut().enumerate() {
+        p.vm_with_parent = sharing.vm_parent[i].is_some();
+        p.sighand_with_parent = sharing.sighand[i];
+    }
+    vmshare::check(procs, 0).map_err(|(pid, what)| Error::Unsupported { pid: Pid(pid), what })
 }
 
 /// A zombie: who it is and how it ended.
@@ -521,6 +572,9 @@ fn empty_record(pid: i32, ppid: i32) -> ProcessRecord {
         ctty: None,
         files_with_parent: false,
         fs_with_parent: false,
+        vm_with_parent: false,
+        sighand_with_parent: false,
+        exit_signal: None,
     }
 }
 
@@ -567,13 +621,21 @@ struct TreeInfo<'a> {
     sids: &'a std::collections::HashMap<Pid, i32>,
     root: Pid,
     objects: &'a std::sync::Mutex<ShmemDump>,
+    sharing: &'a vmshare::Sharing,
 }
 
 /// The rest of one live process, read from /proc and its descriptors (no ptrace: any
 /// thread may run it, once the process's own injected calls are over), put together with
 /// the injected part: everything but what it shares with others (descriptions, pipes)
-/// and its page data, which the tree-level steps fill in.
-fn proc_part(pid: Pid, pidfd: &std::os::fd::OwnedFd, inj: Injected, t: &TreeInfo) -> Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)> {
+/// and its page data, which the tree-level steps fill in. A process sharing its parent's
+/// address space (member `i`) has no memory plan: its parent's holds the mappings.
+fn proc_part(
+    i: usize,
+    pid: Pid,
+    pidfd: &std::os::fd::OwnedFd,
+    inj: Injected,
+    t: &TreeInfo,
+) -> Result<(ProcessRecord, files::DumpedFds, Option<mm::MmPlan>)> {
     let objects = || t.objects.lock().unwrap_or_else(|p| p.into_inner());
     let ts = task::dump(pid)?;
     // Sessions: a leader, or the session of its parent inside the tree; only the root may
@@ -584,9 +646,14 @@ fn proc_part(pid: Pid, pidfd: &std::os::fd::OwnedFd, inj: Injected, t: &TreeInfo
         return Err(Error::Unsupported { pid, what: format!("a session (sid {}) other than its parent's", ts.sid) });
     }
     let fds = files::dump(pid, pidfd, t.opts.shell_job, &mut objects())?;
-    let maps = mm::read_maps(pid)?;
-    let mm_plan = mm::plan(pid, &maps, &mut objects())?;
-    log::debug!("pid {pid}: {} mappings planned", maps.len());
+    let mm_plan = match t.sharing.vm_parent[i] {
+        Some(_) => None,
+        None => {
+            let maps = mm::read_maps(pid)?;
+            log::debug!("pid {pid}: {} mappings to plan", maps.len());
+            Some(mm::plan(pid, &maps, &mut objects())?)
+        }
+    };
     let stat = read_stat(pid)?;
     let auxv = procfs::read_proc_file(&format!("/proc/{pid}/auxv"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/auxv").into(), err: e })?;
@@ -635,6 +702,9 @@ fn proc_part(pid: Pid, pidfd: &std::os::fd::OwnedFd, inj: Injected, t: &TreeInfo
         ctty: None,
         files_with_parent: false,
         fs_with_parent: false,
+        vm_with_parent: false,
+        sighand_with_parent: false,
+        exit_signal: Some(stat.exit_signal),
     };
     Ok((process, fds, mm_plan))
 }

@@ -32,6 +32,7 @@ pub mod task;
 pub mod threads;
 pub mod timerfd;
 pub mod tty;
+pub mod vmshare;
 
 pub use dump::{dump, DumpOptions, DumpStats};
 pub use error::Error;
