@@ -389,8 +389,11 @@ mod tests {
         let s = assign(&tree(), &[vec![1, 2]], &[vec![1, 2]]).unwrap();
         assert_eq!(s.vm_parent, vec![None, None, Some(1), None]);
         assert_eq!(s.sighand, vec![false, false, true, false]);
-        let s = assign(&tree(), &[vec![0, 1, 3]], &[]).unwrap();
-        assert_eq!(s.vm_parent, vec![None, Some(0), None, Some(0)]);
+        // Two children of the root sharing its address space.
+        let t = [m(10, 1), m(11, 10), m(13, 10)];
+        let s = assign(&t, &[vec![0, 1, 2]], &[vec![0, 2]]).unwrap();
+        assert_eq!(s.vm_parent, vec![None, Some(0), Some(0)]);
+        assert_eq!(s.sighand, vec![false, false, true]);
     }
 
     #[test]
