@@ -170,6 +170,41 @@ fn show_names_the_shared_address_space() {
     finish(fixture, kids);
 }
 
+/// A restorer killed at any of its injected calls (before K is cloned, at
+/// the clone, while K is being finished) leaves neither the root nor K
+/// behind; the image restores afterwards.
+#[test]
+fn a_restorer_killed_midway_leaves_no_sharer_behind() {
+    let (mut fixture, kids) = start("vm");
+    let pids = vec![fixture.pid(), kids.pid("K")];
+    let image = fixture.dump("img", &[]);
+    fixture.reap_killed();
+    kids.reap().unwrap_or_else(|e| panic!("after the dump: {e}"));
+    // The restore makes 8: the root's rebuild batch (1), the clone of K (2),
+    // K's descriptor batch (3), the root's close_range (4), K's own state (5),
+    // K's thread state (6), the root's thread state (7), the helper's unmap (8).
+    for n in 1..=8 {
+        let pidfile = fixture.dir().join(format!("pid-{n}"));
+        let mut cmd = stasis_command(&restore_detached_args(&image, &pidfile));
+        cmd.env("STASIS_FAULT_KILL_AT_INJECTION", n.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut restorer = Proc::spawned(cmd.spawn().expect("spawn stasis restore"), "stasis restore");
+        let status = restorer.wait(EXIT_TIMEOUT);
+        assert!(!status.success(), "the restorer was to be killed at injection {n}");
+        assert!(!pidfile.exists(), "a killed restorer wrote its pidfile");
+        wait_until(EXIT_TIMEOUT, &format!("nothing is left after a restorer killed at injection {n}"), || {
+            for &p in &pids {
+                let _ = sys::waitpid(p, libc::WNOHANG);
+            }
+            pids.iter().all(|&p| proc_state(p).is_none())
+        });
+    }
+    fixture.restore_detached(&image);
+    finish(fixture, kids);
+}
+
 // ---------------------------------------------------------------------------
 // Refused
 
