@@ -126,13 +126,10 @@ fn leave_running_leaves_the_address_space_as_it_was() {
     finish(fixture, kids);
 }
 
-/// The same, restored into a PID namespace of its own: the fixture checks
-/// its PIDs and K's parent inside.
-#[test]
-fn address_space_shared_under_pidns() {
-    let (fixture, kids) = start("all");
-    let image = fixture.dump("img", &["--leave-running"]);
-    let pidfile = fixture.dir().join("pid-ns");
+/// `stasis restore --pidns -d` of `image`: the root's PID as we see it, and
+/// the namespace's init, adopted.
+fn restore_in_pidns(fixture: &Fixture, image: &std::path::Path, tag: &str) -> (i32, Proc) {
+    let pidfile = fixture.dir().join(format!("pid-{tag}"));
     stasis_ok(&[
         OsStr::new("restore"),
         "-D".as_ref(),
@@ -144,7 +141,22 @@ fn address_space_shared_under_pidns() {
     ]);
     let root: i32 = fs::read_to_string(&pidfile).expect("pidfile").trim().parse().expect("pid");
     let init = proc_state(root).map(|s| s.1).expect("the restored root runs");
-    let mut init = Proc::adopted(init, "stasis-init");
+    (root, Proc::adopted(init, "stasis-init"))
+}
+
+/// The same, restored into a PID namespace of its own (the fixture checks its
+/// PIDs and K's parent inside), dumped there (kcmp and the image see the
+/// namespace's PIDs) and restored into another one.
+#[test]
+fn address_space_shared_under_pidns() {
+    let (fixture, kids) = start("all");
+    let image = fixture.dump("img", &["--leave-running"]);
+    let (root, mut init) = restore_in_pidns(&fixture, &image, "ns1");
+    let image2 = fixture.dir().join("img-ns");
+    stasis_ok(&dump_args(root, &image2, &[]));
+    let st = init.wait(EXIT_TIMEOUT);
+    assert_eq!(st.code(), Some(137), "stasis-init after the dump killed the copy");
+    let (root, mut init) = restore_in_pidns(&fixture, &image2, "ns2");
     // The original runs on beside the copy; the copy goes first.
     fixture.clear_log();
     sys::kill(root, libc::SIGTERM).expect("SIGTERM the copy's root");

@@ -360,6 +360,7 @@ fn collect_tree(
     let held: Vec<locks::ProcLocks> =
         fds.iter().map(|(pid, d)| (*pid, d.records.as_slice(), d.locks.as_slice())).collect();
     let lock_recs = locks::assign(&held);
+    epolls_of_sharers(&procs, &fds)?;
     // Last of the checks that may refuse: from here on bytes are read out of terminals.
     let (ptys, drained) = tty::dump_ptys(&masters, &pidfds)?;
     for ((rec, (_, d)), l) in procs.iter_mut().zip(fds).zip(lock_recs) {
@@ -505,6 +506,25 @@ fn shared_tables(procs: &mut [ProcessRecord], sharing: &vmshare::Sharing) -> Res
         p.sighand_with_parent = sharing.sighand[i];
     }
     vmshare::check(procs, 0).map_err(|(pid, what)| Error::Unsupported { pid: Pid(pid), what })
+}
+
+/// An epoll in the own descriptor table of a process sharing its parent's address space
+/// is registered on restore by a process that installs a table (it is never forked):
+/// refused unless one holds it with its targets (as epoll::plan decides on restore).
+fn epolls_of_sharers(procs: &[ProcessRecord], fds: &[(Pid, files::DumpedFds)]) -> Result<()> {
+    let has_epoll = |d: &files::DumpedFds| d.records.iter().any(|r| matches!(r.kind, stasis_image::FdKind::Epoll { .. }));
+    let Some((p, _)) = procs.iter().zip(fds).find(|(p, (_, d))| p.vm_with_parent && !p.files_with_parent && has_epoll(d)) else {
+        return Ok(());
+    };
+    let mut recs = procs.to_vec();
+    for (r, (_, d)) in recs.iter_mut().zip(fds) {
+        r.fds = d.records.clone();
+    }
+    let installs: Vec<bool> = recs.iter().map(|r| !r.files_with_parent && !r.vm_with_parent).collect();
+    epoll::plan(&recs, &installs).map(drop).map_err(|e| Error::Unsupported {
+        pid: Pid(p.pid),
+        what: format!("an epoll in a descriptor table of its own while sharing its parent's address space ({e})"),
+    })
 }
 
 /// A zombie: who it is and how it ended.

@@ -496,7 +496,10 @@ const MAX_TRACERS: usize = 8;
 /// seize to the detach; barriers keep in order the steps that depend on other processes:
 /// process groups (leaders first), foreground groups, every address space before any
 /// process is finished (sharers of a descriptor table need their helper descriptors until
-/// the last of them is built), seals once every mapping exists, and the detach, so that
+/// the last of them is built; the children sharing an address space are cloned right
+/// after their parent's is built, while its table still carries their descriptions, and
+/// finished in its finish, before its helper page goes), seals once every mapping
+/// exists, and the detach, so that
 /// nothing runs before everything is ready. Returns the page bytes loaded.
 fn drive_all(live: &[&Plan], d: &Drive) -> Result<u64> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
