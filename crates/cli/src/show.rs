@@ -349,7 +349,12 @@ fn process_report(p: &ProcessRecord) -> ProcessReport {
         cwd: lossy(&p.cwd),
         root: lossy(&p.root),
         umask: format!("{:04o}", p.umask),
-        shared_with_parent: [(p.files_with_parent, "descriptor table"), (p.fs_with_parent, "fs")]
+        shared_with_parent: [
+            (p.vm_with_parent, "address space"),
+            (p.sighand_with_parent, "signal handlers"),
+            (p.files_with_parent, "descriptor table"),
+            (p.fs_with_parent, "fs"),
+        ]
             .into_iter()
             .filter_map(|(on, what)| on.then_some(what))
             .collect(),

@@ -15,7 +15,7 @@ use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
 use crate::shmem::ShmemDump;
 use crate::tracers::{self, Tracers};
-use crate::{epoll, fifo, files, host, locks, mm, pidns, signals, task, threads, tty};
+use crate::{epoll, fifo, files, host, locks, mm, pidns, signals, task, threads, tty, vmshare};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
 use stasis_sys::Pid;
 use std::path::PathBuf;
@@ -161,7 +161,13 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
         match children {
             Ok(kids) => {
                 for child in kids {
-                    let (i, w) = (members.len(), members.len() % tracers.max());
+                    // A child sharing its parent's address space goes to the parent's
+                    // tracer, after it: the parent's mappings are read before its
+                    // injected calls, which then must not overlap the child's (whose
+                    // scratch area would appear among them).
+                    let shares_vm = stasis_sys::proc::kcmp_shares(child, pid, stasis_sys::proc::Shared::Vm).unwrap_or(false);
+                    let w = if shares_vm { members[idx].tracer } else { members.len() % tracers.max() };
+                    let i = members.len();
                     members.push(Member { pid: child, tids: None, tracer: w, proc: None });
                     freeze_on(tracers, i, child, w)?;
                     pending += 1;
@@ -220,7 +226,8 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     let members = freeze_tree(root, &mut tracers)?;
     log::debug!("pid {root}: froze a tree of {} processes", members.len());
     let mut phases = vec![("freeze", frozen_at.elapsed())];
-    let (mut image, nthreads, drained) = collect_tree(root, &members, &mut tracers, &mut writer, opts, host, &mut phases)?;
+    let sharing = address_spaces(root, &members)?;
+    let (mut image, nthreads, drained) = collect_tree(root, &members, &mut tracers, &sharing, &mut writer, opts, host, &mut phases)?;
     let memory_bytes = writer.pages_len();
     log::debug!("pid {root}: state collected, {memory_bytes} bytes of pages written");
     // A tree that runs on needs no durable image to be safe: release it before the
@@ -262,7 +269,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
 }
 
 /// What one live process gave: its record, descriptors, memory plan and a pidfd.
-type Collected = (ProcessRecord, files::DumpedFds, mm::MmPlan, std::os::fd::OwnedFd);
+type Collected = (ProcessRecord, files::DumpedFds, Option<mm::MmPlan>, std::os::fd::OwnedFd);
 
 /// Threads that read processes' /proc state while the tracers inject into the next ones.
 const PROC_READERS: usize = 2;
@@ -323,7 +330,7 @@ fn collect_members(
             s.spawn(move || loop {
                 let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok((i, pid, pidfd, inj)) = job else { return };
-                let r = proc_part(pid, &pidfd, inj, info).map(|(rec, fds, plan)| (rec, fds, plan, pidfd));
+                let r = proc_part(i, pid, &pidfd, inj, info).map(|(rec, fds, plan)| (rec, fds, plan, pidfd));
                 if r.is_err() {
                     failed.store(true, Ordering::SeqCst);
                 }
@@ -355,7 +362,7 @@ fn collect_members(
                 nthreads += rec.threads.len();
                 procs.push(rec);
                 fds.push((m.pid, dumped));
-                mms.push(Some(plan));
+                mms.push(plan);
                 own_pidfds.push((m.pid, pidfd));
             }
             (None, Some(_)) => return Err(Error::TracerLost),
@@ -373,6 +380,7 @@ fn collect_tree(
     root: Pid,
     members: &[Member],
     tracers: &mut Tracers,
+    sharing: &vmshare::Sharing,
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     host: stasis_image::HostInfo,
@@ -387,14 +395,14 @@ fn collect_tree(
     let view = pidns::TreeView::read(&tasks, &statuses)?;
     let sids: std::collections::HashMap<Pid, i32> =
         members.iter().filter_map(|m| Some((m.pid, m.proc.as_ref()?.0.session))).collect();
-    let info = TreeInfo { opts, sids: &sids, root, objects: std::sync::Mutex::new(ShmemDump::default()) };
+    let info = TreeInfo { opts, sids: &sids, root, objects: std::sync::Mutex::new(ShmemDump::default()), sharing };
     let (procs, fds, pidfds, mms, nthreads) = collect_members(members, tracers, &info)?;
     phases.push(("collect", lap.next()));
     let mut procs = procs;
     let mut fds = fds;
     let mut mms = mms;
     let mut objects = info.objects.into_inner().unwrap_or_else(|p| p.into_inner());
-    shared_tables(&mut procs)?;
+    shared_tables(&mut procs, sharing)?;
     files::assign_descriptions(&mut fds)?;
     epoll::resolve(&mut fds, &pidfds)?;
     let masters = {
@@ -412,6 +420,7 @@ fn collect_tree(
     let held: Vec<locks::ProcLocks> =
         fds.iter().map(|(pid, d)| (*pid, d.records.as_slice(), d.locks.as_slice())).collect();
     let lock_recs = locks::assign(&held);
+    epolls_of_sharers(&procs, &fds)?;
     // Last of the checks that may refuse: from here on bytes are read out of terminals.
     let (ptys, drained) = tty::dump_ptys(&masters, &pidfds)?;
     for ((rec, (_, d)), l) in procs.iter_mut().zip(fds).zip(lock_recs) {
@@ -449,29 +458,84 @@ fn collect_tree(
     Ok((image, nthreads, drained))
 }
 
+/// Groups of the processes (indexes into `pids`, of those in `live`) that share one
+/// kernel object of kind `what`, each in tree order: sorted by the object, as kcmp
+/// orders them, so a tree of n costs n log n calls.
+fn groups_sharing(pids: &[i32], live: &[usize], what: stasis_sys::proc::Shared) -> Result<Vec<Vec<usize>>> {
+    use stasis_sys::proc::kcmp_order;
+    let order = |a: i32, b: i32| kcmp_order(Pid(a), Pid(b), what).map_err(Error::sys(Pid(a), "kcmp"));
+    let mut failed = None;
+    let mut sorted = live.to_vec();
+    sorted.sort_by(|&a, &b| {
+        order(pids[a], pids[b]).unwrap_or_else(|e| {
+            failed.get_or_insert(e);
+            std::cmp::Ordering::Equal
+        })
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (k, &i) in sorted.iter().enumerate() {
+        let same = k > 0 && order(pids[i], pids[sorted[k - 1]])? == std::cmp::Ordering::Equal;
+        match groups.last_mut() {
+            Some(g) if same => g.push(i),
+            _ => groups.push(vec![i]),
+        }
+    }
+    for g in groups.iter_mut() {
+        g.sort();
+    }
+    Ok(groups)
+}
+
+/// Right after the freeze, before any injected call: which processes share their
+/// parent's address space (and signal handlers); see vmshare. Refuses the root sharing
+/// its address space or handlers with its parent outside the tree, and every grouping
+/// that vmshare::assign does not keep.
+fn address_spaces(root: Pid, members: &[Member]) -> Result<vmshare::Sharing> {
+    use stasis_sys::proc::{kcmp_shares, Shared};
+    let mut info = Vec::with_capacity(members.len());
+    for m in members {
+        let ppid = match &m.proc {
+            Some(p) => p.0.ppid,
+            None => read_stat(m.pid)?.ppid,
+        };
+        let threads = m.tids.as_ref().map(|t| t.len()).unwrap_or(0);
+        info.push(vmshare::Member { pid: m.pid.0, ppid, threads });
+    }
+    let ppid = info[0].ppid;
+    for (what, name) in [(Shared::Vm, "its address space (CLONE_VM)"), (Shared::Sighand, "its signal handlers (CLONE_SIGHAND)")] {
+        // kcmp needs ptrace access to both: a parent we may not inspect (an init of
+        // another user namespace) is not compared.
+        if ppid > 0 && kcmp_shares(root, Pid(ppid), what).unwrap_or(false) {
+            return Err(Error::Unsupported { pid: root, what: format!("sharing {name} with its parent {ppid}, outside the dumped tree") });
+        }
+    }
+    let live: Vec<usize> = (0..members.len()).filter(|&i| members[i].tids.is_some()).collect();
+    let pids: Vec<i32> = info.iter().map(|m| m.pid).collect();
+    let vm = groups_sharing(&pids, &live, Shared::Vm)?;
+    let sighand = groups_sharing(&pids, &live, Shared::Sighand)?;
+    vmshare::assign(&info, &vm, &sighand).map_err(|(pid, what)| Error::Unsupported { pid: Pid(pid), what })
+}
+
 /// What processes of the tree share with each other instead of holding copies. A
 /// descriptor table (CLONE_FILES) or cwd/root/umask (CLONE_FS) shared with the parent is
 /// recorded, and restore clones the process alike; since sharing is handed down at
 /// clone time, a group of sharers must hang together along the parent chain (each one's
-/// parent in the group, but for the first). Refused: an address space or signal handlers
-/// shared between processes (CLONE_VM without CLONE_THREAD, CLONE_SIGHAND), a group that
-/// does not hang together so, and anything the root shares with its parent outside the
-/// tree.
-fn shared_tables(procs: &mut [ProcessRecord]) -> Result<()> {
-    use stasis_sys::proc::{kcmp_order, kcmp_shares, Shared};
+/// parent in the group, but for the first). An address space and signal handlers shared
+/// with the parent (`sharing`, from address_spaces) are recorded too, once the records
+/// agree with what restore can do (vmshare::check). Refused: a group that does not hang
+/// together so, and anything the root shares with its parent outside the tree.
+fn shared_tables(procs: &mut [ProcessRecord], sharing: &vmshare::Sharing) -> Result<()> {
+    use stasis_sys::proc::{kcmp_shares, Shared};
     let live: Vec<usize> = (0..procs.len()).filter(|&i| procs[i].zombie_status.is_none()).collect();
-    let order = |a: i32, b: i32, what: Shared| kcmp_order(Pid(a), Pid(b), what).map_err(Error::sys(Pid(a), "kcmp"));
-    const KINDS: [(Shared, &str); 4] = [
-        (Shared::Vm, "its address space (CLONE_VM without CLONE_THREAD, as vfork or clone make it)"),
-        (Shared::Sighand, "its signal handlers (CLONE_SIGHAND)"),
-        (Shared::Files, "its descriptor table (CLONE_FILES)"),
-        (Shared::Fs, "its cwd, root and umask (CLONE_FS)"),
-    ];
+    const KINDS: [(Shared, &str); 2] =
+        [(Shared::Files, "its descriptor table (CLONE_FILES)"), (Shared::Fs, "its cwd, root and umask (CLONE_FS)")];
     let root = &procs[0];
     if root.ppid > 0 {
         for (what, name) in KINDS {
-            // kcmp needs ptrace access to both: a parent we may not inspect (an init
-            // of another user namespace) is not compared.
+            // kcmp needs ptrace access to both: see address_spaces.
             if kcmp_shares(Pid(root.pid), Pid(root.ppid), what).unwrap_or(false) {
                 return Err(Error::Unsupported {
                     pid: Pid(root.pid),
@@ -480,37 +544,10 @@ fn shared_tables(procs: &mut [ProcessRecord]) -> Result<()> {
             }
         }
     }
+    let pids: Vec<i32> = procs.iter().map(|p| p.pid).collect();
     for (what, name) in KINDS {
-        // Groups of processes sharing one object, each listed by index (in tree order):
-        // sorted by the object, as kcmp orders them, so a tree of n costs n log n calls.
-        let mut failed = None;
-        let mut sorted = live.clone();
-        sorted.sort_by(|&a, &b| {
-            order(procs[a].pid, procs[b].pid, what).unwrap_or_else(|e| {
-                failed.get_or_insert(e);
-                std::cmp::Ordering::Equal
-            })
-        });
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        for (k, &i) in sorted.iter().enumerate() {
-            let same = k > 0 && order(procs[i].pid, procs[sorted[k - 1]].pid, what)? == std::cmp::Ordering::Equal;
-            match groups.last_mut() {
-                Some(g) if same => g.push(i),
-                _ => groups.push(vec![i]),
-            }
-        }
-        for g in groups.iter_mut() {
-            g.sort();
-        }
+        let groups = groups_sharing(&pids, &live, what)?;
         for members in groups.iter().filter(|m| m.len() > 1) {
-            let first = members[0];
-            if matches!(what, Shared::Vm | Shared::Sighand) {
-                let (p, q) = (procs[members[1]].pid, procs[first].pid);
-                return Err(Error::Unsupported { pid: Pid(p), what: format!("sharing {name} with pid {q}") });
-            }
             let in_group = |pid: i32| members.iter().any(|&m| procs[m].pid == pid);
             let heads: Vec<usize> = members.iter().copied().filter(|&m| !in_group(procs[m].ppid)).collect();
             if let [_, second, ..] = heads[..] {
@@ -529,7 +566,30 @@ fn shared_tables(procs: &mut [ProcessRecord]) -> Result<()> {
             }
         }
     }
-    Ok(())
+    for (i, p) in procs.iter_mut().enumerate() {
+        p.vm_with_parent = sharing.vm_parent[i].is_some();
+        p.sighand_with_parent = sharing.sighand[i];
+    }
+    vmshare::check(procs, 0).map_err(|(pid, what)| Error::Unsupported { pid: Pid(pid), what })
+}
+
+/// An epoll in the own descriptor table of a process sharing its parent's address space
+/// is registered on restore by a process that installs a table (it is never forked):
+/// refused unless one holds it with its targets (as epoll::plan decides on restore).
+fn epolls_of_sharers(procs: &[ProcessRecord], fds: &[(Pid, files::DumpedFds)]) -> Result<()> {
+    let has_epoll = |d: &files::DumpedFds| d.records.iter().any(|r| matches!(r.kind, stasis_image::FdKind::Epoll { .. }));
+    let Some((p, _)) = procs.iter().zip(fds).find(|(p, (_, d))| p.vm_with_parent && !p.files_with_parent && has_epoll(d)) else {
+        return Ok(());
+    };
+    let mut recs = procs.to_vec();
+    for (r, (_, d)) in recs.iter_mut().zip(fds) {
+        r.fds = d.records.clone();
+    }
+    let installs: Vec<bool> = recs.iter().map(|r| !r.files_with_parent && !r.vm_with_parent).collect();
+    epoll::plan(&recs, &installs).map(drop).map_err(|e| Error::Unsupported {
+        pid: Pid(p.pid),
+        what: format!("an epoll in a descriptor table of its own while sharing its parent's address space ({e})"),
+    })
 }
 
 /// A zombie: who it is and how it ended.
@@ -597,6 +657,9 @@ fn empty_record(pid: i32, ppid: i32) -> ProcessRecord {
         ctty: None,
         files_with_parent: false,
         fs_with_parent: false,
+        vm_with_parent: false,
+        sighand_with_parent: false,
+        exit_signal: None,
     }
 }
 
@@ -663,13 +726,21 @@ struct TreeInfo<'a> {
     sids: &'a std::collections::HashMap<Pid, i32>,
     root: Pid,
     objects: std::sync::Mutex<ShmemDump>,
+    sharing: &'a vmshare::Sharing,
 }
 
 /// The rest of one live process, read from /proc and its descriptors (no ptrace: any
 /// thread may run it, once the process's own injected calls are over), put together with
 /// the injected part: everything but what it shares with others (descriptions, pipes)
-/// and its page data, which the tree-level steps fill in.
-fn proc_part(pid: Pid, pidfd: &std::os::fd::OwnedFd, inj: Injected, t: &TreeInfo) -> Result<(ProcessRecord, files::DumpedFds, mm::MmPlan)> {
+/// and its page data, which the tree-level steps fill in. A process sharing its parent's
+/// address space (member `i`) has no memory plan: its parent's holds the mappings.
+fn proc_part(
+    i: usize,
+    pid: Pid,
+    pidfd: &std::os::fd::OwnedFd,
+    inj: Injected,
+    t: &TreeInfo,
+) -> Result<(ProcessRecord, files::DumpedFds, Option<mm::MmPlan>)> {
     let objects = || t.objects.lock().unwrap_or_else(|p| p.into_inner());
     let (stat, status) = &*inj.proc;
     let ts = task::dump(pid, stat, status, &inj.threads[0].comm)?;
@@ -681,9 +752,13 @@ fn proc_part(pid: Pid, pidfd: &std::os::fd::OwnedFd, inj: Injected, t: &TreeInfo
         return Err(Error::Unsupported { pid, what: format!("a session (sid {}) other than its parent's", ts.sid) });
     }
     let fds = files::dump(pid, pidfd, t.opts.shell_job, &mut objects())?;
-    let maps = &inj.maps;
-    let mm_plan = mm::plan(pid, maps, &mut objects())?;
-    log::debug!("pid {pid}: {} mappings planned", maps.len());
+    let mm_plan = match t.sharing.vm_parent[i] {
+        Some(_) => None,
+        None => {
+            log::debug!("pid {pid}: {} mappings to plan", inj.maps.len());
+            Some(mm::plan(pid, &inj.maps, &mut objects())?)
+        }
+    };
     let auxv = procfs::read_proc_file(&format!("/proc/{pid}/auxv"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/auxv").into(), err: e })?;
     let exe_link = std::fs::read_link(format!("/proc/{pid}/exe"))
@@ -731,6 +806,9 @@ fn proc_part(pid: Pid, pidfd: &std::os::fd::OwnedFd, inj: Injected, t: &TreeInfo
         ctty: None,
         files_with_parent: false,
         fs_with_parent: false,
+        vm_with_parent: false,
+        sighand_with_parent: false,
+        exit_signal: Some(stat.exit_signal),
     };
     Ok((process, fds, mm_plan))
 }

@@ -33,6 +33,7 @@ pub mod threads;
 pub mod timerfd;
 pub mod tracers;
 pub mod tty;
+pub mod vmshare;
 
 pub use dump::{dump, DumpOptions, DumpStats};
 pub use error::Error;

@@ -97,6 +97,8 @@ pub struct Stat {
     pub arg_end: u64,
     pub env_start: u64,
     pub env_end: u64,
+    /// The signal the parent gets when this process ends.
+    pub exit_signal: i32,
 }
 
 /// `PF_KTHREAD` in the stat flags field.
@@ -141,6 +143,7 @@ pub fn parse_stat(text: &str) -> Result<Stat, String> {
         arg_end: num(49)?,
         env_start: num(50)?,
         env_end: num(51)?,
+        exit_signal: int(38)? as i32,
     })
 }
 
@@ -376,6 +379,7 @@ VmFlags: rd wr sh mr mw me ms sd
         assert_eq!(st.start_brk, 7000000);
         assert_eq!(st.arg_start, 140737488347000);
         assert_eq!(st.env_end, 140737488348000);
+        assert_eq!(st.exit_signal, 17);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::mm::{self, ChildMem, MapFds, MmRestore, HELPER_DATA, HELPER_LEN};
 use crate::pidns::{self, PidMap};
 use crate::shmem::{self, ShmemTable};
 use crate::task::SessionPlan;
-use crate::{epoll, files, host, locks, signals, task, threads, tty};
+use crate::{epoll, files, host, locks, signals, task, threads, tty, vmshare};
 use stasis_image::{ImageReader, MmRecord, ProcessRecord};
 use stasis_sys::proc::{self as sp, Forked};
 use stasis_sys::ptrace::{self, WaitStatus};
@@ -111,6 +111,9 @@ struct FdPlan {
     /// The restorer's last injected close_range starts here: above every saved
     /// descriptor, at the first helper descriptor of the process or of its group.
     close_from: i32,
+    /// The descriptions of the children that share this process's address space but not
+    /// its descriptor table are parked here (see vmshare), one block after the other.
+    carry: i32,
 }
 
 impl FdPlan {
@@ -119,18 +122,22 @@ impl FdPlan {
     /// numbers, one block after the other above the saved descriptors, and all park
     /// above every block: whatever one of them does to the table, the others see.
     /// `inherited_top` is above every descriptor the restorer holds: parking above it
-    /// lets a child drop everything it inherited with one close_range.
-    fn group(members: &[&ProcessRecord], inherited_top: i32) -> Vec<FdPlan> {
-        let base = members[0].fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
+    /// lets a child drop everything it inherited with one close_range. `carried[i]`:
+    /// how many descriptors member i parks for its address-space children, whose saved
+    /// descriptors all lie below `carried_top`.
+    fn group(members: &[&ProcessRecord], carried: &[i32], carried_top: i32, inherited_top: i32) -> Vec<FdPlan> {
+        let base = (members[0].fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1).max(carried_top);
         let mut next = base;
         let mut plans: Vec<FdPlan> = members
             .iter()
-            .map(|p| {
+            .zip(carried)
+            .map(|(p, &carried)| {
                 let exe = next;
                 let maps = MapFds::plan(&p.mm.vmas, exe + 1);
                 let tty = exe + 1 + maps.len() as i32;
-                next = tty + 1;
-                FdPlan { exe, maps, tty, park: 0, close_from: base }
+                let carry = tty + 1;
+                next = carry + carried;
+                FdPlan { exe, maps, tty, park: 0, close_from: base, carry }
             })
             .collect();
         for p in &mut plans {
@@ -165,6 +172,7 @@ fn table_owners(procs: &[ProcessRecord]) -> (Vec<usize>, Vec<usize>) {
 /// parent in the image (not the root: its parent is outside), and the same descriptors,
 /// or cwd, root and umask, as that parent.
 fn check_sharing(procs: &[ProcessRecord], root_idx: usize) -> Result<()> {
+    vmshare::check(procs, root_idx).map_err(|(pid, what)| Error::Incompatible(format!("pid {pid}: {what}")))?;
     for (i, p) in procs.iter().enumerate() {
         if !p.files_with_parent && !p.fs_with_parent {
             continue;
@@ -206,6 +214,8 @@ struct Plan<'a> {
     installs_for: Vec<usize>,
     /// Clone flags it is created with: the tables it shares with its parent.
     share: i32,
+    /// Its children that share its address space: the restorer clones them from it.
+    vm_kids: Vec<vmshare::KidPlan<'a>>,
     /// The epoll registrations it makes once its descriptors are in place: (epoll
     /// descriptor, targets).
     epolls: Vec<epoll::Registrations>,
@@ -291,6 +301,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         .ok_or_else(|| Error::Restore { pid: root_pid, what: "no free address range for the helper page".into() })?;
     shmem::validate(img, pages.len() as u64)?;
     check_sharing(&img.processes, root_idx)?;
+    for p in img.processes.iter().filter(|p| p.vm_with_parent) {
+        if let Some(parent) = img.processes.iter().find(|q| q.pid == p.ppid) {
+            vmshare::check_rlimits(p, parent, caps & (1 << CAP_SYS_RESOURCE) != 0)?;
+        }
+    }
     let root = &img.processes[root_idx];
     let root_session = if root.sid == root.pid { SessionPlan::Leader } else { task::session_plan(root_pid, root.sid, opts.shell_job)? };
     // Every memory object and open file description, created before any process exists.
@@ -312,25 +327,63 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         (true, _) => Pid(1),
     };
     let (files_owner, _) = table_owners(&img.processes);
-    let mut fd_plans: Vec<Option<FdPlan>> = (0..img.processes.len()).map(|_| None).collect();
-    for owner in 0..img.processes.len() {
-        let members: Vec<usize> = (0..img.processes.len()).filter(|&i| files_owner[i] == owner).collect();
+    let n = img.processes.len();
+    // Children sharing a process's address space, and those of them with a descriptor
+    // table of their own, whose descriptions it carries (see vmshare).
+    let vm_parent: Vec<Option<usize>> = img
+        .processes
+        .iter()
+        .map(|p| p.vm_with_parent.then(|| img.processes.iter().position(|q| q.pid == p.ppid)).flatten())
+        .collect();
+    let vm_parent = &vm_parent;
+    let vm_kids = |a: usize| (0..n).filter(move |&b| vm_parent[b] == Some(a));
+    let own_table = |b: usize| !img.processes[b].files_with_parent;
+    let kid_placement: Vec<Vec<(i32, i32, bool)>> =
+        (0..n).map(|b| if vm_parent[b].is_some() && own_table(b) { descs.placement(&img.processes[b]) } else { Vec::new() }).collect();
+    let mut fd_plans: Vec<Option<FdPlan>> = (0..n).map(|_| None).collect();
+    for owner in 0..n {
+        let members: Vec<usize> = (0..n).filter(|&i| files_owner[i] == owner).collect();
         if members.is_empty() {
             continue;
         }
         let recs: Vec<&ProcessRecord> = members.iter().map(|&i| &img.processes[i]).collect();
-        for (&i, plan) in members.iter().zip(FdPlan::group(&recs, inherited_top)) {
+        let carried: Vec<i32> = members.iter().map(|&a| vm_kids(a).map(|b| kid_placement[b].len() as i32).sum()).collect();
+        let carried_top = members
+            .iter()
+            .flat_map(|&a| vm_kids(a).flat_map(|b| kid_placement[b].iter().map(|m| m.0 + 1)))
+            .max()
+            .unwrap_or(0);
+        for (&i, plan) in members.iter().zip(FdPlan::group(&recs, &carried, carried_top, inherited_top)) {
             fd_plans[i] = Some(plan);
         }
     }
-    let installs: Vec<bool> = (0..img.processes.len()).map(|i| files_owner[i] == i).collect();
+    let installs: Vec<bool> = (0..n).map(|i| files_owner[i] == i && vm_parent[i].is_none()).collect();
+    // Each address-space child: the descriptions its parent's table carries for it, at
+    // the numbers the parent's FdPlan gives, and where they go in its own table.
+    let mut carried_by: Vec<Vec<(i32, i32, bool)>> = vec![Vec::new(); n];
+    let mut kid_plans: Vec<Vec<vmshare::KidPlan>> = (0..n).map(|_| Vec::new()).collect();
+    for a in 0..n {
+        let Some(fa) = fd_plans[a].as_ref() else { continue };
+        let mut at = fa.carry;
+        for b in vm_kids(a) {
+            let own_fds = own_table(b).then(|| {
+                let moves: Vec<(i32, i32, bool)> =
+                    kid_placement[b].iter().enumerate().map(|(k, &(saved, _, cloexec))| (at + k as i32, saved, cloexec)).collect();
+                carried_by[files_owner[a]].extend(kid_placement[b].iter().enumerate().map(|(k, &(_, src, _))| (at + k as i32, src, true)));
+                at += moves.len() as i32;
+                vmshare::OwnFds { moves, close_from: fa.close_from }
+            });
+            kid_plans[a].push(vmshare::KidPlan { rec: &img.processes[b], parent: &img.processes[a], own_fds });
+        }
+    }
     let mut epolls = epoll::plan(&img.processes, &installs)?;
     let mut plans: Vec<Plan> = img
         .processes
         .iter()
         .zip(fd_plans)
+        .zip(kid_plans)
         .enumerate()
-        .map(|(i, (rec, fds))| {
+        .map(|(i, ((rec, fds), vm_kids))| {
             let session = if i == root_idx { root_session } else if rec.sid == rec.pid { SessionPlan::Leader } else { SessionPlan::Inherit };
             let ctty = match session {
                 SessionPlan::Leader => tty::plan_ctty(rec, &img.processes, |i| descs.pty_slave(i), restorer_terminal())?,
@@ -341,7 +394,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 true => (0..img.processes.len()).filter(|&j| files_owner[j] == i).collect(),
                 false => Vec::new(),
             };
-            let placement = if installs_for.is_empty() { Vec::new() } else { descs.placement(rec) };
+            let mut placement = if installs_for.is_empty() { Vec::new() } else { descs.placement(rec) };
+            placement.append(&mut carried_by[i]);
             let share = if rec.files_with_parent { libc::CLONE_FILES } else { 0 }
                 | if rec.fs_with_parent { libc::CLONE_FS } else { 0 };
             Ok(Plan {
@@ -353,11 +407,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             installs_for,
             epolls: std::mem::take(&mut epolls[i]),
             share,
+            vm_kids,
             children: img
                 .processes
                 .iter()
                 .enumerate()
-                .filter(|(j, c)| *j != root_idx && c.ppid == rec.pid)
+                .filter(|(j, c)| *j != root_idx && c.ppid == rec.pid && vm_parent[*j].is_none())
                 .map(|(j, _)| j)
                 .collect(),
             parent: if i == root_idx { root_parent } else { Pid(rec.ppid) },
@@ -408,7 +463,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     log::debug!("{} restore children ready", shared.plans.len());
     let created = t0.elapsed();
     let pids = if opts.pidns { PidMap::walk(first)? } else { PidMap::default() };
-    let live: Vec<&Plan> = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none()).collect();
+    // Forked by the restore children and driven by the restorer; the processes sharing
+    // their parent's address space come from their parent's driver.
+    let live: Vec<&Plan> = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none() && !p.rec.vm_with_parent).collect();
     let loaded = drive_all(&live, &Drive { helper, pages: pages.as_slice(), pids: &pids, objects: &objects, root: root_pid })?;
     let memory_bytes = objects.loaded + loaded;
     drop(objects);
@@ -449,7 +506,10 @@ const MAX_TRACERS: usize = 8;
 /// seize to the detach; barriers keep in order the steps that depend on other processes:
 /// process groups (leaders first), foreground groups, every address space before any
 /// process is finished (sharers of a descriptor table need their helper descriptors until
-/// the last of them is built), seals once every mapping exists, and the detach, so that
+/// the last of them is built; the children sharing an address space are cloned right
+/// after their parent's is built, while its table still carries their descriptions, and
+/// finished in its finish, before its helper page goes), seals once every mapping
+/// exists, and the detach, so that
 /// nothing runs before everything is ready. Returns the page bytes loaded.
 fn drive_all(live: &[&Plan], d: &Drive) -> Result<u64> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -543,7 +603,7 @@ fn wait_until_ready(shared: &Shared, status_rd: OwnedFd) -> Result<()> {
             _ => return Err(Error::Restore { pid: Pid(pid), what: parts.next().unwrap_or(line).to_string() }),
         }
     }
-    let want = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none()).count();
+    let want = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none() && !p.rec.vm_with_parent).count();
     if ok != want {
         return Err(Error::Restore {
             pid: Pid(shared.plans[0].rec.pid),
@@ -555,7 +615,10 @@ fn wait_until_ready(shared: &Shared, status_rd: OwnedFd) -> Result<()> {
 
 /// Attaches to a ready restore child (blocked in a read) and stops it.
 fn seize(pid: Pid) -> Result<()> {
-    ptrace::seize(pid, ptrace::PTRACE_O_TRACESYSGOOD | ptrace::PTRACE_O_EXITKILL | ptrace::PTRACE_O_TRACECLONE)
+    // Fork and clone events: the threads and the address-space children the restorer
+    // clones start traced.
+    let opts = ptrace::PTRACE_O_TRACESYSGOOD | ptrace::PTRACE_O_EXITKILL | ptrace::PTRACE_O_TRACECLONE | ptrace::PTRACE_O_TRACEFORK;
+    ptrace::seize(pid, opts)
         .map_err(Error::sys(pid, "PTRACE_SEIZE"))?;
     ptrace::interrupt(pid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
     loop {
@@ -866,15 +929,17 @@ fn install_descriptors(shared: &Shared, plan: &Plan) -> std::result::Result<(), 
 }
 
 /// A seized restore child whose address space is built, with what finish_child needs.
-struct Built {
+struct Built<'a> {
     inj: Injector,
     mem: ChildMem,
+    /// The children sharing its address space, cloned and waiting for their finish.
+    kids: Vec<vmshare::Spawned<'a>>,
 }
 
 /// The restorer's first part, with the child seized and stopped: the address space and
 /// the mm fields, which need the helper descriptors in the child. Returns page bytes
 /// loaded.
-fn build_child(plan: &Plan, helper: u64, pages: &[u8], pids: &PidMap) -> Result<(Built, u64)> {
+fn build_child<'a>(plan: &'a Plan<'a>, helper: u64, pages: &[u8], pids: &PidMap) -> Result<(Built<'a>, u64)> {
     let rec = plan.rec;
     // As we see it (ptrace, /proc); injected calls use the saved numbers.
     let pid = pids.outer(rec.pid);
@@ -900,7 +965,9 @@ fn build_child(plan: &Plan, helper: u64, pages: &[u8], pids: &PidMap) -> Result<
     calls.run(&mut inj, &mem, helper)?;
     let loaded = mm::fill(pid, &mem, pages, &rec.mm.vmas)?;
     log::debug!("address space rebuilt ({ncalls} calls in one batch), {loaded} bytes loaded");
-    Ok((Built { inj, mem }, loaded))
+    // While the table still holds the descriptions parked for them.
+    let kids = plan.vm_kids.iter().map(|k| vmshare::spawn(&mut inj, &mem, helper, k)).collect::<Result<_>>()?;
+    Ok((Built { inj, mem, kids }, loaded))
 }
 
 /// The restorer's second part, once every process sharing this one's descriptor table
@@ -909,7 +976,7 @@ fn build_child(plan: &Plan, helper: u64, pages: &[u8], pids: &PidMap) -> Result<
 fn finish_child(plan: &Plan, built: Built, helper: u64, extra: &mut Vec<Pid>, pids: &PidMap) -> Result<()> {
     let rec = plan.rec;
     let pid = pids.outer(rec.pid);
-    let Built { mut inj, mem } = built;
+    let Built { mut inj, mem, kids } = built;
     let data = helper + HELPER_DATA;
     // The restorer's descriptors in the child: image, exe, mapped files, parked ones (of
     // the whole table: a second close_range of a shared one finds nothing left).
@@ -917,6 +984,10 @@ fn finish_child(plan: &Plan, built: Built, helper: u64, extra: &mut Vec<Pid>, pi
     log::debug!("mm fields set, helper descriptors closed");
     // After the last close in the child: a close drops its POSIX locks on that file.
     locks::restore(&mut inj, &mem, data, &rec.locks)?;
+    // Before the helper page goes: they run their injected calls in it too.
+    for k in kids {
+        vmshare::finish(k, &mem, helper, extra)?;
+    }
     // The other threads, each finished and left stopped with its registers in place.
     for t in &rec.threads[1..] {
         let tid = threads::clone_thread(&mut inj, &mem, data, t)?;
@@ -948,7 +1019,7 @@ fn same_file_as_own_exe(f: &stasis_image::FileRef) -> bool {
 /// What every thread sets for itself once the address space exists: kernel-held
 /// addresses, its pending signals, credentials (last: dropping them would forbid the
 /// clone3 with set_tid that makes the next thread). `fresh`: see restore_kernel_addrs.
-fn finish_thread(
+pub(crate) fn finish_thread(
     inj: &mut Injector,
     mem: &ChildMem,
     data: u64,
@@ -1030,12 +1101,12 @@ mod tests {
     fn a_shared_table_gets_one_block_per_process() {
         let procs = tree();
         let members: Vec<&ProcessRecord> = procs[..3].iter().collect();
-        let plans = FdPlan::group(&members, 5);
+        let plans = FdPlan::group(&members, &[0, 0, 0], 0, 5);
         // Above fd 7: exe and tty of each (no mapped files), one after the other.
         let layout: Vec<(i32, i32)> = plans.iter().map(|p| (p.exe, p.tty)).collect();
         assert_eq!(layout, vec![(8, 9), (10, 11), (12, 13)]);
         assert!(plans.iter().all(|p| p.park == 14 && p.close_from == 8));
-        let alone = FdPlan::group(&[&procs[3]], 20);
+        let alone = FdPlan::group(&[&procs[3]], &[0], 0, 20);
         assert_eq!((alone[0].exe, alone[0].tty, alone[0].park, alone[0].close_from), (3, 4, 20, 3));
     }
 

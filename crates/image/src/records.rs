@@ -108,6 +108,19 @@ pub struct ProcessRecord {
     /// Shares its cwd, root and umask with its parent (cloned with CLONE_FS), alike.
     #[serde(default)]
     pub fs_with_parent: bool,
+    /// Shares its address space with its parent (cloned with CLONE_VM, without
+    /// CLONE_THREAD): its memory is its parent's, whose record holds the mappings (this
+    /// one's `mm.vmas` is empty). The restored parent clones it so again.
+    #[serde(default)]
+    pub vm_with_parent: bool,
+    /// Shares its signal handlers with its parent (CLONE_SIGHAND, which needs
+    /// `vm_with_parent`): its `sigactions` are its parent's.
+    #[serde(default)]
+    pub sighand_with_parent: bool,
+    /// The signal its parent gets when it ends (`exit_signal` of clone; SIGCHLD for a
+    /// fork). Absent in images from before it was recorded.
+    #[serde(default)]
+    pub exit_signal: Option<i32>,
 }
 
 /// A controlling terminal, as /proc/PID/stat shows it (tty_nr, tpgid).

@@ -18,6 +18,7 @@ pub const NT_X86_XSTATE: u32 = 0x202;
 
 pub const PTRACE_O_TRACESYSGOOD: u64 = 1;
 pub const PTRACE_O_EXITKILL: u64 = 1 << 20;
+pub const PTRACE_O_TRACEFORK: u64 = 1 << 1;
 pub const PTRACE_O_TRACECLONE: u64 = 1 << 3;
 pub const PTRACE_EVENT_STOP: i32 = 128;
 pub const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;

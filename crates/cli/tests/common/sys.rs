@@ -120,3 +120,15 @@ pub fn mkfifo(path: &Path, mode: libc::mode_t) -> io::Result<()> {
     // SAFETY: c is a valid NUL-terminated path for the duration of the call.
     check(unsafe { libc::mkfifo(c.as_ptr(), mode) }).map(drop)
 }
+
+/// `kcmp(a, b, kind, 0, 0) == 0`: do two processes share the kernel object
+/// `kind` (KCMP_VM 1, KCMP_FILES 2, KCMP_FS 3, KCMP_SIGHAND 4)?
+#[allow(dead_code)] // only some test files compare processes
+pub fn kcmp_shares(a: i32, b: i32, kind: i32) -> io::Result<bool> {
+    // SAFETY: kcmp takes plain integers and touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, a, b, kind, 0, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r == 0)
+}
