@@ -84,6 +84,29 @@ impl Injector {
         }
     }
 
+    /// Runs one system call and leaves the thread at the interrupt stop that follows it
+    /// (instead of its exit stop): from the entry stop the thread is interrupted and let
+    /// go, so the call completes and the thread traps before its next instruction. One
+    /// stop fewer than a call followed by [`to_interrupt_stop`]. A negative result is an
+    /// error naming `call`.
+    pub fn call_to_interrupt_stop(&mut self, call: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        let pid = self.pid;
+        let mut r = self.base;
+        r.rip = self.syscall_ip;
+        r.rax = nr as u64;
+        r.orig_rax = u64::MAX;
+        [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = args;
+        ptrace::set_regs(self.tid, &r).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+        self.wait_syscall_stop(nr)?; // entry
+        fault_point();
+        to_interrupt_stop(pid, self.tid)?;
+        let got = ptrace::get_regs(self.tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?.rax as i64;
+        if (-4095..0).contains(&got) {
+            return Err(Error::Injected { pid, call, errno: Errno(-got as i32) });
+        }
+        Ok(got as u64)
+    }
+
     /// Runs one system call and turns a negative result into an error naming `call`.
     pub fn call(&mut self, call: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
         log::trace!("pid {}: injected {call}", self.pid);

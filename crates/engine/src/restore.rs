@@ -979,10 +979,15 @@ fn finish_child(plan: &Plan, built: Built, helper: u64, extra: &mut Vec<Pid>, pi
     let Built { mut inj, mem, kids } = built;
     let data = helper + HELPER_DATA;
     // The restorer's descriptors in the child: image, exe, mapped files, parked ones (of
-    // the whole table: a second close_range of a shared one finds nothing left).
-    inj.call("close_range", libc::SYS_close_range, [plan.fds.close_from as u64, u32::MAX as u64, 0, 0, 0, 0])?;
-    log::debug!("mm fields set, helper descriptors closed");
-    // After the last close in the child: a close drops its POSIX locks on that file.
+    // the whole table: a second close_range of a shared one finds nothing left). Alone,
+    // before the locks (a close drops its POSIX locks on that file) and what processes
+    // sharing the address space set up; else first in the main thread's last batch.
+    let close = ("close_range", libc::SYS_close_range, [plan.fds.close_from as u64, u32::MAX as u64, 0, 0, 0, 0]);
+    let close_last = rec.locks.is_empty() && kids.is_empty();
+    if !close_last {
+        inj.call(close.0, close.1, close.2)?;
+        log::debug!("mm fields set, helper descriptors closed");
+    }
     locks::restore(&mut inj, &mem, data, &rec.locks)?;
     // Before the helper page goes: they run their injected calls in it too.
     for k in kids {
@@ -995,7 +1000,7 @@ fn finish_child(plan: &Plan, built: Built, helper: u64, extra: &mut Vec<Pid>, pi
         extra.push(tid);
         let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
         let mut tinj = Injector::new(pid, tid, helper, regs);
-        finish_thread(&mut tinj, &mem, data, rec, t, true)?;
+        finish_thread(&mut tinj, &mem, data, rec, t, true, &[])?;
         threads::restore_regs(pid, tid, t)?;
         log::debug!("thread {tid} ready");
     }
@@ -1006,9 +1011,12 @@ fn finish_child(plan: &Plan, built: Built, helper: u64, extra: &mut Vec<Pid>, pi
         signals::drain_pending(&mut inj, &mem, data)?;
     }
     signals::restore_pending(&mut inj, &mem, data, Pid(rec.pid), None, &rec.shared_pending)?;
-    finish_thread(&mut inj, &mem, data, rec, thread, false)?;
-    inj.call("munmap(helper)", libc::SYS_munmap, [helper, HELPER_LEN, 0, 0, 0, 0])?;
-    threads::restore_regs(pid, pid, thread)
+    let lead = if close_last { std::slice::from_ref(&close) } else { &[] };
+    finish_thread(&mut inj, &mem, data, rec, thread, false, lead)?;
+    // The helper page goes; the interrupt stop right after that call is where the saved
+    // registers go in.
+    inj.call_to_interrupt_stop("munmap(helper)", libc::SYS_munmap, [helper, HELPER_LEN, 0, 0, 0, 0])?;
+    threads::set_final_regs(pid, pid, thread)
 }
 
 fn same_file_as_own_exe(f: &stasis_image::FileRef) -> bool {
@@ -1018,7 +1026,8 @@ fn same_file_as_own_exe(f: &stasis_image::FileRef) -> bool {
 
 /// What every thread sets for itself once the address space exists: kernel-held
 /// addresses, its pending signals, credentials (last: dropping them would forbid the
-/// clone3 with set_tid that makes the next thread). `fresh`: see restore_kernel_addrs.
+/// clone3 with set_tid that makes the next thread). `fresh`: see restore_kernel_addrs;
+/// `lead`: calls that go first in the same batch.
 pub(crate) fn finish_thread(
     inj: &mut Injector,
     mem: &ChildMem,
@@ -1026,12 +1035,16 @@ pub(crate) fn finish_thread(
     rec: &ProcessRecord,
     t: &stasis_image::ThreadRecord,
     fresh: bool,
+    lead: &[(&'static str, i64, [u64; 6])],
 ) -> Result<()> {
     let pid = Pid(rec.pid);
     signals::restore_pending(inj, mem, data, pid, Some(Pid(t.tid)), &t.pending)?;
-    // The rest in one batch: kernel-held addresses (name at data, alternate stack at data
-    // + 64), then credentials (groups at data + 512).
+    // The rest in one batch: `lead`, kernel-held addresses (name at data, alternate stack
+    // at data + 64), then credentials (groups at data + 512).
     let mut calls = Batch::default();
+    for &(name, nr, args) in lead {
+        calls.push(name, nr, args);
+    }
     threads::restore_kernel_addrs(&mut calls, mem, data, t, fresh)?;
     task::restore_creds(&mut calls, inj.tid, mem, data + 512, &rec.creds)?;
     let helper = data - HELPER_DATA;

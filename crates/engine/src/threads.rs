@@ -116,6 +116,11 @@ pub fn restore_kernel_addrs(calls: &mut Batch, mem: &ChildMem, scratch: u64, t: 
 /// restart-block call returns EINTR, as after a signal.
 pub fn restore_regs(pid: Pid, tid: Pid, t: &ThreadRecord) -> Result<()> {
     to_interrupt_stop(pid, tid)?;
+    set_final_regs(pid, tid, t)
+}
+
+/// The thread's saved registers, XSAVE state and signal mask, set at an interrupt stop.
+pub fn set_final_regs(pid: Pid, tid: Pid, t: &ThreadRecord) -> Result<()> {
     if !t.xstate.is_empty() {
         ptrace::set_regset(tid, ptrace::NT_X86_XSTATE, &t.xstate)
             .map_err(Error::sys(pid, "PTRACE_SETREGSET NT_X86_XSTATE"))?;
