@@ -237,6 +237,11 @@ struct Shared<'a> {
     status_fd: i32,
     /// They then wait reading this pipe, which is never written.
     wait_fd: i32,
+    /// What every restore child inherits from the restorer and need not set again: the
+    /// signals with a disposition other than the default, and the resource limits
+    /// (resource, soft, hard).
+    inherited_actions: u64,
+    inherited_limits: Vec<(u32, u64, u64)>,
 }
 
 fn check_pid_free(pid: Pid) -> Result<()> {
@@ -426,6 +431,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
     let validate = t0.elapsed();
     let shared = Shared {
+        inherited_actions: signals::restorer_actions(),
+        inherited_limits: (0..task::RLIMIT_NAMES.len() as u32)
+            .filter_map(|r| sp::own_rlimit(r).ok().map(|(soft, hard)| (r, soft, hard)))
+            .collect(),
         plans,
         mounts_proc: (opts.pidns && root.pid == 1).then_some(root_idx),
         helper,
@@ -823,7 +832,7 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32, report: Option<i
     for &c in &plan.children {
         fork_process(shared, c).map_err(|e| e.to_string())?;
     }
-    signals::restore_actions_in_child(&rec.sigactions)?;
+    signals::restore_actions_in_child(&rec.sigactions, shared.inherited_actions)?;
     // Above every number the processes sharing our table use, so that no one's
     // close_range or dup3 hits them.
     let park = |fd: i32| sp::dup_at_least(fd, plan.fds.park).map_err(|e| format!("dup: {e}"));
@@ -847,7 +856,7 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32, report: Option<i
     stasis_sys::mem::map_helper_region(shared.helper, HELPER_LEN as usize, &code)
         .map_err(|e| format!("map helper page at {:#x}: {e}", shared.helper))?;
     let ok = format!("ok {}\n", rec.pid);
-    set_own_state(rec)?;
+    set_own_state(rec, &shared.inherited_limits)?;
     // No parent-death signal from here on: it would outlive the restore, and the end of
     // the wait pipe tells us the restorer is gone. Before the report: once the restorer
     // has every report it may stop us at any instruction.
@@ -866,7 +875,8 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32, report: Option<i
 /// exists, so the threads inherit them), and the main thread's kernel-held addresses
 /// (robust list, clear_child_tid, alternate stack; the kernel only records them until the
 /// thread exits or takes a signal, by which time the saved memory is in place).
-fn set_own_state(rec: &ProcessRecord) -> std::result::Result<(), String> {
+/// `inherited_limits`: see [`Shared`].
+fn set_own_state(rec: &ProcessRecord, inherited_limits: &[(u32, u64, u64)]) -> std::result::Result<(), String> {
     const ROBUST_LIST_HEAD_LEN: u64 = 24;
     let main = &rec.threads[0];
     let (head, len) = main.robust_list;
@@ -882,7 +892,7 @@ fn set_own_state(rec: &ProcessRecord) -> std::result::Result<(), String> {
     if rec.no_new_privs {
         sp::set_no_new_privs().map_err(|e| format!("PR_SET_NO_NEW_PRIVS: {e}"))?;
     }
-    for l in &rec.rlimits {
+    for l in rec.rlimits.iter().filter(|l| !inherited_limits.contains(&(l.resource, l.soft, l.hard))) {
         sp::set_own_rlimit(l.resource, l.soft, l.hard).map_err(|e| format!("setrlimit {}: {e}", l.resource))?;
     }
     Ok(())

@@ -70,17 +70,31 @@ pub fn dump_pending(pid: Pid, tid: Pid, shared: bool) -> Result<Vec<SigInfo>> {
 
 /// In the restore child: block everything, then install every saved disposition and
 /// reset all others to default (the child inherited the restorer's).
-pub fn restore_actions_in_child(actions: &[SigAction]) -> std::result::Result<(), String> {
+/// `inherited`: the signals whose disposition in the child (the restorer's, as
+/// [`restorer_actions`] read them) is not the default; the others need no call unless
+/// saved.
+pub fn restore_actions_in_child(actions: &[SigAction], inherited: u64) -> std::result::Result<(), String> {
     stasis_sys::proc::set_own_sigmask(!0).map_err(|e| format!("sigprocmask: {e}"))?;
     for sig in (1..=NSIG).filter(|&s| catchable(s)) {
-        let act = actions
-            .iter()
-            .find(|a| a.sig == sig)
+        let saved = actions.iter().find(|a| a.sig == sig);
+        if saved.is_none() && inherited & (1u64 << (sig - 1)) == 0 {
+            continue;
+        }
+        let act = saved
             .map(|a| KernelSigaction { handler: a.handler, flags: a.flags, restorer: a.restorer, mask: a.mask })
             .unwrap_or_default();
         stasis_sys::proc::set_sigaction(sig, &act).map_err(|e| format!("rt_sigaction({sig}): {e}"))?;
     }
     Ok(())
+}
+
+/// The signals whose disposition in this process is not the default (a signal that
+/// cannot be read counts as not default).
+pub fn restorer_actions() -> u64 {
+    (1..=NSIG)
+        .filter(|&s| catchable(s))
+        .filter(|&s| stasis_sys::proc::own_sigaction(s).map_or(true, |a| a != KernelSigaction::default()))
+        .fold(0, |m, s| m | 1u64 << (s - 1))
 }
 
 /// Injected in a new thread of a restored process: its alternate signal stack (the main

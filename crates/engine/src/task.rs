@@ -119,8 +119,16 @@ pub fn check_rlimits(pid: Pid, limits: &[Rlimit], have_sys_resource: bool) -> Re
     if have_sys_resource {
         return Ok(());
     }
+    // Ours, read once per restorer: every process of a tree is checked against them.
+    static OWN: std::sync::OnceLock<std::collections::HashMap<u32, u64>> = std::sync::OnceLock::new();
+    let own = OWN.get_or_init(|| {
+        (0..RLIMIT_NAMES.len() as u32).filter_map(|r| Some((r, stasis_sys::proc::own_rlimit(r).ok()?.1))).collect()
+    });
     for l in limits {
-        let (_, hard) = stasis_sys::proc::own_rlimit(l.resource).map_err(Error::sys(pid, "prlimit"))?;
+        let hard = match own.get(&l.resource) {
+            Some(&h) => h,
+            None => stasis_sys::proc::own_rlimit(l.resource).map_err(Error::sys(pid, "prlimit"))?.1,
+        };
         if l.hard > hard {
             return Err(Error::Restore {
                 pid,
@@ -137,8 +145,18 @@ pub fn check_rlimits(pid: Pid, limits: &[Rlimit], have_sys_resource: bool) -> Re
 /// Injected last of all, in every thread (credentials belong to threads; libc makes the
 /// set*id calls of one thread apply to all): groups, gids, uids (in that order: after
 /// setresuid a non-root thread could no longer change its groups).
+///
+/// Every thread that gets here still has the credentials it was created with, the
+/// restorer's (read once).
 pub fn restore_creds(calls: &mut Batch, tid: Pid, mem: &ChildMem, at: u64, c: &Creds) -> Result<()> {
-    let cur = read_status(tid)?;
+    static OWN: std::sync::OnceLock<crate::procfs::Status> = std::sync::OnceLock::new();
+    let cur = match OWN.get() {
+        Some(st) => st,
+        None => {
+            let st = read_status(tid)?;
+            OWN.get_or_init(|| st)
+        }
+    };
     if cur.uids == c.uids && cur.gids == c.gids && cur.groups == c.groups {
         return Ok(());
     }

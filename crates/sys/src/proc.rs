@@ -346,6 +346,13 @@ pub fn set_sigaction(sig: i32, act: &KernelSigaction) -> SysResult<()> {
     .map(drop)
 }
 
+/// `rt_sigaction(sig, NULL, &old, 8)`: the calling process's disposition of `sig`.
+pub fn own_sigaction(sig: i32) -> SysResult<KernelSigaction> {
+    let mut old = KernelSigaction::default();
+    syscall6(libc::SYS_rt_sigaction, [sig as u64, 0, &mut old as *mut KernelSigaction as u64, 8, 0, 0])?;
+    Ok(old)
+}
+
 /// `rt_sigprocmask(SIG_SETMASK, &mask, NULL, 8)` for the calling thread.
 pub fn set_own_sigmask(mask: u64) -> SysResult<()> {
     syscall6(
