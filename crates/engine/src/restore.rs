@@ -505,10 +505,6 @@ struct Drive<'a> {
     root: Pid,
 }
 
-/// At most this many tracer threads: the work is mostly waiting for tracee stops, so a
-/// few more than the CPUs still help.
-const MAX_TRACERS: usize = 8;
-
 /// Seizes and drives every live process to its final registers, then lets all of them
 /// run at once. ptrace requests must come from the thread that seized a tracee, so the
 /// processes are shared out among tracer threads, each of which keeps its own from the
@@ -523,8 +519,7 @@ const MAX_TRACERS: usize = 8;
 fn drive_all(live: &[&Plan], d: &Drive) -> Result<u64> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Barrier, Mutex};
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let want = live.len().min((2 * cpus).clamp(1, MAX_TRACERS)).max(1);
+    let want = live.len().min(crate::tracers::count()).max(1);
     let per = live.len().div_ceil(want).max(1);
     // Every worker must reach every barrier: as many as there are shares.
     let workers = live.len().div_ceil(per).max(1);

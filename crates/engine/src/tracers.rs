@@ -25,6 +25,14 @@ type Job = Box<dyn FnOnce(&mut Held) + Send>;
 /// few more than the CPUs still help.
 const MAX_TRACERS: usize = 8;
 
+/// How many tracer threads a dump or restore uses at most: `STASIS_TRACERS` from the
+/// environment, else twice the CPUs, within 1..=8.
+pub(crate) fn count() -> usize {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let n = std::env::var("STASIS_TRACERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2 * cpus);
+    n.clamp(1, MAX_TRACERS)
+}
+
 struct Worker {
     tx: Option<mpsc::Sender<Job>>,
     handle: Option<JoinHandle<()>>,
@@ -38,9 +46,7 @@ pub(crate) struct Tracers {
 impl Tracers {
     /// No thread is started before it gets work.
     pub(crate) fn new() -> Tracers {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let max = std::env::var("STASIS_TRACERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2 * cpus);
-        Tracers { workers: Vec::new(), max: max.clamp(1, MAX_TRACERS) }
+        Tracers { workers: Vec::new(), max: count() }
     }
 
     /// How many tracer threads there may be.
