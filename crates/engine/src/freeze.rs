@@ -202,6 +202,30 @@ fn real_sigmask(pid: Pid, tid: Pid, regs: &UserRegs) -> Result<Option<u64>> {
     Ok(mask)
 }
 
+/// Seizes and interrupts the threads `new` of `pid`, adding each to `seen` and, once
+/// interrupted, to `interrupted`. A thread that exited meanwhile is skipped.
+fn seize_new(pid: Pid, new: &[Pid], seen: &mut BTreeMap<Pid, ()>, interrupted: &mut Vec<Pid>) -> Result<()> {
+    for &tid in new {
+        wait_out_vfork(pid, tid, Instant::now())?;
+        if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
+            if e.0 == libc::ESRCH {
+                continue; // exited meanwhile
+            }
+            if e.0 == libc::EPERM {
+                let st = read_status(pid)?;
+                if st.tracer_pid != 0 {
+                    return Err(Error::AlreadyTraced { pid, tracer: st.tracer_pid });
+                }
+            }
+            return Err(Error::Sys { pid, op: "PTRACE_SEIZE", errno: e });
+        }
+        seen.insert(tid, ());
+        ptrace::interrupt(tid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
+        interrupted.push(tid);
+    }
+    Ok(())
+}
+
 impl Frozen {
     /// Seizes and stops every thread of `pid`, re-reading the thread list until a pass
     /// finds no thread it has not stopped (threads started meanwhile cannot escape).
@@ -214,29 +238,33 @@ impl Frozen {
             if new.is_empty() {
                 break;
             }
-            for tid in new {
-                wait_out_vfork(pid, tid, Instant::now())?;
-                if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
-                    if e.0 == libc::ESRCH {
-                        continue; // exited meanwhile
+            // Every new thread is seized and interrupted first, then each one's stop
+            // awaited: the threads reach their stops at the same time. On an error, the
+            // threads interrupted but not yet recorded are let go here (the recorded ones
+            // by the guard).
+            let mut interrupted = Vec::with_capacity(new.len());
+            let r = seize_new(pid, &new, &mut seen, &mut interrupted).and_then(|()| {
+                while let Some(&tid) = interrupted.first() {
+                    wait_for_stop(pid, tid)?;
+                    interrupted.remove(0);
+                    let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
+                    let mask = ptrace::get_sigmask(tid).map_err(Error::sys(pid, "PTRACE_GETSIGMASK"))?;
+                    // Recorded before the probe, which may leave it at another stop.
+                    fr.threads.push(FrozenThread { tid, regs, sigmask: mask, injected: false });
+                    if let Some(m) = real_sigmask(pid, tid, &regs)? {
+                        let t = fr.threads.last_mut().expect("just pushed");
+                        (t.sigmask, t.injected) = (m, true);
                     }
-                    if e.0 == libc::EPERM {
-                        let st = read_status(pid)?;
-                        if st.tracer_pid != 0 {
-                            return Err(Error::AlreadyTraced { pid, tracer: st.tracer_pid });
-                        }
-                    }
-                    return Err(Error::Sys { pid, op: "PTRACE_SEIZE", errno: e });
                 }
-                seen.insert(tid, ());
-                ptrace::interrupt(tid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
-                wait_for_stop(pid, tid)?;
-                let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
-                let (sigmask, injected) = match real_sigmask(pid, tid, &regs)? {
-                    Some(m) => (m, true),
-                    None => (ptrace::get_sigmask(tid).map_err(Error::sys(pid, "PTRACE_GETSIGMASK"))?, false),
-                };
-                fr.threads.push(FrozenThread { tid, regs, sigmask, injected });
+                Ok(())
+            });
+            if let Err(e) = r {
+                for tid in interrupted {
+                    if wait_for_stop(pid, tid).is_ok() {
+                        let _ = ptrace::detach(tid, 0);
+                    }
+                }
+                return Err(e);
             }
         }
         if fr.threads.is_empty() {

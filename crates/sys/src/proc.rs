@@ -319,6 +319,12 @@ pub fn set_pdeathsig(sig: i32) -> SysResult<()> {
         .map(drop)
 }
 
+/// `prctl(PR_SET_TIMERSLACK, ns)` for the calling thread (and threads it starts later).
+pub fn set_timer_slack(ns: u64) -> SysResult<()> {
+    // SAFETY: plain integer arguments.
+    cvt(unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong) } as libc::c_long).map(drop)
+}
+
 /// `prctl(PR_SET_CHILD_SUBREAPER, 1)`.
 pub fn set_child_subreaper() -> SysResult<()> {
     // SAFETY: plain integer arguments.
