@@ -645,6 +645,27 @@ fn a_dumper_killed_during_an_injected_call_leaves_registers_intact() {
                 fs::read_to_string(format!("/proc/{}/syscall", fixture.pid()))
                     .is_ok_and(|s| s.split_whitespace().next() == Some("130"))
             });
+            // Its spinning workers must show progress when it ends: let each of them run
+            // for a millisecond of CPU (a loaded machine may not have run them yet).
+            let runtime = |tid: &str| -> u64 {
+                fs::read_to_string(format!("/proc/{}/task/{tid}/schedstat", fixture.pid()))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            let tids: Vec<String> = fs::read_dir(format!("/proc/{}/task", fixture.pid()))
+                .expect("task dir")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let start: Vec<u64> = tids.iter().map(|t| runtime(t)).collect();
+            wait_until(Duration::from_secs(10), "the workers ran again", || {
+                tids.iter().zip(&start).all(|(t, &s0)| {
+                    let sleeping = fs::read_to_string(format!("/proc/{}/task/{t}/stat", fixture.pid()))
+                        .is_ok_and(|st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('S')));
+                    sleeping || runtime(t) >= s0 + 1_000_000
+                })
+            });
         }
         fixture.finish();
     }

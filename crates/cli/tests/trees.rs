@@ -772,3 +772,50 @@ fn python_threads_and_subprocess_two_rounds() {
 fn python_program_alone_passes() {
     python_program(0);
 }
+
+// ---------------------------------------------------------------------------
+// A shell with many children (more than one process forks them back on restore)
+
+/// $1 is a file created once the children run. bash forks SHELL_CHILDREN `sleep`s, then
+/// waits for them one by one and says PASS once all of them ended: they must come back as
+/// its own children, whose exits it is told of and reaps.
+const MANY_CHILDREN: &str = r#"
+for i in $(seq "$2"); do sleep 1000 & done
+: > "$1"
+n=0
+for i in $(seq "$2"); do wait -n; n=$((n + 1)); done
+if [ "$n" = "$2" ] && [ -z "$(jobs -p)" ]; then echo PASS; else echo "FAIL: $n of $2 reaped"; fi
+"#;
+const SHELL_CHILDREN: usize = 24;
+
+fn shell_with_many_children(rounds: usize) {
+    let dir = TempDir::new("many-children");
+    let ready = dir.join("ready");
+    let mut cmd = hermetic_command("bash");
+    cmd.args(["-c", MANY_CHILDREN, "bash"]).arg(&ready).arg(SHELL_CHILDREN.to_string());
+    let mut job = Job::start("bash with many children", dir, cmd);
+    let tree = Tree::new(job.pid());
+    wait_until(Duration::from_secs(30), "the children run", || {
+        ready.exists() && children(job.pid()).len() == SHELL_CHILDREN
+    });
+    checkpoint_rounds(&mut job, &tree, rounds);
+    let kids = children(job.pid());
+    assert_eq!(kids.len(), SHELL_CHILDREN, "children after the restore: {kids:?}");
+    for k in kids {
+        assert_eq!(stat(k).map(|s| s.kin.ppid), Some(job.pid()), "pid {k} is not bash's child");
+        sys::kill(k, libc::SIGTERM).unwrap_or_else(|e| panic!("kill {k}: {e}"));
+    }
+    let status = job.root.wait(EXIT_TIMEOUT);
+    tree.root_reaped.set(true);
+    job.assert_verdict(status, true);
+}
+
+#[test]
+fn a_shell_gets_many_children_back_one_round() {
+    shell_with_many_children(1);
+}
+
+#[test]
+fn a_shell_gets_many_children_back_three_rounds() {
+    shell_with_many_children(3);
+}

@@ -454,7 +454,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     };
     let first = match &ctl {
         Some((ctl_rd, _)) if root.pid != 1 => fork_ns_init(&shared, root_idx, ctl_rd.as_raw_fd(), !opts.shell_job),
-        _ => fork_process(&shared, root_idx),
+        _ => fork_process(&shared, root_idx, &[]),
     };
     if let Some(ns) = own_ns {
         sp::setns(ns.as_raw_fd(), libc::CLONE_NEWPID).map_err(Error::sys(root_pid, "setns back to our PID namespace"))?;
@@ -702,14 +702,39 @@ impl Drop for TreeGuard {
 /// code and never returns. A child that shares a table with us (CLONE_FILES, CLONE_FS)
 /// must have forked its own children before we change that table, so that they start
 /// from what the restorer handed down: it says so on a pipe, and only then do we return.
-fn fork_process(shared: &Shared, idx: usize) -> Result<Pid> {
+/// Below this many children a parent forks them all itself.
+const DELEGATE_FROM: usize = 8;
+
+/// Which of `children` (plan indexes, all of one parent) are forked by one of them (the
+/// first returned) instead of by their parent, with CLONE_PARENT: half of those that
+/// share no table with their parent (whose clone flags CLONE_PARENT would change), when
+/// there are at least DELEGATE_FROM. The one forking them is such a child too, alive.
+fn split_forks(shared: &Shared, children: &[usize]) -> (Option<usize>, Vec<usize>) {
+    let plain: Vec<usize> = children.iter().copied().filter(|&c| shared.plans[c].share == 0).collect();
+    let Some(&helper) = plain.iter().find(|&&c| shared.plans[c].rec.zombie_status.is_none()) else {
+        return (None, Vec::new());
+    };
+    if plain.len() < DELEGATE_FROM {
+        return (None, Vec::new());
+    }
+    let rest: Vec<usize> = plain.into_iter().filter(|&c| c != helper).collect();
+    (Some(helper), rest[rest.len() / 2..].to_vec())
+}
+
+/// Forks the restore child of plan `idx` (a child of ours), which first forks the plans
+/// `siblings` as children of ours too (CLONE_PARENT), then restores itself.
+fn fork_process(shared: &Shared, idx: usize, siblings: &[usize]) -> Result<Pid> {
+    fork_with(shared, idx, siblings, 0)
+}
+
+fn fork_with(shared: &Shared, idx: usize, siblings: &[usize], extra: i32) -> Result<Pid> {
     let plan = &shared.plans[idx];
     let pid = Pid(plan.rec.pid);
     let report = match plan.share {
         0 => None,
         _ => Some(sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(pid, "pipe2"))?),
     };
-    match sp::fork_with_pid(Some(pid), plan.share) {
+    match sp::fork_with_pid(Some(pid), plan.share | extra) {
         Err(e) if e.0 == libc::EEXIST => {
             check_pid_free(pid)?;
             Err(Error::PidTaken { pid, comm: "unknown".into() })
@@ -727,6 +752,12 @@ fn fork_process(shared: &Shared, idx: usize) -> Result<Pid> {
             Ok(c)
         }
         Ok(Forked::Child) => {
+            for &s in siblings {
+                if let Err(e) = fork_with(shared, s, &[], libc::CLONE_PARENT) {
+                    sp::write_all_raw(shared.status_fd, format!("err {pid} {}\n", e.to_string().replace('\n', " ")).as_bytes());
+                    sp::exit_now(1);
+                }
+            }
             if let Some(status) = plan.rec.zombie_status {
                 become_zombie(status);
             }
@@ -779,7 +810,7 @@ fn fork_ns_init(shared: &Shared, root_idx: usize, ctl: i32, setsid: bool) -> Res
                     fail(format!("setsid: {e}"));
                 }
             }
-            match fork_process(shared, root_idx) {
+            match fork_process(shared, root_idx, &[]) {
                 Ok(root) => pidns::init_loop(ctl, root),
                 Err(e) => fail(e.to_string()),
             }
@@ -823,9 +854,13 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32, report: Option<i
             stasis_sys::tty::set_controlling_tty(c.fd, c.steal).map_err(|e| format!("TIOCSCTTY: {e}"))?;
         }
     }
-    // Returns only once every child sharing a table with us has forked its own.
-    for &c in &plan.children {
-        fork_process(shared, c).map_err(|e| e.to_string())?;
+    // Returns only once every child sharing a table with us has forked its own. Of many
+    // children, one forks half of its siblings (CLONE_PARENT), at the same time as we
+    // fork the rest.
+    let (helper_child, delegated) = split_forks(shared, &plan.children);
+    for &c in plan.children.iter().filter(|c| !delegated.contains(c)) {
+        let theirs = if Some(c) == helper_child { delegated.as_slice() } else { &[] };
+        fork_process(shared, c, theirs).map_err(|e| e.to_string())?;
     }
     signals::restore_actions_in_child(&rec.sigactions, shared.inherited_actions)?;
     // Above every number the processes sharing our table use, so that no one's

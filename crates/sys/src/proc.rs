@@ -103,6 +103,12 @@ pub(crate) struct CloneArgs {
 /// Waits (up to two seconds) until this process has one thread: a thread that was just
 /// joined may still be listed for a moment while the kernel releases it.
 fn wait_single_threaded() -> SysResult<()> {
+    // A process forked by fork_with_pid is single-threaded from birth, and the restore
+    // code it runs starts no thread: only the process that first called here is checked.
+    static FIRST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    if *FIRST.get_or_init(std::process::id) != std::process::id() {
+        return Ok(());
+    }
     for _ in 0..20_000 {
         let threads = std::fs::read_dir("/proc/self/task").map_err(|_| Errno(libc::EIO))?.count();
         if threads == 1 {
@@ -122,8 +128,8 @@ pub enum Forked {
 
 /// The tables a child made by [`fork_with_pid`] may share with its parent instead of
 /// getting a copy: its descriptor table (`CLONE_FILES`) and its cwd, root and umask
-/// (`CLONE_FS`).
-pub const SHAREABLE: i32 = libc::CLONE_FILES | libc::CLONE_FS;
+/// (`CLONE_FS`); and `CLONE_PARENT`, which makes it our sibling (a child of our parent).
+pub const SHAREABLE: i32 = libc::CLONE_FILES | libc::CLONE_FS | libc::CLONE_PARENT;
 
 /// `clone3` without `CLONE_VM` (a fork) whose child gets PID `pid` (`set_tid`), or any
 /// PID when `pid` is `None`, and shares with its parent the tables `share` names (a
@@ -141,16 +147,17 @@ pub fn fork_with_pid(pid: Option<Pid>, share: i32) -> SysResult<Forked> {
     let tid: libc::pid_t = pid.map(|p| p.0).unwrap_or(0);
     let args = CloneArgs {
         flags: share as u64,
-        exit_signal: libc::SIGCHLD as u64,
+        // A sibling gets the exit signal of its creator (the kernel wants 0 here).
+        exit_signal: if share & libc::CLONE_PARENT != 0 { 0 } else { libc::SIGCHLD as u64 },
         set_tid: if pid.is_some() { &tid as *const libc::pid_t as u64 } else { 0 },
         set_tid_size: pid.is_some() as u64,
         ..Default::default()
     };
     // SAFETY: clone3 without CLONE_VM duplicates the (single-threaded, checked above)
     // process like fork(): the child runs on its own copy of our memory. CLONE_FILES and
-    // CLONE_FS (the only flags allowed, checked above) share no memory, only the
-    // descriptor table and the cwd/root/umask, which Rust's memory safety does not rest
-    // on. `args` and `tid` are live for the call.
+    // CLONE_FS (with CLONE_PARENT the only flags allowed, checked above) share no memory,
+    // only the descriptor table and the cwd/root/umask, which Rust's memory safety does
+    // not rest on; CLONE_PARENT only chooses the child's parent. `args` and `tid` are live for the call.
     let r = unsafe {
         libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
     };
