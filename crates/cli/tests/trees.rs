@@ -795,8 +795,11 @@ fn shell_with_many_children(rounds: usize) {
     cmd.args(["-c", MANY_CHILDREN, "bash"]).arg(&ready).arg(SHELL_CHILDREN.to_string());
     let mut job = Job::start("bash with many children", dir, cmd);
     let tree = Tree::new(job.pid());
-    wait_until(Duration::from_secs(30), "the children run", || {
-        ready.exists() && children(job.pid()).len() == SHELL_CHILDREN
+    wait_until(Duration::from_secs(30), "the children run sleep", || {
+        let kids = children(job.pid());
+        ready.exists()
+            && kids.len() == SHELL_CHILDREN
+            && kids.iter().all(|&k| stat(k).is_some_and(|s| s.kin.comm == "sleep"))
     });
     checkpoint_rounds(&mut job, &tree, rounds);
     let kids = children(job.pid());
