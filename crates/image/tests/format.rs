@@ -56,7 +56,7 @@ fn sample() -> Image {
                     flags: vmflags::MAYWRITE,
                     backing: VmaBacking::Anonymous,
                     file_offset: 0,
-                    pages: vec![PageRun { addr: 0x1000_0000, npages: 2 }],
+                    pages: vec![PageRun::new(0x1000_0000, 2)],
                     data_offset: 0,
                     guards: vec![],
                 }],
