@@ -101,3 +101,45 @@ fn show_counts_shared_pages() {
     assert_eq!(mem(fixture.pid())["shared_bytes"].as_u64().unwrap_or(0), 0, "the root's copies come first");
     finish(fixture, kids);
 }
+
+/// Writes a copy of the image in `from` into `to` with its metadata changed by `edit`
+/// (checksums made to match: only restore's own checks can catch it).
+fn forge(from: &Path, to: &Path, edit: impl FnOnce(&mut stasis_image::Image, u64)) {
+    let reader = stasis_image::ImageReader::open(from).expect("open image");
+    let map = reader.map_pages().expect("map pages");
+    let pages = &map.as_slice()[..reader.header.pages_len as usize];
+    let mut image = reader.image.clone();
+    edit(&mut image, reader.header.pages_len);
+    let mut w = stasis_image::ImageWriter::create(to).expect("create forged image");
+    w.write_pages(pages).expect("write pages");
+    w.finish(&mut image).expect("finish forged image");
+}
+
+/// A run referring to page data outside the image is refused before any process exists,
+/// naming the process and the mapping; the intact image restores.
+#[test]
+fn a_reference_outside_the_page_data_is_refused() {
+    let (mut fixture, kids) = start(2);
+    let image = fixture.dump("img", &[]);
+    fixture.reap_killed();
+    kids.reap_dumped();
+    let child = kids.pid("K1");
+    for (tag, shift, why) in [("past-end", 0u64, "outside the image"), ("unaligned", 1, "not on a page boundary")] {
+        let bad = fixture.dir().join(format!("bad-{tag}"));
+        let mut mapping = String::new();
+        forge(&image, &bad, |img, pages_len| {
+            let p = img.processes.iter_mut().find(|p| p.pid == child).expect("K1 in the image");
+            let v = p.mm.vmas.iter_mut().find(|v| v.pages.iter().any(|r| r.data.is_some())).expect("a shared run");
+            mapping = format!("{:#x}-{:#x}", v.start, v.end);
+            let r = v.pages.iter_mut().find(|r| r.data.is_some()).expect("a shared run");
+            r.data = Some(if shift == 0 { pages_len } else { 4096 + shift });
+        });
+        assert_refused(&restore_detached_args(&bad, &fixture.dir().join("pid-bad")), &[&child.to_string(), &mapping, why]);
+        for &(_, pid) in &kids.pids {
+            assert_no_process(pid, "after the refused restore");
+        }
+        assert_no_process(fixture.pid(), "after the refused restore");
+    }
+    fixture.restore_detached(&image);
+    finish(fixture, kids);
+}

@@ -531,7 +531,10 @@ pub fn validate(img: &stasis_image::Image, pages_len: u64) -> Result<()> {
                 }
                 prev = r.end();
                 if let Some(at) = r.data {
-                    if at % PAGE_SIZE != 0 || at.checked_add(r.len()).is_none_or(|e| e > pages_len) {
+                    if at % PAGE_SIZE != 0 {
+                        return Err(bad(format!("the run at {:#x} refers to page data at {at:#x}, not on a page boundary", r.addr)));
+                    }
+                    if at.checked_add(r.len()).is_none_or(|e| e > pages_len) {
                         return Err(bad(format!("the run at {:#x} refers to page data at {at:#x}, outside the image", r.addr)));
                     }
                 }
