@@ -295,6 +295,41 @@ fn share_keys(pid: Pid, pagemap: &File, runs: &[PageRun]) -> Vec<u64> {
     keys
 }
 
+/// Reads the frame numbers of the plans' shared pages again, now that every process has
+/// been planned, and saves as its own every page whose frame changed. The frames were
+/// read process by process; a page the kernel moved meanwhile (compaction, swap) could
+/// leave its old frame to another page of the tree. A page found in one frame at both
+/// reads stayed there (it would have to come back to that very frame), so two pages that
+/// did were one physical page at the moment between the plans and this check.
+fn confirm_keys(plans: &mut [Option<MmPlan>]) {
+    for plan in plans.iter_mut().flatten() {
+        let pid = plan.pid;
+        let mut pagemap = None;
+        for p in plan.planned.iter_mut().filter(|p| !p.keys.is_empty()) {
+            let file = match &pagemap {
+                Some(f) => f,
+                None => match File::open(format!("/proc/{pid}/pagemap")) {
+                    Ok(f) => pagemap.insert(f),
+                    Err(e) => {
+                        log::debug!("pid {pid}: pagemap: {e}; its pages are saved unshared");
+                        plan.planned.iter_mut().for_each(|p| p.keys.clear());
+                        break;
+                    }
+                },
+            };
+            let again = share_keys(pid, file, &p.vma.pages);
+            if again.is_empty() {
+                p.keys.clear();
+            }
+            for (k, a) in p.keys.iter_mut().zip(again) {
+                if *k != a {
+                    *k = 0;
+                }
+            }
+        }
+    }
+}
+
 /// Lays out a mapping's saved pages in the page data. A page whose key (non-zero) was
 /// saved before refers to that copy (a run with its own `data` offset); any other page is
 /// the mapping's own, placed at `*next`, which advances. `keys` holds one key per page of
@@ -361,6 +396,7 @@ struct Segment {
 /// the image in one parallel write, assigning each mapping and object its data offset.
 /// Returns each process's mapping records.
 pub fn save_all(plans: &mut [Option<MmPlan>], objects: &mut ShmemDump, w: &mut ImageWriter) -> Result<Vec<Vec<Vma>>> {
+    confirm_keys(plans);
     let mut segs = Vec::new();
     let mut total = w.pages_len();
     // Physical pages saved so far (by frame number), with where their copy is.
