@@ -137,7 +137,12 @@ pub struct RlimitReport {
 pub struct MemoryReport {
     pub mappings: usize,
     pub mapped_bytes: u64,
+    /// Bytes of pages restore fills, shared ones included.
     pub saved_bytes: u64,
+    /// Of `saved_bytes`, the pages stored once for several mappings (shared copy-on-write
+    /// after a fork) whose copy belongs to an earlier mapping.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub shared_bytes: u64,
     pub start_code: String,
     pub end_code: String,
     pub start_data: String,
@@ -167,8 +172,11 @@ pub struct MappingReport {
     pub path: Option<String>,
     pub file_offset: u64,
     pub saved_bytes: u64,
+    /// Of `saved_bytes`, the pages whose copy belongs to an earlier mapping.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub shared_bytes: u64,
     pub saved_runs: usize,
-    /// Where the saved bytes start in the page data.
+    /// Where the mapping's own saved bytes start in the page data.
     pub data_offset: u64,
     pub guard_bytes: u64,
     pub flags: Vec<String>,
@@ -260,6 +268,10 @@ pub struct HandlerReport {
     pub handler: String,
     pub flags: Vec<String>,
     pub mask: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn hex(v: u64) -> String {
@@ -377,7 +389,8 @@ fn process_report(p: &ProcessRecord) -> ProcessReport {
         memory: MemoryReport {
             mappings: mm.vmas.len(),
             mapped_bytes: mm.vmas.iter().map(Vma::len).sum(),
-            saved_bytes: mm.vmas.iter().map(Vma::data_len).sum(),
+            saved_bytes: mm.vmas.iter().map(Vma::saved_len).sum(),
+            shared_bytes: mm.vmas.iter().map(|v| v.saved_len() - v.data_len()).sum(),
             start_code: hex(mm.start_code),
             end_code: hex(mm.end_code),
             start_data: hex(mm.start_data),
@@ -436,7 +449,8 @@ fn mapping_report(v: &Vma) -> MappingReport {
         kind,
         path,
         file_offset: v.file_offset,
-        saved_bytes: v.data_len(),
+        saved_bytes: v.saved_len(),
+        shared_bytes: v.saved_len() - v.data_len(),
         saved_runs: v.pages.len(),
         data_offset: v.data_offset,
         guard_bytes: v.guards.iter().map(|g| g.len()).sum(),
@@ -696,10 +710,11 @@ fn process_text(o: &mut String, p: &ProcessReport, rec: &ProcessRecord) {
     let m = &p.memory;
     let _ = writeln!(
         o,
-        "  memory {} mappings, {} mapped, {} saved; brk {}-{}, stack {}",
+        "  memory {} mappings, {} mapped, {} saved{}; brk {}-{}, stack {}",
         m.mappings,
         util::bytes(m.mapped_bytes),
         util::bytes(m.saved_bytes),
+        if m.shared_bytes > 0 { format!(" ({} of it shared with earlier processes)", util::bytes(m.shared_bytes)) } else { String::new() },
         m.start_brk,
         m.brk,
         m.start_stack

@@ -23,6 +23,7 @@ use stasis_image::{vmflags, FileRef, ImageWriter, PageRun, ShmemKind, Vma, VmaBa
 use stasis_sys::mem::{process_vm_readv, RemoteRange};
 use stasis_sys::pagemap::{self, ScanQuery};
 use stasis_sys::{Pid, PAGE_SIZE};
+use std::collections::hash_map::{Entry, HashMap};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
@@ -129,6 +130,9 @@ type MappedFileKey<'a> = (u32, u32, u64, &'a str);
 /// Everything of one mapping needed to save it.
 struct Planned {
     vma: Vma,
+    /// Per page of `vma.pages`, the physical page it may share with other mappings (see
+    /// [`share_keys`]); empty when none may.
+    keys: Vec<u64>,
 }
 
 /// A process's mappings with the pages to save, before their bytes are copied.
@@ -191,13 +195,15 @@ pub fn plan(pid: Pid, maps: &[MapEntry], objects: &mut ShmemDump) -> Result<MmPl
         // Private mappings keep their own (copy-on-write) pages; shared ones only refer to
         // their file or object.
         let is_guard = |cat: u64| cat & pagemap::PAGE_IS_GUARD != 0;
+        let mut keys = Vec::new();
         if matches!(class, MapClass::Anonymous | MapClass::File | MapClass::Shmem(_)) && !m.shared {
             vma.pages = runs_in(&regions, m.start, m.end, |cat| !is_guard(cat));
+            keys = share_keys(pid, &pagemap, &vma.pages);
         }
         if guards_supported && !matches!(vma.backing, VmaBacking::Special(_)) {
             vma.guards = runs_in(&regions, m.start, m.end, is_guard);
         }
-        planned.push(Planned { vma });
+        planned.push(Planned { vma, keys });
     }
     log::debug!("pid {pid}: {} mappings scanned", planned.len());
     Ok(MmPlan { pid, planned })
@@ -239,10 +245,125 @@ fn runs_in(regions: &[pagemap::PageRegion], start: u64, end: u64, want: impl Fn(
         let npages = (b - a) / PAGE_SIZE;
         match runs.last_mut() {
             Some(last) if last.end() == a => last.npages += npages,
-            _ => runs.push(PageRun { addr: a, npages }),
+            _ => runs.push(PageRun::new(a, npages)),
         }
     }
     runs
+}
+
+/// Runs closer than this (in pages) are read from the pagemap in one go.
+const PAGEMAP_GAP: u64 = 512;
+
+/// The key of each page of `runs` for saving it once: its page frame number when it is
+/// present and mapped more than once (by several processes after a fork, or merged by
+/// KSM), else 0 (saved as its own). While the tree is frozen, two pages with one frame
+/// number are one physical page and hold the same bytes: a writer outside the tree gets
+/// its own copy on write. Empty when no page is shared, or the frame numbers cannot be
+/// read (they read as zero without CAP_SYS_ADMIN): then everything is saved as before.
+fn share_keys(pid: Pid, pagemap: &File, runs: &[PageRun]) -> Vec<u64> {
+    let total: u64 = runs.iter().map(|r| r.npages).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let mut keys = Vec::with_capacity(total as usize);
+    let mut buf = Vec::new();
+    let mut i = 0;
+    while i < runs.len() {
+        // Neighbouring runs share one read of the span they cover.
+        let mut j = i + 1;
+        while j < runs.len() && runs[j].addr - runs[j - 1].end() <= PAGEMAP_GAP * PAGE_SIZE {
+            j += 1;
+        }
+        let (start, end) = (runs[i].addr, runs[j - 1].end());
+        buf.resize(((end - start) / PAGE_SIZE) as usize, 0);
+        if let Err(e) = pagemap::read_entries(pagemap, start, &mut buf) {
+            log::debug!("pid {pid}: pagemap at {start:#x}-{end:#x}: {e}; its pages are saved unshared");
+            return Vec::new();
+        }
+        for r in &runs[i..j] {
+            let at = ((r.addr - start) / PAGE_SIZE) as usize;
+            keys.extend(buf[at..at + r.npages as usize].iter().map(|&e| {
+                let shared = e & pagemap::PM_PRESENT != 0 && e & pagemap::PM_MMAP_EXCLUSIVE == 0;
+                if shared { e & pagemap::PM_PFN_MASK } else { 0 }
+            }));
+        }
+        i = j;
+    }
+    if keys.iter().all(|&k| k == 0) {
+        return Vec::new();
+    }
+    keys
+}
+
+/// Reads the frame numbers of the plans' shared pages again, now that every process has
+/// been planned, and saves as its own every page whose frame changed. The frames were
+/// read process by process; a page the kernel moved meanwhile (compaction, swap) could
+/// leave its old frame to another page of the tree. A page found in one frame at both
+/// reads stayed there (it would have to come back to that very frame), so two pages that
+/// did were one physical page at the moment between the plans and this check.
+fn confirm_keys(plans: &mut [Option<MmPlan>]) {
+    for plan in plans.iter_mut().flatten() {
+        let pid = plan.pid;
+        let mut pagemap = None;
+        for p in plan.planned.iter_mut().filter(|p| !p.keys.is_empty()) {
+            let file = match &pagemap {
+                Some(f) => f,
+                None => match File::open(format!("/proc/{pid}/pagemap")) {
+                    Ok(f) => pagemap.insert(f),
+                    Err(e) => {
+                        log::debug!("pid {pid}: pagemap: {e}; its pages are saved unshared");
+                        plan.planned.iter_mut().for_each(|p| p.keys.clear());
+                        break;
+                    }
+                },
+            };
+            let again = share_keys(pid, file, &p.vma.pages);
+            if again.is_empty() {
+                p.keys.clear();
+            }
+            for (k, a) in p.keys.iter_mut().zip(again) {
+                if *k != a {
+                    *k = 0;
+                }
+            }
+        }
+    }
+}
+
+/// Lays out a mapping's saved pages in the page data. A page whose key (non-zero) was
+/// saved before refers to that copy (a run with its own `data` offset); any other page is
+/// the mapping's own, placed at `*next`, which advances. `keys` holds one key per page of
+/// `runs`, or is empty (every page its own). Returns the runs for the record: own runs
+/// merged where addresses meet, references where addresses and copies both do. Pure.
+fn lay_out(runs: &[PageRun], keys: &[u64], saved: &mut HashMap<u64, u64>, next: &mut u64) -> Vec<PageRun> {
+    if keys.is_empty() {
+        *next += runs.iter().map(|r| r.len()).sum::<u64>();
+        return runs.to_vec();
+    }
+    let mut out: Vec<PageRun> = Vec::with_capacity(runs.len());
+    let mut key = keys.iter().copied();
+    for r in runs {
+        for addr in (r.addr..r.end()).step_by(PAGE_SIZE as usize) {
+            let data = match key.next().unwrap_or(0) {
+                0 => None,
+                k => match saved.entry(k) {
+                    Entry::Occupied(at) => Some(*at.get()),
+                    Entry::Vacant(slot) => {
+                        slot.insert(*next);
+                        None
+                    }
+                },
+            };
+            if data.is_none() {
+                *next += PAGE_SIZE;
+            }
+            match out.last_mut() {
+                Some(last) if last.end() == addr && last.data.map(|d| d + last.len()) == data => last.npages += 1,
+                _ => out.push(PageRun { addr, npages: 1, data }),
+            }
+        }
+    }
+    out
 }
 
 /// Bytes each dump worker copies per step: large enough for few system calls, small
@@ -275,15 +396,20 @@ struct Segment {
 /// the image in one parallel write, assigning each mapping and object its data offset.
 /// Returns each process's mapping records.
 pub fn save_all(plans: &mut [Option<MmPlan>], objects: &mut ShmemDump, w: &mut ImageWriter) -> Result<Vec<Vec<Vma>>> {
+    confirm_keys(plans);
     let mut segs = Vec::new();
     let mut total = w.pages_len();
+    // Physical pages saved so far (by frame number), with where their copy is.
+    let mut saved: HashMap<u64, u64> = HashMap::new();
     for (pi, plan) in plans.iter_mut().enumerate() {
         let Some(plan) = plan else { continue };
         for (vi, p) in plan.planned.iter_mut().enumerate() {
             p.vma.data_offset = total;
-            for r in &p.vma.pages {
-                segs.push(Segment { data_off: total, addr: r.addr, len: r.len(), src: Source::Mapping { proc: pi, vma: vi } });
-                total += r.len();
+            p.vma.pages = lay_out(&p.vma.pages, &std::mem::take(&mut p.keys), &mut saved, &mut total);
+            let mut at = p.vma.data_offset;
+            for r in p.vma.pages.iter().filter(|r| r.data.is_none()) {
+                segs.push(Segment { data_off: at, addr: r.addr, len: r.len(), src: Source::Mapping { proc: pi, vma: vi } });
+                at += r.len();
             }
         }
     }
@@ -424,6 +550,40 @@ pub fn busy_ranges(vmas: &[Vma]) -> Vec<(u64, u64)> {
             (low, v.end)
         })
         .collect()
+}
+
+/// Checks every mapping's saved pages before anything is created: runs whole pages inside
+/// the mapping and in address order, the mapping's own data and every copy a run refers to
+/// inside the page data (`pages_len` bytes), page-aligned.
+pub fn validate(img: &stasis_image::Image, pages_len: u64) -> Result<()> {
+    for p in &img.processes {
+        for v in &p.mm.vmas {
+            let bad = |what: String| Error::Incompatible(format!("pid {}: mapping {:#x}-{:#x}: {what}", p.pid, v.start, v.end));
+            let mut prev = v.start;
+            for r in &v.pages {
+                let end = r.npages.checked_mul(PAGE_SIZE).and_then(|l| r.addr.checked_add(l));
+                if r.addr % PAGE_SIZE != 0 || r.addr < prev || end.is_none_or(|e| e > v.end) {
+                    return Err(bad(format!("saved page run at {:#x} lies outside the mapping or out of order", r.addr)));
+                }
+                prev = r.end();
+                if let Some(at) = r.data {
+                    if at % PAGE_SIZE != 0 {
+                        return Err(bad(format!("the run at {:#x} refers to page data at {at:#x}, not on a page boundary", r.addr)));
+                    }
+                    if at.checked_add(r.len()).is_none_or(|e| e > pages_len) {
+                        return Err(bad(format!("the run at {:#x} refers to page data at {at:#x}, outside the image", r.addr)));
+                    }
+                }
+            }
+            if v.data_offset.checked_add(v.data_len()).is_none_or(|e| e > pages_len) {
+                return Err(bad("its page data lies outside the image".into()));
+            }
+            if v.guards.iter().any(|g| g.data.is_some()) {
+                return Err(bad("a guard run carries a data offset".into()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Descriptor numbers in the restore child for the files and memory objects its mappings
@@ -685,16 +845,14 @@ pub fn fill(pid: Pid, mem: &ChildMem, pages: &[u8], vmas: &[Vma]) -> Result<u64>
     let (writable, read_only): (Vec<&Vma>, Vec<&Vma>) = restored.partition(|v| v.prot & PROT_WRITE != 0);
     let mut loaded = fill_parallel(pid, pages, &writable)?;
     for v in read_only.iter().filter(|v| !v.pages.is_empty()) {
-        let mut off = v.data_offset;
-        for r in &v.pages {
-            let data = pages.get(off as usize..(off + r.len()) as usize).ok_or_else(|| Error::Restore {
-                pid,
-                what: "page data of a mapping lies outside the image".into(),
-            })?;
+        for (r, off) in v.runs_with_data() {
+            let data = off
+                .checked_add(r.len())
+                .and_then(|end| pages.get(off as usize..end as usize))
+                .ok_or_else(|| Error::Restore { pid, what: "page data of a mapping lies outside the image".into() })?;
             mem.write(r.addr, data)?;
-            off += r.len();
         }
-        loaded += v.data_len();
+        loaded += v.saved_len();
     }
     Ok(loaded)
 }
@@ -710,14 +868,10 @@ const SMALL_FILL: u64 = 4 << 20;
 fn fill_parallel(pid: Pid, pages: &[u8], vmas: &[&Vma]) -> Result<u64> {
     let mut segs: Vec<(u64, u64, u64)> = Vec::new(); // (addr, data offset, len)
     for v in vmas {
-        let mut off = v.data_offset;
-        for r in &v.pages {
-            segs.push((r.addr, off, r.len()));
-            off += r.len();
-        }
+        segs.extend(v.runs_with_data().map(|(r, off)| (r.addr, off, r.len())));
     }
     let total: u64 = segs.iter().map(|s| s.2).sum();
-    if segs.iter().any(|&(_, off, len)| off + len > pages.len() as u64) {
+    if segs.iter().any(|&(_, off, len)| off.checked_add(len).is_none_or(|e| e > pages.len() as u64)) {
         return Err(Error::Restore { pid, what: "page data of a mapping lies outside the image".into() });
     }
     if total <= SMALL_FILL {
@@ -792,11 +946,81 @@ mod tests {
         let regions = [r(0x2000, 0x6000, data), r(0x6000, 0x7000, guard), r(0x7000, 0x8000, data), r(0x9000, 0xa000, data)];
         let is_guard = |c: u64| c & pagemap::PAGE_IS_GUARD != 0;
         let pages = |s, e| runs_in(&regions, s, e, |c| !is_guard(c));
-        assert_eq!(pages(0x1000, 0x4000), vec![PageRun { addr: 0x2000, npages: 2 }]);
-        assert_eq!(pages(0x4000, 0x8000), vec![PageRun { addr: 0x4000, npages: 2 }, PageRun { addr: 0x7000, npages: 1 }]);
-        assert_eq!(runs_in(&regions, 0x4000, 0x8000, is_guard), vec![PageRun { addr: 0x6000, npages: 1 }]);
+        assert_eq!(pages(0x1000, 0x4000), vec![PageRun::new(0x2000, 2)]);
+        assert_eq!(pages(0x4000, 0x8000), vec![PageRun::new(0x4000, 2), PageRun::new(0x7000, 1)]);
+        assert_eq!(runs_in(&regions, 0x4000, 0x8000, is_guard), vec![PageRun::new(0x6000, 1)]);
         assert!(pages(0x8000, 0x9000).is_empty());
         assert!(runs_in(&[], 0x1000, 0x2000, |_| true).is_empty());
+    }
+
+    #[test]
+    fn shared_pages_are_laid_out_once() {
+        const P: u64 = PAGE_SIZE;
+        let mut saved = HashMap::new();
+        let mut next = 10 * P;
+        // The parent: 4 pages at 0x10000, of which the middle two are shared (frames 7, 8),
+        // then 1 exclusive page at 0x20000.
+        let parent = [PageRun::new(0x10000, 4), PageRun::new(0x20000, 1)];
+        let out = lay_out(&parent, &[0, 7, 8, 0, 0], &mut saved, &mut next);
+        assert_eq!(out, parent.to_vec(), "first copies are the mapping's own");
+        assert_eq!(next, 15 * P);
+        assert_eq!(saved, HashMap::from([(7, 11 * P), (8, 12 * P)]));
+        // A child: the same addresses; frame 7 and 8 still shared, its first page now its
+        // own (written after the fork), frame 9 shared with nobody saved yet.
+        let child = [PageRun::new(0x10000, 4), PageRun::new(0x20000, 1)];
+        let out = lay_out(&child, &[0, 7, 8, 9, 0], &mut saved, &mut next);
+        assert_eq!(
+            out,
+            vec![
+                PageRun::new(0x10000, 1),
+                PageRun { addr: 0x11000, npages: 2, data: Some(11 * P) },
+                PageRun::new(0x13000, 1),
+                PageRun::new(0x20000, 1),
+            ]
+        );
+        assert_eq!(next, 18 * P, "3 own pages");
+        assert_eq!(saved[&9], 16 * P);
+        // Another child whose shared pages are in reverse order: no merge of references
+        // whose copies are not consecutive; a page of its own between references.
+        let out = lay_out(&[PageRun::new(0x30000, 4)], &[8, 7, 0, 9], &mut saved, &mut next);
+        assert_eq!(
+            out,
+            vec![
+                PageRun { addr: 0x30000, npages: 1, data: Some(12 * P) },
+                PageRun { addr: 0x31000, npages: 1, data: Some(11 * P) },
+                PageRun::new(0x32000, 1),
+                PageRun { addr: 0x33000, npages: 1, data: Some(16 * P) },
+            ]
+        );
+        assert_eq!(next, 19 * P);
+        // Without keys, runs stay as they are.
+        let out = lay_out(&parent, &[], &mut saved, &mut next);
+        assert_eq!(out, parent.to_vec());
+        assert_eq!(next, 24 * P);
+    }
+
+    #[test]
+    fn runs_with_data_follow_the_own_data_or_their_reference() {
+        let v = Vma {
+            start: 0x10000,
+            end: 0x20000,
+            prot: 3,
+            shared: false,
+            flags: 0,
+            backing: VmaBacking::Anonymous,
+            file_offset: 0,
+            pages: vec![
+                PageRun::new(0x10000, 2),
+                PageRun { addr: 0x12000, npages: 3, data: Some(0) },
+                PageRun::new(0x15000, 1),
+            ],
+            data_offset: 0x8000,
+            guards: vec![],
+        };
+        let got: Vec<(u64, u64)> = v.runs_with_data().map(|(r, at)| (r.addr, at)).collect();
+        assert_eq!(got, vec![(0x10000, 0x8000), (0x12000, 0), (0x15000, 0xa000)]);
+        assert_eq!(v.data_len(), 3 * PAGE_SIZE);
+        assert_eq!(v.saved_len(), 6 * PAGE_SIZE);
     }
 
     fn entry(name: &str, shared: bool, inode: u64) -> MapEntry {

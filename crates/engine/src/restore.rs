@@ -305,6 +305,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let helper = mm::find_free(&[&busy], HELPER_LEN)
         .ok_or_else(|| Error::Restore { pid: root_pid, what: "no free address range for the helper page".into() })?;
     shmem::validate(img, pages.len() as u64)?;
+    mm::validate(img, pages.len() as u64)?;
     check_sharing(&img.processes, root_idx)?;
     for p in img.processes.iter().filter(|p| p.vm_with_parent) {
         if let Some(parent) = img.processes.iter().find(|q| q.pid == p.ppid) {

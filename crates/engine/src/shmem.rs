@@ -160,7 +160,7 @@ fn data_runs(f: &File, size: u64) -> Vec<PageRun> {
         let e = hole.div_ceil(PAGE_SIZE) * PAGE_SIZE;
         match runs.last_mut() {
             Some(last) if last.end() == s => last.npages += (e - s) / PAGE_SIZE,
-            _ => runs.push(PageRun { addr: s, npages: (e - s) / PAGE_SIZE }),
+            _ => runs.push(PageRun::new(s, (e - s) / PAGE_SIZE)),
         }
         off = e;
     }
@@ -203,7 +203,7 @@ pub fn validate(img: &Image, pages_len: u64) -> Result<()> {
         let limit = r.size.div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let mut prev = 0;
         for p in &r.pages {
-            if p.addr % PAGE_SIZE != 0 || p.addr < prev || p.addr.checked_add(p.len()).is_none_or(|e| e > limit) {
+            if p.data.is_some() || p.addr % PAGE_SIZE != 0 || p.addr < prev || p.addr.checked_add(p.len()).is_none_or(|e| e > limit) {
                 return Err(bad(format!("{what}: data run at {:#x} lies outside the object or out of order", p.addr)));
             }
             prev = p.end();
@@ -360,7 +360,7 @@ mod tests {
         f.write_all_at(&[1; 10], 16 * PAGE_SIZE).unwrap();
         assert_eq!(
             data_runs(&f, 16 * PAGE_SIZE + 100),
-            vec![PageRun { addr: PAGE_SIZE, npages: 1 }, PageRun { addr: 16 * PAGE_SIZE, npages: 1 }]
+            vec![PageRun::new(PAGE_SIZE, 1), PageRun::new(16 * PAGE_SIZE, 1)]
         );
     }
 }

@@ -10,7 +10,12 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 pub const IMAGE_FILE: &str = "stasis.img";
 pub const MAGIC: &[u8; 8] = b"STASISIM";
-pub const FORMAT_VERSION: u32 = 1;
+/// The version this stasis writes. Version 2 added page runs that refer to page data
+/// saved for another mapping (`PageRun::data`), which a version-1 reader would
+/// misread, so it must refuse them.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this stasis reads (version 1 is version 2 without such runs).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// The header occupies the whole first page; page data starts page-aligned after it.
 pub const HEADER_PAGE: u64 = 4096;
 const HEADER_USED: usize = 72;
@@ -27,7 +32,7 @@ pub enum ImageError {
     Io { op: &'static str, path: PathBuf, err: io::Error },
     #[error("{0} is not a stasis image (bad magic)")]
     BadMagic(PathBuf),
-    #[error("{path} has unsupported format version {found} (this stasis reads version {FORMAT_VERSION})")]
+    #[error("{path} has unsupported format version {found} (this stasis reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})")]
     Version { path: PathBuf, found: u32 },
     #[error("{path} is truncated: {size} bytes, the header says {expected}")]
     Truncated { path: PathBuf, size: u64, expected: u64 },
@@ -84,7 +89,7 @@ impl Header {
         let stored_hash = u64_at(HASH_AT);
         let hash_ok = stored_hash == header_hash(b);
         let version = u32_at(8);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
             // A flipped bit in the version field itself is corruption, not a new format.
             return Err(if hash_ok {
                 ImageError::Version { path: path.into(), found: version }

@@ -15,5 +15,5 @@
 pub mod format;
 pub mod records;
 
-pub use format::{hash64, ImageError, ImageReader, ImageWriter, FORMAT_VERSION, IMAGE_FILE};
+pub use format::{hash64, ImageError, ImageReader, ImageWriter, FORMAT_VERSION, IMAGE_FILE, OLDEST_READABLE_VERSION};
 pub use records::*;

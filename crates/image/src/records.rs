@@ -270,8 +270,10 @@ pub struct Vma {
     pub backing: VmaBacking,
     /// Offset into the backing file, in bytes.
     pub file_offset: u64,
-    /// Saved pages, in address order; their bytes follow one another in the page data,
-    /// starting at `data_offset`.
+    /// Saved pages, in address order. The bytes of the runs without a `data` offset of
+    /// their own follow one another in the page data, starting at `data_offset`; a run
+    /// with one (a page shared copy-on-write with an earlier saved page) reads its bytes
+    /// there.
     pub pages: Vec<PageRun>,
     pub data_offset: u64,
     /// Guard regions (`MADV_GUARD_INSTALL`) inside the mapping.
@@ -285,8 +287,27 @@ impl Vma {
     pub fn is_empty(&self) -> bool {
         self.end == self.start
     }
+    /// Bytes of page data this mapping holds itself, from `data_offset`: its runs without
+    /// a data offset of their own.
     pub fn data_len(&self) -> u64 {
+        self.pages.iter().filter(|r| r.data.is_none()).map(|r| r.len()).sum()
+    }
+    /// Bytes of the mapping that restore fills: all its runs.
+    pub fn saved_len(&self) -> u64 {
         self.pages.iter().map(|r| r.len()).sum()
+    }
+    /// Every run with the offset of its bytes in the page data. Overflow cannot happen in
+    /// a validated image; here it saturates.
+    pub fn runs_with_data(&self) -> impl Iterator<Item = (PageRun, u64)> + '_ {
+        let mut next = self.data_offset;
+        self.pages.iter().map(move |r| match r.data {
+            Some(at) => (*r, at),
+            None => {
+                let at = next;
+                next = next.saturating_add(r.len());
+                (*r, at)
+            }
+        })
     }
 }
 
@@ -307,9 +328,18 @@ pub enum VmaBacking {
 pub struct PageRun {
     pub addr: u64,
     pub npages: u64,
+    /// Only in `Vma::pages`: where the run's bytes are in the page data, when they are a
+    /// copy saved earlier (pages shared copy-on-write between processes are saved once).
+    /// Absent: the bytes are the mapping's own, next from its `data_offset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<u64>,
 }
 
 impl PageRun {
+    /// A run whose bytes are next in its mapping's (or object's) own data.
+    pub fn new(addr: u64, npages: u64) -> PageRun {
+        PageRun { addr, npages, data: None }
+    }
     pub fn len(&self) -> u64 {
         self.npages * 4096
     }

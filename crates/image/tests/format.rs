@@ -56,7 +56,7 @@ fn sample() -> Image {
                     flags: vmflags::MAYWRITE,
                     backing: VmaBacking::Anonymous,
                     file_offset: 0,
-                    pages: vec![PageRun { addr: 0x1000_0000, npages: 2 }],
+                    pages: vec![PageRun::new(0x1000_0000, 2)],
                     data_offset: 0,
                     guards: vec![],
                 }],
@@ -181,16 +181,16 @@ fn truncation_and_version_are_named() {
     }
     // Another format version with a consistent header hash: reported as a version problem.
     let mut other = good.clone();
-    other[8..12].copy_from_slice(&2u32.to_le_bytes());
+    other[8..12].copy_from_slice(&3u32.to_le_bytes());
     let h = stasis_image::format::Header::decode(Path::new("x"), &good).unwrap();
     let mut page = h.encode();
-    page[8..12].copy_from_slice(&2u32.to_le_bytes());
-    // Re-hash as a version-2 writer would.
+    page[8..12].copy_from_slice(&3u32.to_le_bytes());
+    // Re-hash as a version-3 writer would.
     let rehashed = stasis_image::format::rehash_header_for_tests(&page);
     other[..4096].copy_from_slice(&rehashed);
     std::fs::write(&path, &other).unwrap();
     let msg = check(&d).unwrap_err().to_string();
-    assert!(msg.contains("format version 2"), "{msg}");
+    assert!(msg.contains("format version 3"), "{msg}");
     std::fs::remove_dir_all(&d).unwrap();
 }
 

@@ -92,3 +92,22 @@ pub fn scan(
     }
     Ok(())
 }
+
+/// Bits of a /proc/PID/pagemap entry (Documentation/admin-guide/mm/pagemap.rst).
+pub const PM_PRESENT: u64 = 1 << 63;
+pub const PM_SWAPPED: u64 = 1 << 62;
+/// The page is mapped once, by this process only.
+pub const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
+/// The page frame number of a present page (zero without CAP_SYS_ADMIN).
+pub const PM_PFN_MASK: u64 = (1 << 55) - 1;
+
+/// Reads the pagemap entries of the `out.len()` pages from `addr` with one pread.
+pub fn read_entries(pagemap: &std::fs::File, addr: u64, out: &mut [u64]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0u8; out.len() * 8];
+    pagemap.read_exact_at(&mut bytes, addr / crate::PAGE_SIZE * 8)?;
+    for (e, b) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        *e = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    }
+    Ok(())
+}
