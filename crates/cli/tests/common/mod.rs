@@ -152,8 +152,10 @@ impl Proc {
         );
         if !wait_for_exit(self.pid, timeout) {
             panic!(
-                "pid {} [{}] still running after {timeout:?}",
-                self.pid, self.what
+                "pid {} [{}] still running after {timeout:?}: {}",
+                self.pid,
+                self.what,
+                where_is(self.pid)
             );
         }
         let status = self.reap_now();
@@ -189,6 +191,40 @@ impl Drop for Proc {
             let _ = self.reap_now();
         }
     }
+}
+
+/// What a process that does not end is doing, for the message of a timeout: its state,
+/// tracer, signals (pending, blocked, caught), the call it is in and where the kernel
+/// has it sleep, and the same for its children.
+pub fn where_is(pid: i32) -> String {
+    let one = |pid: i32| {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let fields: Vec<&str> = status
+            .lines()
+            .filter(|l| {
+                ["State:", "TracerPid:", "SigPnd:", "ShdPnd:", "SigBlk:", "SigCgt:"]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .collect();
+        let read = |what: &str| {
+            fs::read_to_string(format!("/proc/{pid}/{what}"))
+                .map_or_else(|e| format!("({e})"), |t| t.trim().to_owned())
+        };
+        format!(
+            "pid {pid} {}: {}; syscall {}; wchan {}",
+            read("comm"),
+            fields.join(", ").replace('\t', " "),
+            read("syscall"),
+            read("wchan")
+        )
+    };
+    let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid)
+        .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+        .map(one)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// True once `pid` has ended (zombie or gone), false after `timeout`.
@@ -637,7 +673,7 @@ pub fn wait_ready(fifo: &mut File, pid: i32) -> Result<(), String> {
         let ready = sys::poll_readable(&[fifo.as_fd(), pidfd.as_fd()], left)
             .map_err(|e| format!("poll: {e}"))?;
         if ready.is_empty() {
-            return Err(format!("no READY within {READY_TIMEOUT:?}"));
+            return Err(format!("no READY within {READY_TIMEOUT:?}: {}", where_is(pid)));
         }
         if ready[0] {
             let mut buf = [0u8; 64];
