@@ -15,7 +15,8 @@
 //!
 //! Needs root, like the other end-to-end tests: `cargo test -p stasis --test pty`.
 
-// Each test crate compiles the shared harness anew and uses only part of it.
+// Each test crate compiles the shared harness anew and uses only part of it. Every test
+// here opens pseudo-terminals, so each holds `devpts_lock()` while it runs.
 #[allow(dead_code)]
 mod common;
 
@@ -25,19 +26,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
-
-/// Every test here holds this while it runs. A pair comes back as /dev/pts/N or the
-/// restore is refused, and between a dump and its restore N is free: any pseudo-terminal
-/// opened meanwhile (a fixture or `script` starting, or a restore, which opens /dev/ptmx
-/// until its own index comes) takes the lowest free index, which may be N. So no two
-/// tests of this file open terminals at the same time. (Test binaries run one after the
-/// other, and no other one holds the master of a terminal it restores.)
-fn devpts() -> MutexGuard<'static, ()> {
-    static DEVPTS: Mutex<()> = Mutex::new(());
-    DEVPTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Children of every thread of `pid`.
 fn children(pid: i32) -> Vec<i32> {
@@ -185,7 +174,7 @@ fn take_pts(index: u32) -> fs::File {
 /// again, the same image restores and the fixture passes (it checks the slave's name).
 #[test]
 fn restore_with_the_pts_index_taken_is_refused() {
-    let _devpts = devpts();
+    let _devpts = devpts_lock();
     let mut fixture = Fixture::start("pty", &["canon"]);
     let (c, g) = fixture_members(&fixture);
     let members = Members { root: fixture.pid(), pids: vec![c, g] };
@@ -215,26 +204,26 @@ fn restore_with_the_pts_index_taken_is_refused() {
 
 #[test]
 fn pty_fixture_alone_passes() {
-    let _devpts = devpts();
+    let _devpts = devpts_lock();
     pty_rounds("canon", 0);
     pty_rounds("raw", 0);
 }
 
 #[test]
 fn pty_canonical_one_round() {
-    let _devpts = devpts();
+    let _devpts = devpts_lock();
     pty_rounds("canon", 1);
 }
 
 #[test]
 fn pty_canonical_three_rounds() {
-    let _devpts = devpts();
+    let _devpts = devpts_lock();
     pty_rounds("canon", 3);
 }
 
 #[test]
 fn pty_raw_packet_mode_one_round() {
-    let _devpts = devpts();
+    let _devpts = devpts_lock();
     pty_rounds("raw", 1);
 }
 
@@ -242,7 +231,7 @@ fn pty_raw_packet_mode_one_round() {
 /// left running, then still passes (its checks of the queued bytes included).
 #[test]
 fn pty_leave_running_puts_queued_bytes_back() {
-    let _devpts = devpts();
+    let _devpts = devpts_lock();
     for mode in ["canon", "raw"] {
         let fixture = Fixture::start("pty", &[mode]);
         let (c, g) = fixture_members(&fixture);
@@ -258,7 +247,7 @@ fn pty_leave_running_puts_queued_bytes_back() {
 /// naming the descriptor and --shell-job, and the whole fixture runs on unharmed.
 #[test]
 fn a_slave_whose_master_is_outside_is_refused() {
-    let _devpts = devpts();
+    let _devpts = devpts_lock();
     let fixture = Fixture::start("pty", &["canon"]);
     let (c, g) = fixture_members(&fixture);
     let members = Members { root: fixture.pid(), pids: vec![c, g] };
@@ -369,13 +358,13 @@ fn python_pty(rounds: usize) {
 
 #[test]
 fn bash_under_python_pty_fork_one_round() {
-    let _devpts = devpts();
+    let _devpts = devpts_lock();
     python_pty(1);
 }
 
 #[test]
 fn bash_under_python_pty_fork_three_rounds() {
-    let _devpts = devpts();
+    let _devpts = devpts_lock();
     python_pty(3);
 }
 
@@ -414,7 +403,7 @@ fn find_by_argv(argv: &[&std::ffi::OsStr]) -> Option<i32> {
 
 #[test]
 fn a_session_leader_on_the_shell_terminal_gets_the_restoring_terminal() {
-    let _devpts = devpts();
+    let _devpts = devpts_lock();
     init();
     let dir = TempDir::new("shell-job-leader");
     let bin = fixture_path("counter");

@@ -31,6 +31,18 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// (bigmem re-reads 256 MiB), or to die after a dump killed it.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Held by every test of a test binary that restores a pseudo-terminal pair, and by every
+/// test of that binary that opens pseudo-terminals, for as long as it runs. A pair comes
+/// back as /dev/pts/N or the restore is refused, and between a dump and its restore N is
+/// free: any pseudo-terminal opened meanwhile (a fixture or `script` starting, or another
+/// restore, which opens /dev/ptmx until its own index comes) takes the lowest free index,
+/// which may be N. Test binaries run one after the other, so a lock per binary suffices.
+#[allow(dead_code)] // only the test files with pseudo-terminals use it
+pub fn devpts_lock() -> std::sync::MutexGuard<'static, ()> {
+    static DEVPTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DEVPTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Once per test process: become a child subreaper.
 pub fn init() {
     static ONCE: Once = Once::new();
