@@ -15,13 +15,15 @@
 //!
 //! Needs root, like the other end-to-end tests: `cargo test -p stasis --test pty`.
 
-// Each test crate compiles the shared harness anew and uses only part of it.
+// Each test crate compiles the shared harness anew and uses only part of it. Every test
+// here opens pseudo-terminals, so each holds `devpts_lock()` while it runs.
 #[allow(dead_code)]
 mod common;
 
 use common::*;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -136,30 +138,92 @@ fn pty_rounds(mode: &str, rounds: usize) {
         assert_eq!(fixture_members(&fixture), (c, g), "round {round}: the tree differs");
         assert_session(c, g);
         // The fixture fails if the slave's name changed; say so here first.
-        assert_eq!(fd_target(g, 0), slave, "round {round}: the slave came back under another index");
+        assert_eq!(fd_target(g, 0), slave, "round {round}: the slave came back under another name");
     }
+    fixture.finish();
+    drop(members);
+}
+
+/// Opens /dev/ptmx until the pair /dev/pts/`index` is ours (the others are closed again).
+/// The index is free, and the kernel hands out the lowest free one.
+fn take_pts(index: u32) -> fs::File {
+    let mut below = Vec::new();
+    loop {
+        let m = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open("/dev/ptmx")
+            .expect("open /dev/ptmx");
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", m.as_raw_fd())).expect("fdinfo of /dev/ptmx");
+        let got: u32 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("tty-index:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("tty-index in the fdinfo of /dev/ptmx");
+        assert!(got <= index, "/dev/pts/{index} was taken before the test could take it (got {got})");
+        if got == index {
+            return m;
+        }
+        below.push(m);
+    }
+}
+
+/// The tree knows its terminal by name, so a pair comes back as /dev/pts/N or not at all:
+/// with N taken, the restore is refused naming it and no process appears; once N is free
+/// again, the same image restores and the fixture passes (it checks the slave's name).
+#[test]
+fn restore_with_the_pts_index_taken_is_refused() {
+    let _devpts = devpts_lock();
+    let mut fixture = Fixture::start("pty", &["canon"]);
+    let (c, g) = fixture_members(&fixture);
+    let members = Members { root: fixture.pid(), pids: vec![c, g] };
+    let slave = fd_target(g, 0);
+    let index: u32 = slave.strip_prefix("/dev/pts/").and_then(|n| n.parse().ok()).expect("G's stdin is /dev/pts/N");
+    let image = fixture.dump("img", &[]);
+    fixture.reap_killed();
+    members.reap_dumped();
+
+    let taken = take_pts(index);
+    let pidfile = fixture.dir().join("pid-refused");
+    let line = assert_refused(&restore_detached_args(&image, &pidfile), &[&format!("/dev/pts/{index} "), "taken"]);
+    assert!(line.contains("pid "), "the error names the holder of the master: {line}");
+    for pid in [fixture.pid(), c, g] {
+        assert!(proc_state(pid).is_none(), "pid {pid} exists after a refused restore");
+    }
+    assert!(!pidfile.exists(), "a pidfile was written");
+    drop(taken);
+
+    fixture.restore_detached(&image);
+    assert_eq!(fixture_members(&fixture), (c, g), "the tree differs");
+    assert_session(c, g);
+    assert_eq!(fd_target(g, 0), slave, "the slave came back under another name");
     fixture.finish();
     drop(members);
 }
 
 #[test]
 fn pty_fixture_alone_passes() {
+    let _devpts = devpts_lock();
     pty_rounds("canon", 0);
     pty_rounds("raw", 0);
 }
 
 #[test]
 fn pty_canonical_one_round() {
+    let _devpts = devpts_lock();
     pty_rounds("canon", 1);
 }
 
 #[test]
 fn pty_canonical_three_rounds() {
+    let _devpts = devpts_lock();
     pty_rounds("canon", 3);
 }
 
 #[test]
 fn pty_raw_packet_mode_one_round() {
+    let _devpts = devpts_lock();
     pty_rounds("raw", 1);
 }
 
@@ -167,6 +231,7 @@ fn pty_raw_packet_mode_one_round() {
 /// left running, then still passes (its checks of the queued bytes included).
 #[test]
 fn pty_leave_running_puts_queued_bytes_back() {
+    let _devpts = devpts_lock();
     for mode in ["canon", "raw"] {
         let fixture = Fixture::start("pty", &[mode]);
         let (c, g) = fixture_members(&fixture);
@@ -182,6 +247,7 @@ fn pty_leave_running_puts_queued_bytes_back() {
 /// naming the descriptor and --shell-job, and the whole fixture runs on unharmed.
 #[test]
 fn a_slave_whose_master_is_outside_is_refused() {
+    let _devpts = devpts_lock();
     let fixture = Fixture::start("pty", &["canon"]);
     let (c, g) = fixture_members(&fixture);
     let members = Members { root: fixture.pid(), pids: vec![c, g] };
@@ -292,11 +358,13 @@ fn python_pty(rounds: usize) {
 
 #[test]
 fn bash_under_python_pty_fork_one_round() {
+    let _devpts = devpts_lock();
     python_pty(1);
 }
 
 #[test]
 fn bash_under_python_pty_fork_three_rounds() {
+    let _devpts = devpts_lock();
     python_pty(3);
 }
 
@@ -335,6 +403,7 @@ fn find_by_argv(argv: &[&std::ffi::OsStr]) -> Option<i32> {
 
 #[test]
 fn a_session_leader_on_the_shell_terminal_gets_the_restoring_terminal() {
+    let _devpts = devpts_lock();
     init();
     let dir = TempDir::new("shell-job-leader");
     let bin = fixture_path("counter");

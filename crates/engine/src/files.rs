@@ -319,7 +319,13 @@ impl DescTable {
         let mut fds: std::collections::HashMap<u64, OwnedFd> = Default::default();
         let mut pairs: std::collections::HashMap<u32, crate::tty::Pair> = Default::default();
         for rec in ptys {
-            pairs.insert(rec.index, crate::tty::create(rec)?);
+            let holder = procs.iter().find_map(|p| {
+                p.fds.iter().find_map(|r| match r.kind {
+                    FdKind::PtyMaster { index, .. } if index == rec.index => Some((Pid(p.pid), r.fd)),
+                    _ => None,
+                })
+            });
+            pairs.insert(rec.index, crate::tty::create(rec, holder)?);
         }
         let pair = |pid: Pid, fd: i32, index: u32| {
             pairs.get(&index).ok_or_else(|| Error::Restore {

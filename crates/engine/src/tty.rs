@@ -16,8 +16,11 @@
 //! moment. A read that finds nothing first makes the kernel hand its asynchronous flip
 //! buffer to the line discipline, so nothing in flight is missed.
 //!
-//! Restore creates each pair before any process exists, with its old index N where
-//! /dev/pts/N is free (by opening /dev/ptmx until N comes), and puts the bytes back
+//! Restore creates each pair before any process exists, with its old index N (by opening
+//! /dev/ptmx until N comes). The programs know the slave by its name (ttyname, a path
+//! they reopen, utmp, the session's controlling terminal as `ps` shows it), so it comes
+//! back as /dev/pts/N or not at all: when N is taken, the restore is refused, as CRIU
+//! does, before any process exists. Then it puts the bytes back
 //! through the slave with the line discipline's processing off: input byte by byte with
 //! TIOCSTI, which goes through the line discipline at once (a write into the master
 //! would be processed later, under whatever settings hold then), in canonical mode if
@@ -476,38 +479,37 @@ pub struct Pair {
     pub locked: bool,
 }
 
-/// Opens /dev/ptmx until it gives index `want` (closing the others), or any index when
-/// /dev/pts/`want` is taken.
-fn open_indexed(want: u32) -> Result<(OwnedFd, u32)> {
+/// Opens /dev/ptmx until it gives index `want` (closing the others). `None` when
+/// /dev/pts/`want` is taken: its node exists, or the kernel, which hands out the lowest
+/// free index, gives one past `want` (somebody took it meanwhile, or a description of the
+/// old slave is still open somewhere).
+fn open_indexed(want: u32) -> Result<Option<OwnedFd>> {
     let me = stasis_sys::proc::getpid();
-    let open = || -> Result<(OwnedFd, u32)> {
+    if std::path::Path::new(&format!("/dev/pts/{want}")).exists() {
+        return Ok(None);
+    }
+    // Each index below `want` is held until `want` comes, so that the next open moves on.
+    let mut below = Vec::new();
+    loop {
         let m = st::open_ptmx().map_err(Error::sys(me, "open /dev/ptmx"))?;
         let i = st::pty_index(m.as_raw_fd()).map_err(Error::sys(me, "TIOCGPTN"))?;
-        Ok((m, i))
-    };
-    let mut extras = Vec::new();
-    if std::path::Path::new(&format!("/dev/pts/{want}")).exists() {
-        return open();
-    }
-    loop {
-        let (m, i) = open()?;
-        // The kernel hands out the lowest free index: past `want` means somebody else
-        // took it meanwhile.
-        if i >= want || extras.len() > 65536 {
-            return Ok((m, i));
+        match i.cmp(&want) {
+            std::cmp::Ordering::Less => below.push(m),
+            std::cmp::Ordering::Equal => return Ok(Some(m)),
+            std::cmp::Ordering::Greater => return Ok(None),
         }
-        extras.push(m);
     }
 }
 
 /// Creates a pair as the record describes it (the lock goes on in [`finish`], once every
-/// slave description is open).
-pub fn create(rec: &PtyRecord) -> Result<Pair> {
+/// slave description is open). `holder` is a descriptor of its master in the image (a
+/// process and its fd), named when /dev/pts/N is taken.
+pub fn create(rec: &PtyRecord, holder: Option<(Pid, i32)>) -> Result<Pair> {
     let me = stasis_sys::proc::getpid();
-    let (master, index) = open_indexed(rec.index)?;
-    if index != rec.index {
-        log::warn!("/dev/pts/{} is taken: its pseudo-terminal pair comes back as /dev/pts/{index}", rec.index);
-    }
+    let master = open_indexed(rec.index)?.ok_or_else(|| Error::PtyIndexTaken {
+        index: rec.index,
+        holder: holder.map_or_else(|| "no process".into(), |(pid, fd)| format!("pid {pid} fd {fd}")),
+    })?;
     let m = master.as_raw_fd();
     st::set_pty_locked(m, false).map_err(Error::sys(me, "TIOCSPTLCK"))?;
     let slave = st::open_peer(m, libc::O_RDWR | libc::O_NONBLOCK).map_err(Error::sys(me, "TIOCGPTPEER"))?;

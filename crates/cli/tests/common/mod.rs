@@ -31,6 +31,18 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// (bigmem re-reads 256 MiB), or to die after a dump killed it.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Held by every test of a test binary that restores a pseudo-terminal pair, and by every
+/// test of that binary that opens pseudo-terminals, for as long as it runs. A pair comes
+/// back as /dev/pts/N or the restore is refused, and between a dump and its restore N is
+/// free: any pseudo-terminal opened meanwhile (a fixture or `script` starting, or another
+/// restore, which opens /dev/ptmx until its own index comes) takes the lowest free index,
+/// which may be N. Test binaries run one after the other, so a lock per binary suffices.
+#[allow(dead_code)] // only the test files with pseudo-terminals use it
+pub fn devpts_lock() -> std::sync::MutexGuard<'static, ()> {
+    static DEVPTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DEVPTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Once per test process: become a child subreaper.
 pub fn init() {
     static ONCE: Once = Once::new();
@@ -152,8 +164,10 @@ impl Proc {
         );
         if !wait_for_exit(self.pid, timeout) {
             panic!(
-                "pid {} [{}] still running after {timeout:?}",
-                self.pid, self.what
+                "pid {} [{}] still running after {timeout:?}: {}",
+                self.pid,
+                self.what,
+                where_is(self.pid)
             );
         }
         let status = self.reap_now();
@@ -189,6 +203,40 @@ impl Drop for Proc {
             let _ = self.reap_now();
         }
     }
+}
+
+/// What a process that does not end is doing, for the message of a timeout: its state,
+/// tracer, signals (pending, blocked, caught), the call it is in and where the kernel
+/// has it sleep, and the same for its children.
+pub fn where_is(pid: i32) -> String {
+    let one = |pid: i32| {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let fields: Vec<&str> = status
+            .lines()
+            .filter(|l| {
+                ["State:", "TracerPid:", "SigPnd:", "ShdPnd:", "SigBlk:", "SigCgt:"]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .collect();
+        let read = |what: &str| {
+            fs::read_to_string(format!("/proc/{pid}/{what}"))
+                .map_or_else(|e| format!("({e})"), |t| t.trim().to_owned())
+        };
+        format!(
+            "pid {pid} {}: {}; syscall {}; wchan {}",
+            read("comm"),
+            fields.join(", ").replace('\t', " "),
+            read("syscall"),
+            read("wchan")
+        )
+    };
+    let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid)
+        .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+        .map(one)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// True once `pid` has ended (zombie or gone), false after `timeout`.
@@ -637,7 +685,7 @@ pub fn wait_ready(fifo: &mut File, pid: i32) -> Result<(), String> {
         let ready = sys::poll_readable(&[fifo.as_fd(), pidfd.as_fd()], left)
             .map_err(|e| format!("poll: {e}"))?;
         if ready.is_empty() {
-            return Err(format!("no READY within {READY_TIMEOUT:?}"));
+            return Err(format!("no READY within {READY_TIMEOUT:?}: {}", where_is(pid)));
         }
         if ready[0] {
             let mut buf = [0u8; 64];
