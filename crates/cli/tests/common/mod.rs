@@ -616,6 +616,7 @@ impl Fixture {
 
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
+        let_runners_run(self.pid());
         self.proc.signal(libc::SIGTERM);
         self.proc.wait(EXIT_TIMEOUT)
     }
@@ -794,5 +795,41 @@ impl Drop for Kids {
         if let Err(e) = self.reap() {
             eprintln!("cleaning up: {e}");
         }
+    }
+}
+
+/// Fixtures that spin check on SIGTERM that they made progress since READY (or since the
+/// restore). On a loaded machine a thread may not have run at all by then: before the
+/// SIGTERM, every running thread of the tree under `root` gets two milliseconds of CPU
+/// (as /proc/TID/schedstat counts it), or five seconds pass.
+pub fn let_runners_run(root: i32) {
+    fn tasks(pid: i32, out: &mut Vec<(i32, i32)>) {
+        let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else { return };
+        for t in rd.flatten() {
+            let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else { continue };
+            out.push((pid, tid));
+            let kids = fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).unwrap_or_default();
+            for k in kids.split_whitespace().filter_map(|k| k.parse().ok()) {
+                tasks(k, out);
+            }
+        }
+    }
+    let running = |pid: i32, tid: i32| {
+        fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+            .is_ok_and(|st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('R')))
+    };
+    let runtime = |pid: i32, tid: i32| -> u64 {
+        fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut all = Vec::new();
+    tasks(root, &mut all);
+    let start: Vec<(i32, i32, u64)> =
+        all.into_iter().filter(|&(p, t)| running(p, t)).map(|(p, t)| (p, t, runtime(p, t))).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !start.iter().all(|&(p, t, r0)| !running(p, t) || runtime(p, t) >= r0 + 2_000_000) {
+        thread::sleep(Duration::from_millis(1));
     }
 }
