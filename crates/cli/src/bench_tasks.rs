@@ -4,14 +4,17 @@
 //!
 //! The target is this binary as `__bench-target 0 READY --procs N` (or `--threads N`):
 //! every task sleeps. Each run dumps the target (killing it), collects every process of
-//! the tree (we are a child subreaper, so orphans come to us), restores it in this process,
-//! then kills and collects the restored tree. The first run warms up; medians of the rest.
+//! the tree (we are a child subreaper, so orphans come to us), restores it with `stasis
+//! restore -d` as users run it (a fresh restorer: every restored process starts as a copy
+//! of the restorer, so a benchmark process grown by earlier runs would slow it down; the
+//! time is the restore's own, from its `--stats-json`), then kills and collects the
+//! restored tree. The first run warms up; medians of the rest.
 
 use crate::bench::{median, spawn_target, wait_ready};
 use crate::util::{self, TempDir};
 use anyhow::{Context, Result};
 use serde::Serialize;
-use stasis_engine::{DumpOptions, RestoreOptions};
+use stasis_engine::DumpOptions;
 use stasis_sys::ptrace::waitpid;
 use stasis_sys::Pid;
 use std::fmt::Write as _;
@@ -108,10 +111,25 @@ fn one_run(exe: &Path, kind: TaskKind, n: usize, work: &Path, i: usize) -> Resul
     target.reap_after_dump()?;
     reap_all(&pids[1..]);
     util::settle_threads();
-    let t = Instant::now();
-    let restored = stasis_engine::restore(&RestoreOptions::plain(images.clone()))?;
-    let restore_s = t.elapsed().as_secs_f64();
-    kill_tree(restored.pid);
+    let stats_file = work.join(format!("restore-{i}.json"));
+    let out = std::process::Command::new(exe)
+        .arg("restore")
+        .arg("-D")
+        .arg(&images)
+        .arg("-d")
+        .arg("--stats-json")
+        .arg(&stats_file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .output()
+        .context("run stasis restore")?;
+    if !out.status.success() {
+        anyhow::bail!("stasis restore: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats_file).context("read restore stats")?)?;
+    let restore_s = json["total"].as_f64().context("restore stats without total")?;
+    let root = Pid(json["pid"].as_i64().context("restore stats without pid")? as i32);
+    kill_tree(root);
     std::fs::remove_dir_all(&images).with_context(|| format!("remove {}", images.display()))?;
     let _ = std::fs::remove_file(&ready);
     Ok(TaskSample { dump_s, frozen_s: stats.frozen.as_secs_f64(), restore_s })

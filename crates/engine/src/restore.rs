@@ -453,6 +453,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
         false => None,
     };
+    // Every restore child is a copy of us and rebuilds its address space from nothing:
+    // the fewer pages we have populated, the cheaper both the fork and that rebuild (a
+    // process that dumped before, as `stasis bench` does, holds much freed heap).
+    stasis_sys::mem::release_free_heap();
     let first = match &ctl {
         Some((ctl_rd, _)) if root.pid != 1 => fork_ns_init(&shared, root_idx, ctl_rd.as_raw_fd(), !opts.shell_job),
         _ => fork_process(&shared, root_idx, &[]),
@@ -555,7 +559,7 @@ fn drive_all(live: &[&Plan], d: &Drive) -> Result<u64> {
         });
         step(&mut || {
             for (p, b) in mine.iter().zip(built.drain(..)) {
-                finish_child(p, b, d.helper, &mut threads, d.pids)?;
+                finish_child(p, b, d, &mut threads)?;
                 threads.push(d.pids.outer(p.rec.pid));
             }
             Ok(())
@@ -1014,7 +1018,8 @@ fn build_child<'a>(plan: &'a Plan<'a>, helper: u64, pages: &[u8], pids: &PidMap)
 /// The restorer's second part, once every process sharing this one's descriptor table
 /// is built: their helper descriptors go, then everything else is set and the threads
 /// made. The new threads go to `extra`.
-fn finish_child(plan: &Plan, built: Built, helper: u64, extra: &mut Vec<Pid>, pids: &PidMap) -> Result<()> {
+fn finish_child(plan: &Plan, built: Built, d: &Drive, extra: &mut Vec<Pid>) -> Result<()> {
+    let (helper, pids) = (d.helper, d.pids);
     let rec = plan.rec;
     let pid = pids.outer(rec.pid);
     let Built { mut inj, mem, kids } = built;

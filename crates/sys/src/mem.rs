@@ -168,3 +168,12 @@ pub fn map_helper_region(addr: u64, len: usize, code: &[u8]) -> SysResult<()> {
     }
     Ok(())
 }
+
+/// Gives the memory the allocator holds free back to the kernel (glibc's `malloc_trim`),
+/// so that a fork copies, and the child later unmaps, only pages in use.
+pub fn release_free_heap() {
+    // SAFETY: malloc_trim only returns free allocator memory; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
