@@ -75,15 +75,7 @@ fn assert_namespaced(root: i32, saved: &BTreeMap<String, i32>) -> i32 {
 
 /// `stasis restore --pidns -d`: returns the copy, its init adopted.
 fn restore_detached(image: &Path, pidfile: &Path, saved: &BTreeMap<String, i32>) -> Copy {
-    let out = stasis_ok(&[
-        OsStr::new("restore"),
-        "-D".as_ref(),
-        image.as_os_str(),
-        "--pidns".as_ref(),
-        "-d".as_ref(),
-        "--pidfile".as_ref(),
-        pidfile.as_os_str(),
-    ]);
+    let out = stasis_ok(&restore_pidns_detached_args(image, pidfile));
     drop(out);
     let root: i32 = fs::read_to_string(pidfile).expect("pidfile").trim().parse().expect("pid");
     let init = assert_namespaced(root, saved);

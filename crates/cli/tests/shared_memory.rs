@@ -47,13 +47,6 @@ fn round(fixture: &mut Fixture, kids: &Kids, image: &str, extra: &[&str]) {
     fixture.restore_detached(&dir);
 }
 
-/// The fixture's root and then its children must pass.
-fn finish(fixture: Fixture, kids: Kids) {
-    let mut fixture = fixture;
-    let status = fixture.terminate();
-    fixture.assert_verdict(status, true);
-    kids.reap().unwrap_or_else(|e| panic!("{e}"));
-}
 
 /// (start, end) of the first mapping of `pid` named `name` with `len` bytes.
 fn find_mapping(pid: i32, name: &str, len: u64) -> (u64, u64) {
@@ -99,7 +92,7 @@ fn shmem_fixture_alone_passes() {
     let shm = ShmName::new();
     let (fixture, kids) = start_all(&shm);
     assert_one_object_each(&fixture, &kids);
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }
 
 /// A write into kid1's mailbox slot of the anonymous object behind the
@@ -127,7 +120,7 @@ fn shmem_rounds(rounds: usize) {
         round(&mut fixture, &kids, &format!("img{r}"), &[]);
         assert_one_object_each(&fixture, &kids);
     }
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }
 
 #[test]
@@ -164,7 +157,7 @@ fn big(n: usize, restore: bool) -> u64 {
     let bytes = image_bytes(&stats);
     if restore {
         fixture.restore_detached(&dir);
-        finish(fixture, kids);
+        kids_finish(fixture, kids);
     }
     bytes
 }
@@ -198,5 +191,5 @@ fn sysv_shm_is_refused() {
         assert!(is_alive(pid), "pid {pid} died after the refused dump");
         assert_eq!(tracer_pid(pid), Some(0), "pid {pid} is still traced");
     }
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }

@@ -23,27 +23,12 @@ fn start(mode: &str) -> (Fixture, Kids) {
     (fixture, kids)
 }
 
-/// `rounds` times: dump (killing the tree), reap it, restore.
-fn rounds(fixture: &mut Fixture, kids: &Kids, rounds: usize) {
-    for r in 0..rounds {
-        let dir = fixture.dump(&format!("img{r}"), &[]);
-        fixture.reap_killed();
-        kids.reap().unwrap_or_else(|e| panic!("after the dump: {e}"));
-        fixture.restore_detached(&dir);
-    }
-}
 
-fn finish(fixture: Fixture, kids: Kids) {
-    let mut fixture = fixture;
-    let status = fixture.terminate();
-    fixture.assert_verdict(status, true);
-    kids.reap().unwrap_or_else(|e| panic!("{e}"));
-}
 
 fn round_trip(mode: &str, n: usize) {
     let (mut fixture, kids) = start(mode);
-    rounds(&mut fixture, &kids, n);
-    finish(fixture, kids);
+    kids_rounds(&mut fixture, &kids, n);
+    kids_finish(fixture, kids);
 }
 
 /// The fixture's own checks hold without any dump.
@@ -51,7 +36,7 @@ fn round_trip(mode: &str, n: usize) {
 fn fixture_alone_passes() {
     for mode in ["sighand", "vm", "all", "sibling", "chain"] {
         let (fixture, kids) = start(mode);
-        finish(fixture, kids);
+        kids_finish(fixture, kids);
     }
 }
 
@@ -98,13 +83,13 @@ fn shares_as_before(mode: &str, want: [bool; 4]) {
         (1..=4).map(|kind| sys::kcmp_shares(root, k, kind).expect("kcmp")).collect()
     };
     assert_eq!(shares(fixture.pid()), want, "before the dump");
-    rounds(&mut fixture, &kids, 1);
+    kids_rounds(&mut fixture, &kids, 1);
     assert_eq!(shares(fixture.pid()), want, "after the restore");
     assert_eq!(proc_state(k).map(|s| s.1), Some(fixture.pid()), "K's parent");
     let stat = fs::read_to_string(format!("/proc/{k}/stat")).expect("stat");
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     assert_eq!(fields.get(38 - 3), Some(&"17"), "K's exit signal");
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }
 
 #[test]
@@ -123,22 +108,14 @@ fn leave_running_leaves_the_address_space_as_it_was() {
     let before = maps();
     fixture.dump("img", &["--leave-running"]);
     assert_eq!(maps(), before, "the mappings changed across the dump");
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }
 
 /// `stasis restore --pidns -d` of `image`: the root's PID as we see it, and
 /// the namespace's init, adopted.
 fn restore_in_pidns(fixture: &Fixture, image: &std::path::Path, tag: &str) -> (i32, Proc) {
     let pidfile = fixture.dir().join(format!("pid-{tag}"));
-    stasis_ok(&[
-        OsStr::new("restore"),
-        "-D".as_ref(),
-        image.as_os_str(),
-        "--pidns".as_ref(),
-        "-d".as_ref(),
-        "--pidfile".as_ref(),
-        pidfile.as_os_str(),
-    ]);
+    stasis_ok(&restore_pidns_detached_args(image, &pidfile));
     let root: i32 = fs::read_to_string(&pidfile).expect("pidfile").trim().parse().expect("pid");
     let init = proc_state(root).map(|s| s.1).expect("the restored root runs");
     (root, Proc::adopted(init, "stasis-init"))
@@ -164,7 +141,7 @@ fn address_space_shared_under_pidns() {
     assert!(st.success(), "the copy's verdict: {st}\n{}", fixture.log_text());
     assert!(fixture.log_text().trim_end().ends_with("PASS"), "{}", fixture.log_text());
     fixture.clear_log();
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }
 
 /// `stasis show` says what K shares with its parent.
@@ -179,7 +156,7 @@ fn show_names_the_shared_address_space() {
     let part = part.split("\nprocess  ").next().unwrap_or(part);
     assert!(part.contains("shares with its parent: address space, signal handlers"), "{text}");
     assert_eq!(text.matches("shares with its parent").count(), 1, "{text}");
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }
 
 /// A restorer killed at any of its injected calls (before K is cloned, at
@@ -214,7 +191,7 @@ fn a_restorer_killed_midway_leaves_no_sharer_behind() {
         });
     }
     fixture.restore_detached(&image);
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }
 
 // ---------------------------------------------------------------------------
@@ -236,7 +213,7 @@ fn refused(mode: &str, named: &[&str], what: &[&str]) {
         assert!(is_alive(pid), "pid {pid} died after the refused dump");
         assert_eq!(tracer_pid(pid), Some(0), "pid {pid} is still traced");
     }
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }
 
 /// K shares P's address space, but its parent is the root (CLONE_PARENT).

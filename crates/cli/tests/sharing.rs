@@ -27,28 +27,12 @@ fn start(args: &[&str]) -> (Fixture, Kids) {
     (fixture, kids)
 }
 
-/// `rounds` times: dump (killing the tree), reap it, restore.
-fn rounds(fixture: &mut Fixture, kids: &Kids, rounds: usize) {
-    for r in 0..rounds {
-        let dir = fixture.dump(&format!("img{r}"), &[]);
-        fixture.reap_killed();
-        kids.reap().unwrap_or_else(|e| panic!("after the dump: {e}"));
-        fixture.restore_detached(&dir);
-    }
-}
 
-/// The fixture's root and then its children must pass.
-fn finish(fixture: Fixture, kids: Kids) {
-    let mut fixture = fixture;
-    let status = fixture.terminate();
-    fixture.assert_verdict(status, true);
-    kids.reap().unwrap_or_else(|e| panic!("{e}"));
-}
 
 fn round_trip(args: &[&str], n: usize) {
     let (mut fixture, kids) = start(args);
-    rounds(&mut fixture, &kids, n);
-    finish(fixture, kids);
+    kids_rounds(&mut fixture, &kids, n);
+    kids_finish(fixture, kids);
 }
 
 /// The fixture's own checks hold without any dump (and fail when a table
@@ -57,7 +41,7 @@ fn round_trip(args: &[&str], n: usize) {
 fn sharing_fixture_alone_passes() {
     for mode in ["files", "fs", "both", "spawn"] {
         let (fixture, kids) = start(&[mode]);
-        finish(fixture, kids);
+        kids_finish(fixture, kids);
     }
 }
 
@@ -101,7 +85,7 @@ fn shared_tables_with_a_private_grandchild_three_rounds() {
 #[test]
 fn restored_sharers_have_one_table() {
     let (mut fixture, kids) = start(&["both"]);
-    rounds(&mut fixture, &kids, 1);
+    kids_rounds(&mut fixture, &kids, 1);
     let fds = |pid: i32| {
         let mut v: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
             .expect("read fd dir")
@@ -115,7 +99,7 @@ fn restored_sharers_have_one_table() {
     assert_eq!(fds(root), fds(a), "root and A list different descriptors");
     assert_eq!(cwd(root), cwd(a));
     assert_eq!(cwd(root), cwd(b));
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }
 
 // ---------------------------------------------------------------------------
@@ -148,15 +132,15 @@ fn assert_untouched(fixture: &Fixture, pids: &[i32]) {
 #[test]
 fn shared_address_space_round_trip() {
     let (mut fixture, kids) = start(&["vm"]);
-    rounds(&mut fixture, &kids, 1);
-    finish(fixture, kids);
+    kids_rounds(&mut fixture, &kids, 1);
+    kids_finish(fixture, kids);
 }
 
 #[test]
 fn shared_address_space_and_signal_handlers_round_trip() {
     let (mut fixture, kids) = start(&["vm", "sighand"]);
-    rounds(&mut fixture, &kids, 2);
-    finish(fixture, kids);
+    kids_rounds(&mut fixture, &kids, 2);
+    kids_finish(fixture, kids);
 }
 
 /// A parent blocked in vfork() cannot be frozen until its child execs or
@@ -178,8 +162,8 @@ fn vfork_refused(deep: bool) {
     sys::kill(child, libc::SIGUSR1).expect("SIGUSR1 to the vfork child");
     wait_until(EXIT_TIMEOUT, "the vfork child is reaped", || proc_state(child).is_none());
     kids.pids.retain(|(r, _)| r != "child");
-    rounds(&mut fixture, &kids, 1);
-    finish(fixture, kids);
+    kids_rounds(&mut fixture, &kids, 1);
+    kids_finish(fixture, kids);
 }
 
 #[test]
@@ -205,5 +189,5 @@ fn show_names_shared_tables() {
     let a_part = a_part.split("\nprocess  ").next().unwrap_or(a_part);
     assert!(a_part.contains("shares with its parent: descriptor table, fs"), "{text}");
     assert_eq!(text.matches("shares with its parent").count(), 1, "{text}");
-    finish(fixture, kids);
+    kids_finish(fixture, kids);
 }

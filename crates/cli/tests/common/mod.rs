@@ -364,6 +364,14 @@ pub fn restore_detached_args(image: &Path, pidfile: &Path) -> Vec<OsString> {
     ]
 }
 
+/// `restore -D image --pidns -d --pidfile pidfile`.
+#[allow(dead_code)] // only the tests of --pidns use it
+pub fn restore_pidns_detached_args(image: &Path, pidfile: &Path) -> Vec<OsString> {
+    let mut args = restore_detached_args(image, pidfile);
+    args.insert(3, "--pidns".into());
+    args
+}
+
 pub fn stasis<S: AsRef<OsStr>>(args: &[S]) -> Output {
     run(stasis_command(args), COMMAND_TIMEOUT)
 }
@@ -832,4 +840,23 @@ pub fn let_runners_run(root: i32) {
     while Instant::now() < deadline && !start.iter().all(|&(p, t, r0)| !running(p, t) || runtime(p, t) >= r0 + 2_000_000) {
         thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// `rounds` times for a multi-process fixture: dump (killing the tree), reap it, restore.
+#[allow(dead_code)] // only the tests of multi-process fixtures use it
+pub fn kids_rounds(fixture: &mut Fixture, kids: &Kids, rounds: usize) {
+    for r in 0..rounds {
+        let dir = fixture.dump(&format!("img{r}"), &[]);
+        fixture.reap_killed();
+        kids.reap_dumped();
+        fixture.restore_detached(&dir);
+    }
+}
+
+/// The fixture's root and then its children must pass.
+#[allow(dead_code)] // only the tests of multi-process fixtures use it
+pub fn kids_finish(mut fixture: Fixture, kids: Kids) {
+    let status = fixture.terminate();
+    fixture.assert_verdict(status, true);
+    kids.reap().unwrap_or_else(|e| panic!("{e}"));
 }
