@@ -236,12 +236,50 @@ fn fuzz_decoder_with_mutations() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-/// Images written by format version 1 must keep decoding. Regenerate only when the
-/// version changes: STASIS_WRITE_GOLDEN=1 cargo test -p stasis-image golden
+/// sample() with what version 2 added: a forked child whose mapping refers to a page
+/// saved for its parent (`PageRun::data`) and keeps one page of its own.
+fn sample_v2() -> Image {
+    let mut img = sample();
+    let mut child = img.processes[0].clone();
+    child.pid = 1235;
+    child.ppid = 1234;
+    child.threads[0].tid = 1235;
+    let vma = &mut child.mm.vmas[0];
+    vma.pages = vec![PageRun { data: Some(4096), ..PageRun::new(0x1000_0000, 1) }, PageRun::new(0x1000_1000, 1)];
+    vma.data_offset = 8192;
+    img.processes.push(child);
+    img
+}
+
+/// Images written by format version 2 must keep decoding. Regenerate only when the
+/// version changes: STASIS_WRITE_GOLDEN=2 cargo test -p stasis-image golden
+#[test]
+fn golden_v2_image_decodes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v2");
+    if std::env::var_os("STASIS_WRITE_GOLDEN").is_some_and(|v| v == "2") {
+        let _ = std::fs::remove_file(dir.join(IMAGE_FILE));
+        let mut img = sample_v2();
+        let mut w = ImageWriter::create(&dir).unwrap();
+        let mut pages = sample_pages();
+        pages.extend((0..4096u32).map(|i| (i * 7 % 253) as u8));
+        w.write_pages(&pages).unwrap();
+        w.finish(&mut img).unwrap();
+    }
+    let r = ImageReader::open(&dir).unwrap();
+    assert_eq!(r.header.version, 2);
+    let mut want = sample_v2();
+    want.page_block_size = r.image.page_block_size;
+    want.page_block_hashes = r.image.page_block_hashes.clone();
+    assert_eq!(r.image, want);
+    check(&dir).unwrap();
+}
+
+/// Images written by format version 1 must keep decoding: this file was written by a
+/// version-1 stasis and is not to be regenerated.
 #[test]
 fn golden_v1_image_decodes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1");
-    if std::env::var_os("STASIS_WRITE_GOLDEN").is_some() {
+    if std::env::var_os("STASIS_WRITE_GOLDEN").is_some_and(|v| v == "1") {
         let _ = std::fs::remove_file(dir.join(IMAGE_FILE));
         write(&dir);
     }
