@@ -191,3 +191,31 @@ fn show_names_shared_tables() {
     assert_eq!(text.matches("shares with its parent").count(), 1, "{text}");
     kids_finish(fixture, kids);
 }
+
+/// Field 38 of /proc/PID/stat: the signal the process's parent gets when it ends.
+fn exit_signal_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(35)?.parse().ok()
+}
+
+/// A child cloned with SIGUSR2 as its exit signal comes back with it: its parent is told
+/// of its end by SIGUSR2 and waits for it as a clone child (the fixture checks both).
+fn exit_signal_kept(rounds: usize) {
+    let mut fixture = Fixture::start("exitsig", &[DIR_ARG]);
+    let kids = Kids::of(&fixture);
+    let k = kids.pid("K");
+    assert_eq!(exit_signal_of(k), Some(libc::SIGUSR2), "before the dump");
+    kids_rounds(&mut fixture, &kids, rounds);
+    assert_eq!(exit_signal_of(k), Some(libc::SIGUSR2), "after the restore");
+    kids_finish(fixture, kids);
+}
+
+#[test]
+fn a_child_with_another_exit_signal_keeps_it_one_round() {
+    exit_signal_kept(1);
+}
+
+#[test]
+fn a_child_with_another_exit_signal_keeps_it_three_rounds() {
+    exit_signal_kept(3);
+}

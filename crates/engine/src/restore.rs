@@ -229,6 +229,8 @@ struct Plan<'a> {
 /// What every restore child shares.
 struct Shared<'a> {
     plans: Vec<Plan<'a>>,
+    /// The plan of the tree's root.
+    root: usize,
     /// The process that is PID 1 of a fresh namespace and mounts its /proc (a root whose
     /// saved PID is 1, restored with --pidns).
     mounts_proc: Option<usize>,
@@ -437,6 +439,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             .filter_map(|r| sp::own_rlimit(r).ok().map(|(soft, hard)| (r, soft, hard)))
             .collect(),
         plans,
+        root: root_idx,
         mounts_proc: (opts.pidns && root.pid == 1).then_some(root_idx),
         helper,
         status_fd: status_wr.as_raw_fd(),
@@ -712,10 +715,13 @@ const DELEGATE_FROM: usize = 8;
 
 /// Which of `children` (plan indexes, all of one parent) are forked by one of them (the
 /// first returned) instead of by their parent, with CLONE_PARENT: half of those that
-/// share no table with their parent (whose clone flags CLONE_PARENT would change), when
-/// there are at least DELEGATE_FROM. The one forking them is such a child too, alive.
+/// share no table with their parent (whose clone flags CLONE_PARENT would change) and end
+/// with SIGCHLD, when there are at least DELEGATE_FROM. The one forking them is such a
+/// child too, alive.
 fn split_forks(shared: &Shared, children: &[usize]) -> (Option<usize>, Vec<usize>) {
-    let plain: Vec<usize> = children.iter().copied().filter(|&c| shared.plans[c].share == 0).collect();
+    // A sibling made with CLONE_PARENT gets its creator's exit signal: only SIGCHLD ones.
+    let sigchld = |c: usize| shared.plans[c].rec.exit_signal.is_none_or(|s| s == libc::SIGCHLD);
+    let plain: Vec<usize> = children.iter().copied().filter(|&c| shared.plans[c].share == 0 && sigchld(c)).collect();
     let Some(&helper) = plain.iter().find(|&&c| shared.plans[c].rec.zombie_status.is_none()) else {
         return (None, Vec::new());
     };
@@ -739,7 +745,12 @@ fn fork_with(shared: &Shared, idx: usize, siblings: &[usize], extra: i32) -> Res
         0 => None,
         _ => Some(sp::pipe2(libc::O_CLOEXEC).map_err(Error::sys(pid, "pipe2"))?),
     };
-    match sp::fork_with_pid(Some(pid), plan.share | extra) {
+    // The root's parent is the restorer (or the namespace's init), not its own: SIGCHLD.
+    let exit_signal = match idx == shared.root {
+        true => libc::SIGCHLD,
+        false => plan.rec.exit_signal.unwrap_or(libc::SIGCHLD),
+    };
+    match sp::fork_with_pid_signal(Some(pid), plan.share | extra, exit_signal) {
         Err(e) if e.0 == libc::EEXIST => {
             check_pid_free(pid)?;
             Err(Error::PidTaken { pid, comm: "unknown".into() })

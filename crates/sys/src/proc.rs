@@ -140,6 +140,13 @@ pub const SHAREABLE: i32 = libc::CLONE_FILES | libc::CLONE_FS | libc::CLONE_PARE
 /// With `CLONE_FILES` the two processes hold the same descriptors: an `OwnedFd` dropped
 /// in one closes the other's too, so the caller must decide which of them owns each.
 pub fn fork_with_pid(pid: Option<Pid>, share: i32) -> SysResult<Forked> {
+    fork_with_pid_signal(pid, share, libc::SIGCHLD)
+}
+
+/// [`fork_with_pid`] whose child sends `exit_signal` to its parent when it ends (0: none).
+/// With `CLONE_PARENT` the child gets its creator's exit signal instead (the kernel
+/// takes no other).
+pub fn fork_with_pid_signal(pid: Option<Pid>, share: i32, exit_signal: i32) -> SysResult<Forked> {
     if share & !SHAREABLE != 0 {
         return Err(Errno(libc::EINVAL));
     }
@@ -148,7 +155,7 @@ pub fn fork_with_pid(pid: Option<Pid>, share: i32) -> SysResult<Forked> {
     let args = CloneArgs {
         flags: share as u64,
         // A sibling gets the exit signal of its creator (the kernel wants 0 here).
-        exit_signal: if share & libc::CLONE_PARENT != 0 { 0 } else { libc::SIGCHLD as u64 },
+        exit_signal: if share & libc::CLONE_PARENT != 0 { 0 } else { exit_signal as u64 },
         set_tid: if pid.is_some() { &tid as *const libc::pid_t as u64 } else { 0 },
         set_tid_size: pid.is_some() as u64,
         ..Default::default()
