@@ -169,10 +169,10 @@ fn a_restorer_killed_midway_leaves_no_sharer_behind() {
     let image = fixture.dump("img", &[]);
     fixture.reap_killed();
     kids.reap().unwrap_or_else(|e| panic!("after the dump: {e}"));
-    // The restore makes 8: the root's rebuild batch (1), the clone of K (2),
+    // The restore makes 7: the root's rebuild batch (1), the clone of K (2),
     // K's descriptor batch (3), the root's close_range (4), K's own state (5),
-    // K's thread state (6), the root's thread state (7), the helper's unmap (8).
-    for n in 1..=8 {
+    // K's thread state (6), the root's thread state ending with the helper's unmap (7).
+    for n in 1..=7 {
         let pidfile = fixture.dir().join(format!("pid-{n}"));
         let mut cmd = stasis_command(&restore_detached_args(&image, &pidfile));
         cmd.env("STASIS_FAULT_KILL_AT_INJECTION", n.to_string())

@@ -822,3 +822,32 @@ fn a_shell_gets_many_children_back_one_round() {
 fn a_shell_gets_many_children_back_three_rounds() {
     shell_with_many_children(3);
 }
+
+// ---------------------------------------------------------------------------
+// A program that ignores SIGSEGV
+
+/// The SigIgn mask of /proc/PID/status.
+fn ignored_signals(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("SigIgn:").map(|v| u64::from_str_radix(v.trim(), 16).ok()))?)
+        .unwrap_or(0)
+}
+
+/// A restore ends each process's injected calls with a fault on the unmapped helper page,
+/// unless the program ignores SIGSEGV (a fault would reset that): such a program keeps
+/// its SIGSEGV ignored through the rounds.
+#[test]
+fn an_ignored_sigsegv_stays_ignored() {
+    let segv = 1u64 << (libc::SIGSEGV - 1);
+    let mut cmd = hermetic_command("bash");
+    cmd.args(["-c", "trap '' SEGV; exec sleep 1000"]);
+    let mut job = Job::start("sleep ignoring SIGSEGV", TempDir::new("segv-ignored"), cmd);
+    let tree = Tree::new(job.pid());
+    wait_until(Duration::from_secs(30), "sleep runs with SIGSEGV ignored", || {
+        stat(job.pid()).is_some_and(|s| s.kin.comm == "sleep") && ignored_signals(job.pid()) & segv != 0
+    });
+    checkpoint_rounds(&mut job, &tree, 2);
+    assert_ne!(ignored_signals(job.pid()) & segv, 0, "SIGSEGV is no longer ignored after the restore");
+    tree.kill(&mut job);
+}

@@ -173,13 +173,28 @@ impl Batch {
     /// failure is an error naming its call.
     pub fn run(self, inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64) -> Result<()> {
         for chunk in self.calls.chunks(BATCH_TABLE_SLOTS - 1) {
-            run_chunk(inj, mem, helper, chunk)?;
+            run_chunk(inj, mem, helper, chunk, false)?;
+        }
+        Ok(())
+    }
+
+    /// Runs every call, then unmaps the helper page (`helper_len` bytes) with the runner
+    /// still in it: its next instruction faults, and the thread stops for that SIGSEGV
+    /// (unblocked for it), one stop for all. The signal is dropped when the thread is let
+    /// go. A program that ignores SIGSEGV must not get here: a fault resets an ignored
+    /// disposition.
+    pub fn run_and_unmap(mut self, inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, helper_len: u64) -> Result<()> {
+        self.push("munmap(helper)", libc::SYS_munmap, [helper, helper_len, 0, 0, 0, 0]);
+        let n = self.calls.len().div_ceil(BATCH_TABLE_SLOTS - 1);
+        for (i, chunk) in self.calls.chunks(BATCH_TABLE_SLOTS - 1).enumerate() {
+            run_chunk(inj, mem, helper, chunk, i + 1 == n)?;
         }
         Ok(())
     }
 }
 
-fn run_chunk(inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, calls: &[(&'static str, i64, [u64; 6])]) -> Result<()> {
+/// `unmaps`: the chunk's last call removes the helper page (see Batch::run_and_unmap).
+fn run_chunk(inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, calls: &[(&'static str, i64, [u64; 6])], unmaps: bool) -> Result<()> {
     let (pid, tid) = (inj.pid, inj.tid);
     let mut table = Vec::with_capacity((calls.len() + 1) * 64);
     for (_, nr, args) in calls {
@@ -195,11 +210,25 @@ fn run_chunk(inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, calls: 
     r.rbx = helper + BATCH_TABLE_AT;
     r.orig_rax = u64::MAX;
     ptrace::set_regs(tid, &r).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
+    if unmaps {
+        ptrace::set_sigmask(tid, !(1u64 << (libc::SIGSEGV - 1))).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
+    }
     fault_point();
     ptrace::cont(tid, 0).map_err(Error::sys(pid, "PTRACE_CONT"))?;
     loop {
         match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
             WaitStatus::Stopped(_, libc::SIGSTOP, 0) => break,
+            // Every call done, the helper page gone under the runner: the fault must be
+            // in the page (si_addr at offset 16 of siginfo).
+            WaitStatus::Stopped(_, libc::SIGSEGV, 0) if unmaps => {
+                let si = ptrace::get_siginfo(tid).map_err(Error::sys(pid, "PTRACE_GETSIGINFO"))?;
+                let addr = u64::from_le_bytes(si[16..24].try_into().unwrap_or_default());
+                ptrace::set_sigmask(tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
+                if !(helper..helper + crate::mm::HELPER_LEN).contains(&addr) {
+                    return Err(Error::UnexpectedStop { pid, tid, what: format!("SIGSEGV at {addr:#x}, outside the helper page, in a batch of injected calls") });
+                }
+                return Ok(());
+            }
             WaitStatus::Stopped(_, sig, ev) => {
                 return Err(Error::UnexpectedStop { pid, tid, what: format!("signal {sig}, event {ev}, in a batch of injected calls") })
             }

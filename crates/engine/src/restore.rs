@@ -1057,7 +1057,7 @@ fn finish_child(plan: &Plan, built: Built, d: &Drive, extra: &mut Vec<Pid>) -> R
         extra.push(tid);
         let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
         let mut tinj = Injector::new(pid, tid, helper, regs);
-        finish_thread(&mut tinj, &mem, data, rec, t, true, &[])?;
+        finish_thread(&mut tinj, &mem, data, rec, t, true, &[], false)?;
         threads::restore_regs(pid, tid, t)?;
         log::debug!("thread {tid} ready");
     }
@@ -1069,10 +1069,16 @@ fn finish_child(plan: &Plan, built: Built, d: &Drive, extra: &mut Vec<Pid>) -> R
     }
     signals::restore_pending(&mut inj, &mem, data, Pid(rec.pid), None, &rec.shared_pending)?;
     let lead = if close_last { std::slice::from_ref(&close) } else { &[] };
-    finish_thread(&mut inj, &mem, data, rec, thread, false, lead)?;
-    // The helper page goes; the interrupt stop right after that call is where the saved
-    // registers go in.
-    inj.call_to_interrupt_stop("munmap(helper)", libc::SYS_munmap, [helper, HELPER_LEN, 0, 0, 0, 0])?;
+    // The helper page goes last in the same batch: the stop for the fault that follows
+    // is where the saved registers go in (a signal-delivery stop: the kernel's restart
+    // handling applies as at any stop). Not for a program that ignores SIGSEGV (the fault
+    // would reset that); it gets an unmapping call that ends at an interrupt stop.
+    const SIG_IGN: u64 = 1;
+    let ignores_segv = rec.sigactions.iter().any(|a| a.sig == libc::SIGSEGV && a.handler == SIG_IGN);
+    finish_thread(&mut inj, &mem, data, rec, thread, false, lead, !ignores_segv)?;
+    if ignores_segv {
+        inj.call_to_interrupt_stop("munmap(helper)", libc::SYS_munmap, [helper, HELPER_LEN, 0, 0, 0, 0])?;
+    }
     threads::set_final_regs(pid, pid, thread)
 }
 
@@ -1084,7 +1090,9 @@ fn same_file_as_own_exe(f: &stasis_image::FileRef) -> bool {
 /// What every thread sets for itself once the address space exists: kernel-held
 /// addresses, its pending signals, credentials (last: dropping them would forbid the
 /// clone3 with set_tid that makes the next thread). `fresh`: see restore_kernel_addrs;
-/// `lead`: calls that go first in the same batch.
+/// `lead`: calls that go first in the same batch; `unmap_helper`: the batch ends by
+/// removing the helper page (the last thread of the process to finish).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn finish_thread(
     inj: &mut Injector,
     mem: &ChildMem,
@@ -1093,6 +1101,7 @@ pub(crate) fn finish_thread(
     t: &stasis_image::ThreadRecord,
     fresh: bool,
     lead: &[(&'static str, i64, [u64; 6])],
+    unmap_helper: bool,
 ) -> Result<()> {
     let pid = Pid(rec.pid);
     signals::restore_pending(inj, mem, data, pid, Some(Pid(t.tid)), &t.pending)?;
@@ -1105,7 +1114,10 @@ pub(crate) fn finish_thread(
     threads::restore_kernel_addrs(&mut calls, mem, data, t, fresh)?;
     task::restore_creds(&mut calls, inj.tid, mem, data + 512, &rec.creds)?;
     let helper = data - HELPER_DATA;
-    calls.run(inj, mem, helper)
+    match unmap_helper {
+        true => calls.run_and_unmap(inj, mem, helper, HELPER_LEN),
+        false => calls.run(inj, mem, helper),
+    }
 }
 
 /// prctl(PR_SET_MM, PR_SET_MM_MAP): code/data/brk/stack/args/env boundaries, auxv and the

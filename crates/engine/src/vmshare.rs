@@ -364,7 +364,7 @@ pub fn finish(s: Spawned, mem: &ChildMem, helper: u64, extra: &mut Vec<Pid>) -> 
     locks::restore(&mut inj, mem, data, &rec.locks)?;
     signals::restore_pending(&mut inj, mem, data, Pid(rec.pid), None, &rec.shared_pending)?;
     let thread = &rec.threads[0];
-    crate::restore::finish_thread(&mut inj, mem, data, rec, thread, true, &[])?;
+    crate::restore::finish_thread(&mut inj, mem, data, rec, thread, true, &[], false)?;
     threads::restore_regs(pid, pid, thread)?;
     extra.push(pid);
     log::debug!("pid {}: ready", rec.pid);

@@ -222,6 +222,13 @@ pub fn peek_siginfo(tid: Pid, shared: bool) -> SysResult<Vec<[u8; SIGINFO_SIZE]>
     }
 }
 
+/// `PTRACE_GETSIGINFO`: the raw `siginfo_t` of the signal the thread is stopped for.
+pub fn get_siginfo(tid: Pid) -> SysResult<[u8; SIGINFO_SIZE]> {
+    let mut buf = [0u8; SIGINFO_SIZE];
+    ptrace(libc::PTRACE_GETSIGINFO as _, tid, 0, buf.as_mut_ptr() as u64)?;
+    Ok(buf)
+}
+
 /// Result of `PTRACE_GET_RSEQ_CONFIGURATION`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
