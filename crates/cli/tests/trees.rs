@@ -851,3 +851,39 @@ fn an_ignored_sigsegv_stays_ignored() {
     assert_ne!(ignored_signals(job.pid()) & segv, 0, "SIGSEGV is no longer ignored after the restore");
     tree.kill(&mut job);
 }
+
+/// A queued field of /proc/PID/status (SigPnd: the thread's, ShdPnd: the process's).
+fn pending_signals(pid: i32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(field).map(|v| u64::from_str_radix(v.trim(), 16).ok()))?)
+        .unwrap_or(0)
+}
+
+/// A program holding a blocked SIGSEGV of its own, queued to the process and to its main
+/// thread: both are queued again after each restore (the restore's last batch, which
+/// would otherwise end with a fault of its own, takes the separate path then).
+#[test]
+fn a_queued_sigsegv_stays_queued() {
+    const PROGRAM: &str = r#"
+import os, signal, sys, threading, time
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGSEGV])
+os.kill(os.getpid(), signal.SIGSEGV)
+signal.pthread_kill(threading.main_thread().ident, signal.SIGSEGV)
+open(sys.argv[1], "w").close()
+while True:
+    time.sleep(1000)
+"#;
+    let segv = 1u64 << (libc::SIGSEGV - 1);
+    let dir = TempDir::new("segv-queued");
+    let ready = dir.join("ready");
+    let mut cmd = hermetic_command("python3");
+    cmd.args(["-c", PROGRAM]).arg(&ready);
+    let mut job = Job::start("python with SIGSEGV queued", dir, cmd);
+    let tree = Tree::new(job.pid());
+    let queued = |pid: i32| pending_signals(pid, "ShdPnd:") & segv != 0 && pending_signals(pid, "SigPnd:") & segv != 0;
+    wait_until(Duration::from_secs(30), "SIGSEGV is queued", || ready.exists() && queued(job.pid()));
+    checkpoint_rounds(&mut job, &tree, 2);
+    assert!(queued(job.pid()), "the queued SIGSEGVs are gone after the restore");
+    tree.kill(&mut job);
+}

@@ -102,7 +102,7 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
     type Frozen1 = (usize, Result<(Option<Vec<Pid>>, Box<(procfs::Stat, procfs::Status)>)>);
     let (tx, rx) = mpsc::channel::<Frozen1>();
     let freeze_on = |tracers: &mut Tracers, idx: usize, pid: Pid, w: usize| {
-        let tx = tx.clone();
+        let answer = tracers::Answer::new(idx, tx.clone());
         tracers.run(w, move |held| {
             let r = match idx {
                 0 => Frozen::freeze(pid).map(Some),
@@ -119,7 +119,7 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
                     proc,
                 ))
             });
-            let _ = tx.send((idx, r));
+            answer.send(r);
         })
     };
     let mut members = vec![Member { pid: root, tids: None, tracer: 0, proc: None }];
@@ -606,6 +606,7 @@ fn zombie_record(pid: Pid) -> Result<ProcessRecord> {
         sid: stat.session,
         comm: stat.comm,
         zombie_status: Some(status),
+        exit_signal: Some(stat.exit_signal),
         ..empty_record(pid.0, stat.ppid)
     })
 }

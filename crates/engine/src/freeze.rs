@@ -220,8 +220,9 @@ fn seize_new(pid: Pid, new: &[Pid], seen: &mut BTreeMap<Pid, ()>, interrupted: &
             return Err(Error::Sys { pid, op: "PTRACE_SEIZE", errno: e });
         }
         seen.insert(tid, ());
-        ptrace::interrupt(tid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
+        // Listed first: if the interrupt fails, the error path still lets it go.
         interrupted.push(tid);
+        ptrace::interrupt(tid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
     }
     Ok(())
 }
@@ -246,11 +247,11 @@ impl Frozen {
             let r = seize_new(pid, &new, &mut seen, &mut interrupted).and_then(|()| {
                 while let Some(&tid) = interrupted.first() {
                     wait_for_stop(pid, tid)?;
-                    interrupted.remove(0);
                     let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
                     let mask = ptrace::get_sigmask(tid).map_err(Error::sys(pid, "PTRACE_GETSIGMASK"))?;
                     // Recorded before the probe, which may leave it at another stop.
                     fr.threads.push(FrozenThread { tid, regs, sigmask: mask, injected: false });
+                    interrupted.remove(0);
                     if let Some(m) = real_sigmask(pid, tid, &regs)? {
                         let t = fr.threads.last_mut().expect("just pushed");
                         (t.sigmask, t.injected) = (m, true);

@@ -173,7 +173,7 @@ impl Batch {
     /// failure is an error naming its call.
     pub fn run(self, inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64) -> Result<()> {
         for chunk in self.calls.chunks(BATCH_TABLE_SLOTS - 1) {
-            run_chunk(inj, mem, helper, chunk, false)?;
+            run_chunk(inj, mem, helper, chunk, None)?;
         }
         Ok(())
     }
@@ -187,14 +187,15 @@ impl Batch {
         self.push("munmap(helper)", libc::SYS_munmap, [helper, helper_len, 0, 0, 0, 0]);
         let n = self.calls.len().div_ceil(BATCH_TABLE_SLOTS - 1);
         for (i, chunk) in self.calls.chunks(BATCH_TABLE_SLOTS - 1).enumerate() {
-            run_chunk(inj, mem, helper, chunk, i + 1 == n)?;
+            run_chunk(inj, mem, helper, chunk, (i + 1 == n).then_some(helper_len))?;
         }
         Ok(())
     }
 }
 
-/// `unmaps`: the chunk's last call removes the helper page (see Batch::run_and_unmap).
-fn run_chunk(inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, calls: &[(&'static str, i64, [u64; 6])], unmaps: bool) -> Result<()> {
+/// `unmaps`: the chunk's last call removes the helper page, of that many bytes (see
+/// Batch::run_and_unmap).
+fn run_chunk(inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, calls: &[(&'static str, i64, [u64; 6])], unmaps: Option<u64>) -> Result<()> {
     let (pid, tid) = (inj.pid, inj.tid);
     let mut table = Vec::with_capacity((calls.len() + 1) * 64);
     for (_, nr, args) in calls {
@@ -210,7 +211,7 @@ fn run_chunk(inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, calls: 
     r.rbx = helper + BATCH_TABLE_AT;
     r.orig_rax = u64::MAX;
     ptrace::set_regs(tid, &r).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
-    if unmaps {
+    if unmaps.is_some() {
         ptrace::set_sigmask(tid, !(1u64 << (libc::SIGSEGV - 1))).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
     }
     fault_point();
@@ -220,11 +221,11 @@ fn run_chunk(inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, calls: 
             WaitStatus::Stopped(_, libc::SIGSTOP, 0) => break,
             // Every call done, the helper page gone under the runner: the fault must be
             // in the page (si_addr at offset 16 of siginfo).
-            WaitStatus::Stopped(_, libc::SIGSEGV, 0) if unmaps => {
+            WaitStatus::Stopped(_, libc::SIGSEGV, 0) if unmaps.is_some() => {
                 let si = ptrace::get_siginfo(tid).map_err(Error::sys(pid, "PTRACE_GETSIGINFO"))?;
                 let addr = u64::from_le_bytes(si[16..24].try_into().unwrap_or_default());
                 ptrace::set_sigmask(tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
-                if !(helper..helper + crate::mm::HELPER_LEN).contains(&addr) {
+                if !(helper..helper + unmaps.unwrap_or(0)).contains(&addr) {
                     return Err(Error::UnexpectedStop { pid, tid, what: format!("SIGSEGV at {addr:#x}, outside the helper page, in a batch of injected calls") });
                 }
                 return Ok(());

@@ -768,6 +768,11 @@ fn fork_with(shared: &Shared, idx: usize, siblings: &[usize], extra: i32) -> Res
             Ok(c)
         }
         Ok(Forked::Child) => {
+            // Before making siblings: if our parent is gone (a failed restore killed
+            // it), so are we, and nothing of ours outlives it.
+            if !siblings.is_empty() && (sp::set_pdeathsig(libc::SIGKILL).is_err() || sp::getppid() != plan.parent) {
+                sp::exit_now(1);
+            }
             for &s in siblings {
                 if let Err(e) = fork_with(shared, s, &[], libc::CLONE_PARENT) {
                     sp::write_all_raw(shared.status_fd, format!("err {pid} {}\n", e.to_string().replace('\n', " ")).as_bytes());
@@ -1073,10 +1078,14 @@ fn finish_child(plan: &Plan, built: Built, d: &Drive, extra: &mut Vec<Pid>) -> R
     // is where the saved registers go in (a signal-delivery stop: the kernel's restart
     // handling applies as at any stop). Not for a program that ignores SIGSEGV (the fault
     // would reset that); it gets an unmapping call that ends at an interrupt stop.
+    // Nor with a SIGSEGV of its own queued (now, for the main thread or the process): that
+    // one would be delivered first, and would absorb the fault's.
     const SIG_IGN: u64 = 1;
     let ignores_segv = rec.sigactions.iter().any(|a| a.sig == libc::SIGSEGV && a.handler == SIG_IGN);
-    finish_thread(&mut inj, &mem, data, rec, thread, false, lead, !ignores_segv)?;
-    if ignores_segv {
+    let segv_queued = thread.pending.iter().chain(&rec.shared_pending).any(|s| s.signo() == libc::SIGSEGV);
+    let separate = ignores_segv || segv_queued;
+    finish_thread(&mut inj, &mem, data, rec, thread, false, lead, !separate)?;
+    if separate {
         inj.call_to_interrupt_stop("munmap(helper)", libc::SYS_munmap, [helper, HELPER_LEN, 0, 0, 0, 0])?;
     }
     threads::set_final_regs(pid, pid, thread)

@@ -123,16 +123,18 @@ impl Tracers {
     /// tracers do so at the same time, so one waiting for an init does not hold up the
     /// others).
     pub(crate) fn kill_all(mut self, pids: &[Pid]) -> Result<()> {
+        // Every one, whatever fails: a tree killed halfway helps nobody.
+        let mut first = Ok(());
         for &pid in pids {
-            stasis_sys::proc::kill(pid, libc::SIGKILL).map_err(Error::sys(pid, "kill"))?;
+            first = first.and(stasis_sys::proc::kill(pid, libc::SIGKILL).map_err(Error::sys(pid, "kill")));
         }
-        self.on_all(|held| {
+        first.and(self.on_all(|held| {
             let mut first = Ok(());
             while let Some(f) = held.pop() {
                 first = first.and(f.kill());
             }
             first
-        })
+        }))
     }
 }
 
@@ -145,6 +147,34 @@ impl Drop for Tracers {
             if let Some(h) = w.handle.take() {
                 let _ = h.join();
             }
+        }
+    }
+}
+
+/// The answer of one job, keyed by `idx`: sent once by [`Answer::send`], or, if the job
+/// ends without sending (it panicked), as [`Error::TracerLost`] when the job is dropped,
+/// so that whoever counts answers is never left waiting.
+pub(crate) struct Answer<T> {
+    idx: usize,
+    tx: Option<mpsc::Sender<(usize, Result<T>)>>,
+}
+
+impl<T> Answer<T> {
+    pub(crate) fn new(idx: usize, tx: mpsc::Sender<(usize, Result<T>)>) -> Answer<T> {
+        Answer { idx, tx: Some(tx) }
+    }
+
+    pub(crate) fn send(mut self, r: Result<T>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send((self.idx, r));
+        }
+    }
+}
+
+impl<T> Drop for Answer<T> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send((self.idx, Err(Error::TracerLost)));
         }
     }
 }
