@@ -27,6 +27,41 @@ pub struct Injector {
     pub event_msg: Option<u64>,
 }
 
+/// `base` set up to make system call `nr` with `args` at `ip` (orig_rax -1: nothing for
+/// the kernel to restart). Pure.
+pub fn call_regs(base: &UserRegs, ip: u64, nr: i64, args: [u64; 6]) -> UserRegs {
+    let mut r = *base;
+    r.rip = ip;
+    r.rax = nr as u64;
+    r.orig_rax = u64::MAX;
+    [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = args;
+    r
+}
+
+/// A system call's raw result, or the error naming `call` when it is a negative errno.
+pub fn checked(pid: Pid, call: &'static str, r: i64) -> Result<u64> {
+    match (-4095..0).contains(&r) {
+        true => Err(Error::Injected { pid, call, errno: Errno(-r as i32) }),
+        false => Ok(r as u64),
+    }
+}
+
+/// Waits for thread `tid`'s next stop and returns its (signal, event) when `want` takes
+/// it; any other stop, or the thread's end, is an error that says it came `during` what.
+pub fn wait_stop(pid: Pid, tid: Pid, during: &str, want: impl Fn(i32, i32) -> bool) -> Result<(i32, i32)> {
+    loop {
+        match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
+            WaitStatus::Stopped(_, sig, ev) if want(sig, ev) => return Ok((sig, ev)),
+            WaitStatus::Stopped(_, sig, ev) => {
+                return Err(Error::UnexpectedStop { pid, tid, what: format!("signal {sig}, event {ev}, {during}") })
+            }
+            WaitStatus::Exited(_, c) => return Err(Error::TargetDied { pid, what: format!("thread {tid}: exit {c} {during}") }),
+            WaitStatus::Signaled(_, s) => return Err(Error::TargetDied { pid, what: format!("thread {tid}: signal {s} {during}") }),
+            WaitStatus::StillAlive => {}
+        }
+    }
+}
+
 impl Injector {
     /// `base` supplies segment registers and flags; `syscall_ip` the instruction to run.
     pub fn new(pid: Pid, tid: Pid, syscall_ip: u64, base: UserRegs) -> Injector {
@@ -35,16 +70,7 @@ impl Injector {
 
     /// Runs one system call; returns the raw result (negative errno on failure).
     pub fn raw(&mut self, nr: i64, args: [u64; 6]) -> Result<i64> {
-        let mut r = self.base;
-        r.rip = self.syscall_ip;
-        r.rax = nr as u64;
-        r.orig_rax = u64::MAX;
-        r.rdi = args[0];
-        r.rsi = args[1];
-        r.rdx = args[2];
-        r.r10 = args[3];
-        r.r8 = args[4];
-        r.r9 = args[5];
+        let r = call_regs(&self.base, self.syscall_ip, nr, args);
         let pid = self.pid;
         ptrace::set_regs(self.tid, &r).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
         self.wait_syscall_stop(nr)?; // entry
@@ -91,30 +117,20 @@ impl Injector {
     /// error naming `call`.
     pub fn call_to_interrupt_stop(&mut self, call: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
         let pid = self.pid;
-        let mut r = self.base;
-        r.rip = self.syscall_ip;
-        r.rax = nr as u64;
-        r.orig_rax = u64::MAX;
-        [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = args;
+        let r = call_regs(&self.base, self.syscall_ip, nr, args);
         ptrace::set_regs(self.tid, &r).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
         self.wait_syscall_stop(nr)?; // entry
         fault_point();
         to_interrupt_stop(pid, self.tid)?;
         let got = ptrace::get_regs(self.tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?.rax as i64;
-        if (-4095..0).contains(&got) {
-            return Err(Error::Injected { pid, call, errno: Errno(-got as i32) });
-        }
-        Ok(got as u64)
+        checked(pid, call, got)
     }
 
     /// Runs one system call and turns a negative result into an error naming `call`.
     pub fn call(&mut self, call: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
         log::trace!("pid {}: injected {call}", self.pid);
         let r = self.raw(nr, args)?;
-        if (-4095..0).contains(&r) {
-            return Err(Error::Injected { pid: self.pid, call, errno: Errno(-r as i32) });
-        }
-        Ok(r as u64)
+        checked(self.pid, call, r)
     }
 }
 
@@ -216,37 +232,22 @@ fn run_chunk(inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, calls: 
     }
     fault_point();
     ptrace::cont(tid, 0).map_err(Error::sys(pid, "PTRACE_CONT"))?;
-    loop {
-        match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
-            WaitStatus::Stopped(_, libc::SIGSTOP, 0) => break,
-            // Every call done, the helper page gone under the runner: the fault must be
-            // in the page (si_addr at offset 16 of siginfo).
-            WaitStatus::Stopped(_, libc::SIGSEGV, 0) if unmaps.is_some() => {
-                let si = ptrace::get_siginfo(tid).map_err(Error::sys(pid, "PTRACE_GETSIGINFO"))?;
-                let addr = u64::from_le_bytes(si[16..24].try_into().unwrap_or_default());
-                ptrace::set_sigmask(tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
-                if !(helper..helper + unmaps.unwrap_or(0)).contains(&addr) {
-                    return Err(Error::UnexpectedStop { pid, tid, what: format!("SIGSEGV at {addr:#x}, outside the helper page, in a batch of injected calls") });
-                }
-                return Ok(());
-            }
-            WaitStatus::Stopped(_, sig, ev) => {
-                return Err(Error::UnexpectedStop { pid, tid, what: format!("signal {sig}, event {ev}, in a batch of injected calls") })
-            }
-            WaitStatus::Exited(_, c) => return Err(Error::TargetDied { pid, what: format!("exit {c} in a batch of injected calls") }),
-            WaitStatus::Signaled(_, s) => {
-                return Err(Error::TargetDied { pid, what: format!("signal {s} in a batch of injected calls") })
-            }
-            WaitStatus::StillAlive => {}
+    let done = |sig: i32, ev: i32| ev == 0 && (sig == libc::SIGSTOP || (sig == libc::SIGSEGV && unmaps.is_some()));
+    if wait_stop(pid, tid, "in a batch of injected calls", done)?.0 == libc::SIGSEGV {
+        // Every call done, the helper page gone under the runner: the fault must be in
+        // the page (si_addr at offset 16 of siginfo).
+        let si = ptrace::get_siginfo(tid).map_err(Error::sys(pid, "PTRACE_GETSIGINFO"))?;
+        let addr = u64::from_le_bytes(si[16..24].try_into().unwrap_or_default());
+        ptrace::set_sigmask(tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
+        if !(helper..helper + unmaps.unwrap_or(0)).contains(&addr) {
+            return Err(Error::UnexpectedStop { pid, tid, what: format!("SIGSEGV at {addr:#x}, outside the helper page, in a batch of injected calls") });
         }
+        return Ok(());
     }
     let mut out = vec![0u8; calls.len() * 64];
     mem.read(helper + BATCH_TABLE_AT, &mut out)?;
     for (i, (call, _, _)) in calls.iter().enumerate() {
-        let r = i64::from_le_bytes(out[i * 64 + 56..i * 64 + 64].try_into().unwrap_or_default());
-        if (-4095..0).contains(&r) {
-            return Err(Error::Injected { pid, call, errno: Errno(-r as i32) });
-        }
+        checked(pid, call, i64::from_le_bytes(out[i * 64 + 56..i * 64 + 64].try_into().unwrap_or_default()))?;
     }
     Ok(())
 }
@@ -259,18 +260,7 @@ fn run_chunk(inj: &mut Injector, mem: &crate::mm::ChildMem, helper: u64, calls: 
 pub fn to_interrupt_stop(pid: Pid, tid: Pid) -> Result<()> {
     ptrace::interrupt(tid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
     ptrace::cont(tid, 0).map_err(Error::sys(pid, "PTRACE_CONT"))?;
-    loop {
-        match ptrace::waitpid(tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
-            WaitStatus::Stopped(_, _, ptrace::PTRACE_EVENT_STOP) => return Ok(()),
-            WaitStatus::Stopped(_, sig, ev) => {
-                return Err(Error::UnexpectedStop { pid, tid, what: format!("signal {sig}, event {ev}, moving to an interrupt stop") })
-            }
-            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                return Err(Error::TargetDied { pid, what: format!("thread {tid} ended moving to an interrupt stop") })
-            }
-            WaitStatus::StillAlive => {}
-        }
-    }
+    wait_stop(pid, tid, "moving to an interrupt stop", |_, ev| ev == ptrace::PTRACE_EVENT_STOP).map(drop)
 }
 
 /// Fault injection for tests of rule 1: with `STASIS_FAULT_KILL_AT_INJECTION=N` in the

@@ -22,7 +22,7 @@
 
 use crate::error::{Error, Result};
 use crate::freeze::FrozenThread;
-use crate::inject::{restart_fixup, Injector};
+use crate::inject::{call_regs, checked, restart_fixup, wait_stop, Injector};
 use crate::procfs;
 use stasis_image::AltStack;
 use stasis_sys::ptrace::{self, UserRegs};
@@ -230,8 +230,8 @@ impl Parasite {
             _ => {
                 for q in calls {
                     let r = self.inj.raw(q.nr, q.args)?;
-                    if q.strict && (-4095..0).contains(&r) {
-                        return Err(Error::Injected { pid: self.inj.pid, call: q.name, errno: stasis_sys::Errno(-r as i32) });
+                    if q.strict {
+                        checked(self.inj.pid, q.name, r)?;
                     }
                 }
                 Ok(())
@@ -247,14 +247,7 @@ impl Parasite {
         if calls.len() > room {
             return Err(Error::Unsupported { pid, what: format!("{} injected calls in one chain", calls.len()) });
         }
-        let with_call = |mut r: UserRegs, q: &Queued, rsp: u64| {
-            r.rip = t.syscall_ret;
-            r.rsp = rsp;
-            r.rax = q.nr as u64;
-            r.orig_rax = u64::MAX;
-            [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9] = q.args;
-            r
-        };
+        let with_call = |r: UserRegs, q: &Queued, rsp: u64| UserRegs { rsp, ..call_regs(&r, t.syscall_ret, q.nr, q.args) };
         // Frame k loads call k + 1 (its stack pointer at frame k + 1); the last one ends.
         let mut bytes = Vec::with_capacity(calls.len() * CHAIN_FRAME as usize);
         for (k, q) in calls.iter().enumerate().skip(1) {
@@ -272,21 +265,7 @@ impl Parasite {
         ptrace::set_regs(c.tid, &first).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
         ptrace::cont(c.tid, 0).map_err(Error::sys(pid, "PTRACE_CONT"))?;
         crate::inject::fault_point();
-        loop {
-            match ptrace::waitpid(c.tid, libc::__WALL).map_err(Error::sys(pid, "waitpid"))? {
-                ptrace::WaitStatus::Stopped(_, s, 0) if s == c.stop_sig => break,
-                ptrace::WaitStatus::Stopped(_, s, ev) => {
-                    return Err(Error::UnexpectedStop { pid, tid: c.tid, what: format!("signal {s}, event {ev}, in a chain of injected calls") })
-                }
-                ptrace::WaitStatus::Exited(_, code) => {
-                    return Err(Error::TargetDied { pid, what: format!("exit {code} in a chain of injected calls") })
-                }
-                ptrace::WaitStatus::Signaled(_, s) => {
-                    return Err(Error::TargetDied { pid, what: format!("signal {s} in a chain of injected calls") })
-                }
-                ptrace::WaitStatus::StillAlive => {}
-            }
-        }
+        wait_stop(pid, c.tid, "in a chain of injected calls", |s, ev| s == c.stop_sig && ev == 0)?;
         // Stopped at the stop signal's delivery, which the next resume drops; everything
         // blocked again for the calls that follow.
         ptrace::set_sigmask(c.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;

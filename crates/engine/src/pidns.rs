@@ -42,9 +42,13 @@ impl TreeView {
         let mut map = HashMap::new();
         let mut groups = HashMap::new();
         for ((pid, threads), known) in procs.iter().zip(statuses.iter().chain(std::iter::repeat(&None))) {
+            let read;
             let st = match known {
-                Some(st) => (*st).clone(),
-                None => read_status(*pid)?,
+                Some(st) => *st,
+                None => {
+                    read = read_status(*pid)?;
+                    &read
+                }
             };
             if *pid == root {
                 depth = st.nspid.len();

@@ -243,7 +243,7 @@ struct Shared<'a> {
     /// signals with a disposition other than the default, and the resource limits
     /// (resource, soft, hard).
     inherited_actions: u64,
-    inherited_limits: Vec<(u32, u64, u64)>,
+    inherited_limits: &'static [(u32, u64, u64)],
 }
 
 fn check_pid_free(pid: Pid) -> Result<()> {
@@ -435,9 +435,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let validate = t0.elapsed();
     let shared = Shared {
         inherited_actions: signals::restorer_actions(),
-        inherited_limits: (0..task::RLIMIT_NAMES.len() as u32)
-            .filter_map(|r| sp::own_rlimit(r).ok().map(|(soft, hard)| (r, soft, hard)))
-            .collect(),
+        inherited_limits: task::own_limits(),
         plans,
         root: root_idx,
         mounts_proc: (opts.pidns && root.pid == 1).then_some(root_idx),
@@ -907,7 +905,7 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32, report: Option<i
     stasis_sys::mem::map_helper_region(shared.helper, HELPER_LEN as usize, &code)
         .map_err(|e| format!("map helper page at {:#x}: {e}", shared.helper))?;
     let ok = format!("ok {}\n", rec.pid);
-    set_own_state(rec, &shared.inherited_limits)?;
+    set_own_state(rec, shared.inherited_limits)?;
     // No parent-death signal from here on: it would outlive the restore, and the end of
     // the wait pipe tells us the restorer is gone. Before the report: once the restorer
     // has every report it may stop us at any instruction.
@@ -1121,7 +1119,7 @@ pub(crate) fn finish_thread(
         calls.push(name, nr, args);
     }
     threads::restore_kernel_addrs(&mut calls, mem, data, t, fresh)?;
-    task::restore_creds(&mut calls, inj.tid, mem, data + 512, &rec.creds)?;
+    task::restore_creds(&mut calls, mem, data + 512, &rec.creds)?;
     let helper = data - HELPER_DATA;
     match unmap_helper {
         true => calls.run_and_unmap(inj, mem, helper, HELPER_LEN),

@@ -113,20 +113,26 @@ pub const RLIMIT_NAMES: [&str; 16] = [
     "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_RTPRIO", "RLIMIT_RTTIME",
 ];
 
+/// The restorer's own resource limits, (resource, soft, hard), read once: every process
+/// of a tree is checked against them, and every restore child inherits them.
+pub fn own_limits() -> &'static [(u32, u64, u64)] {
+    static OWN: std::sync::OnceLock<Vec<(u32, u64, u64)>> = std::sync::OnceLock::new();
+    OWN.get_or_init(|| {
+        (0..RLIMIT_NAMES.len() as u32)
+            .filter_map(|r| stasis_sys::proc::own_rlimit(r).ok().map(|(soft, hard)| (r, soft, hard)))
+            .collect()
+    })
+}
+
 /// Checks before anything is created that every saved limit can be set here: raising a
 /// hard limit above ours needs CAP_SYS_RESOURCE.
 pub fn check_rlimits(pid: Pid, limits: &[Rlimit], have_sys_resource: bool) -> Result<()> {
     if have_sys_resource {
         return Ok(());
     }
-    // Ours, read once per restorer: every process of a tree is checked against them.
-    static OWN: std::sync::OnceLock<std::collections::HashMap<u32, u64>> = std::sync::OnceLock::new();
-    let own = OWN.get_or_init(|| {
-        (0..RLIMIT_NAMES.len() as u32).filter_map(|r| Some((r, stasis_sys::proc::own_rlimit(r).ok()?.1))).collect()
-    });
     for l in limits {
-        let hard = match own.get(&l.resource) {
-            Some(&h) => h,
+        let hard = match own_limits().iter().find(|o| o.0 == l.resource) {
+            Some(&(_, _, h)) => h,
             None => stasis_sys::proc::own_rlimit(l.resource).map_err(Error::sys(pid, "prlimit"))?.1,
         };
         if l.hard > hard {
@@ -148,12 +154,12 @@ pub fn check_rlimits(pid: Pid, limits: &[Rlimit], have_sys_resource: bool) -> Re
 ///
 /// Every thread that gets here still has the credentials it was created with, the
 /// restorer's (read once).
-pub fn restore_creds(calls: &mut Batch, tid: Pid, mem: &ChildMem, at: u64, c: &Creds) -> Result<()> {
+pub fn restore_creds(calls: &mut Batch, mem: &ChildMem, at: u64, c: &Creds) -> Result<()> {
     static OWN: std::sync::OnceLock<crate::procfs::Status> = std::sync::OnceLock::new();
     let cur = match OWN.get() {
         Some(st) => st,
         None => {
-            let st = read_status(tid)?;
+            let st = read_status(stasis_sys::proc::getpid())?;
             OWN.get_or_init(|| st)
         }
     };
