@@ -291,6 +291,10 @@ fn collect_members(
     let n = members.len();
     let code = Arc::new(std::sync::Mutex::new(CodeCache::default()));
     let failed = Arc::new(AtomicBool::new(false));
+    // Processes sharing an address space: with a parent or a child.
+    let vm_parent = &info.sharing.vm_parent;
+    let vm_shared: Arc<Vec<bool>> =
+        Arc::new((0..n).map(|i| vm_parent[i].is_some() || vm_parent.contains(&Some(i))).collect());
     let (work_tx, work_rx) = mpsc::channel::<Work>();
     let (done_tx, done_rx) = mpsc::channel::<(usize, Result<Collected>)>();
     for w in 0..tracers.started() {
@@ -301,14 +305,16 @@ fn collect_members(
             .filter_map(|(i, m)| Some((i, m.pid, m.proc.clone()?)))
             .collect();
         let (code, failed, work_tx, done_tx) = (code.clone(), failed.clone(), work_tx.clone(), done_tx.clone());
+        let vm_shared = vm_shared.clone();
         tracers.run(w, move |held| {
             for (i, pid, proc) in mine {
                 if failed.load(Ordering::SeqCst) {
                     return;
                 }
+                let vm_shared = vm_shared[i];
                 let r = stasis_sys::proc::pidfd_open(pid)
                     .map_err(Error::sys(pid, "pidfd_open"))
-                    .and_then(|pidfd| Ok((pidfd, inject_part(pid, tracers::held(held, pid)?, proc, &code)?)));
+                    .and_then(|pidfd| Ok((pidfd, inject_part(pid, tracers::held(held, pid)?, proc, &code, vm_shared)?)));
                 match r {
                     Ok((pidfd, inj)) => {
                         let _ = work_tx.send((i, pid, pidfd, inj));
@@ -395,7 +401,7 @@ fn collect_tree(
     let view = pidns::TreeView::read(&tasks, &statuses)?;
     let sids: std::collections::HashMap<Pid, i32> =
         members.iter().filter_map(|m| Some((m.pid, m.proc.as_ref()?.0.session))).collect();
-    let info = TreeInfo { opts, sids: &sids, root, objects: std::sync::Mutex::new(ShmemDump::default()), sharing };
+    let info = TreeInfo { opts, sids: &sids, root, objects: std::sync::Mutex::new(ShmemDump::default()), mapped_files: Default::default(), sharing };
     let (procs, fds, pidfds, mms, nthreads) = collect_members(members, tracers, &info)?;
     phases.push(("collect", lap.next()));
     let mut procs = procs;
@@ -673,8 +679,10 @@ struct Injected {
     shared_pending: Vec<stasis_image::SigInfo>,
     /// Read once frozen.
     proc: Box<(procfs::Stat, procfs::Status)>,
-    /// The mappings (smaps), read before the injected calls.
-    maps: Vec<procfs::MapEntry>,
+    /// The mappings (smaps), read before the injected calls when the address space is
+    /// shared with other processes (whose own injected calls may map a scratch area in it
+    /// later); else read once the process's own are over, by its proc_part.
+    maps: Option<Vec<procfs::MapEntry>>,
 }
 
 /// The part of one live process that needs ptrace (injected calls, registers, queued
@@ -684,17 +692,24 @@ fn inject_part(
     frozen: &mut Frozen,
     proc: Box<(procfs::Stat, procfs::Status)>,
     code: &std::sync::Mutex<CodeCache>,
+    vm_shared: bool,
 ) -> Result<Injected> {
     let status = &proc.1;
     let nthreads = frozen.threads.len();
     let main = &mut frozen.threads[0];
-    // Before the scratch area exists: the program's own layout.
-    let maps = mm::read_maps(pid)?;
-    let mut p = Parasite::start(pid, main, nthreads, &maps, code, status.sig_caught)?;
-    // What lands in memory runs as one chain of calls; brk answers in a register only.
+    // Before any scratch area exists: the program's own layout (without the flags that
+    // only smaps has, and which take it far longer, when nothing else can map into it
+    // before proc_part reads them).
+    let maps = if vm_shared { mm::read_maps(pid)? } else { mm::read_layout(pid)? };
     let non_default = status.sig_caught | status.sig_ignored;
+    // The chain below: a call per disposition, arch_prctl, and threads::queue's two.
+    let chain = signals::queued_actions(non_default) + 3;
+    let own_stack = (nthreads == 1 && !vm_shared).then_some(chain);
+    let mut p = Parasite::start(pid, main, nthreads, &maps, code, status.sig_caught, own_stack)?;
+    // What lands in memory runs as one chain of calls; brk answers in a register only.
     signals::queue_actions(&mut p, non_default)?;
-    const PERM_AT: u64 = 12288;
+    /// After the dispositions and the clear_child_tid slot (see threads::queue).
+    const PERM_AT: u64 = 2312;
     p.write(PERM_AT, &[0xff; 8])?;
     p.queue("arch_prctl(ARCH_GET_XCOMP_PERM)", libc::SYS_arch_prctl, [ARCH_GET_XCOMP_PERM, p.scratch.0 + PERM_AT, 0, 0, 0, 0], false);
     threads::queue(&mut p)?;
@@ -705,12 +720,12 @@ fn inject_part(
         perm => perm,
     };
     let brk = p.inj.call("brk", libc::SYS_brk, [0, 0, 0, 0, 0, 0])?;
-    let mut threads = vec![threads::dump(pid, main, &mut p)?];
+    let mut threads = vec![threads::dump(pid, main, &mut p, Some(&proc.0.comm))?];
     for t in frozen.threads.iter_mut().skip(1) {
         p.use_thread(t)?;
         threads::queue(&mut p)?;
         p.flush()?;
-        threads.push(threads::dump(pid, t, &mut p)?);
+        threads.push(threads::dump(pid, t, &mut p, None)?);
     }
     // The scratch area goes from whichever thread ran last: all share the address space.
     p.finish()?;
@@ -718,6 +733,7 @@ fn inject_part(
         t.restore_state().map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
     }
     log::debug!("pid {pid}: parasite done");
+    let maps = vm_shared.then_some(maps);
     Ok(Injected { sigactions, brk, xcomp_perm, threads, shared_pending: signals::dump_pending(pid, pid, true)?, proc, maps })
 }
 
@@ -727,6 +743,7 @@ struct TreeInfo<'a> {
     sids: &'a std::collections::HashMap<Pid, i32>,
     root: Pid,
     objects: std::sync::Mutex<ShmemDump>,
+    mapped_files: mm::MappedFiles,
     sharing: &'a vmshare::Sharing,
 }
 
@@ -742,7 +759,6 @@ fn proc_part(
     inj: Injected,
     t: &TreeInfo,
 ) -> Result<(ProcessRecord, files::DumpedFds, Option<mm::MmPlan>)> {
-    let objects = || t.objects.lock().unwrap_or_else(|p| p.into_inner());
     let (stat, status) = &*inj.proc;
     let ts = task::dump(pid, stat, status, &inj.threads[0].comm)?;
     // Sessions: a leader, or the session of its parent inside the tree; only the root may
@@ -752,12 +768,16 @@ fn proc_part(
     } else if ts.sid != pid.0 && t.sids.get(&Pid(ts.ppid)) != Some(&ts.sid) {
         return Err(Error::Unsupported { pid, what: format!("a session (sid {}) other than its parent's", ts.sid) });
     }
-    let fds = files::dump(pid, pidfd, t.opts.shell_job, &mut objects())?;
+    let fds = files::dump(pid, pidfd, t.opts.shell_job, &t.objects)?;
     let mm_plan = match t.sharing.vm_parent[i] {
         Some(_) => None,
         None => {
-            log::debug!("pid {pid}: {} mappings to plan", inj.maps.len());
-            Some(mm::plan(pid, &inj.maps, &mut objects())?)
+            let maps = match inj.maps {
+                Some(m) => m,
+                None => mm::read_maps(pid)?,
+            };
+            log::debug!("pid {pid}: {} mappings to plan", maps.len());
+            Some(mm::plan(pid, &maps, &t.objects, &t.mapped_files)?)
         }
     };
     let auxv = procfs::read_proc_file(&format!("/proc/{pid}/auxv"))

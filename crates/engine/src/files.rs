@@ -57,7 +57,7 @@ pub struct DumpedFds {
 }
 
 /// The descriptors of `pid`; memory objects among them are recorded in `objects`.
-pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool, objects: &mut ShmemDump) -> Result<DumpedFds> {
+pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool, objects: &std::sync::Mutex<ShmemDump>) -> Result<DumpedFds> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc { pid, path: dir.clone().into(), err: e })?;
     let mut fds: Vec<i32> = rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
@@ -73,8 +73,10 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool, objects: &mut ShmemDump)
         let (path, text) = procfs::read_text(pid, &format!("fdinfo/{fd}"))?;
         let info = procfs::parse_fdinfo(&text).map_err(|what| Error::ProcParse { pid, path: path.clone(), what })?;
         let own = stasis_sys::proc::pidfd_getfd(pidfd, RemoteFd(fd)).map_err(Error::sys(pid, "pidfd_getfd"))?;
-        let md = std::fs::metadata(format!("/proc/self/fd/{}", own.as_raw_fd()))
-            .map_err(|e| Error::Proc { pid, path: format!("fd {fd}").into(), err: e })?;
+        // fstat of our copy: no walk of a /proc path.
+        let file = std::fs::File::from(own);
+        let md = file.metadata().map_err(|e| Error::Proc { pid, path: format!("fd {fd}").into(), err: e })?;
+        let own = OwnedFd::from(file);
         let ft = md.file_type();
         let cloexec = info.flags & libc::O_CLOEXEC != 0;
         let flags = info.flags & !libc::O_CLOEXEC;
@@ -94,6 +96,7 @@ pub fn dump(pid: Pid, pidfd: &OwnedFd, shell_job: bool, objects: &mut ShmemDump)
             match shmem::kind_from_name(&link_bytes) {
                 Some(kind) if ft.is_file() => {
                     let link = format!("{dir}/{fd}");
+                    let mut objects = objects.lock().unwrap_or_else(|p| p.into_inner());
                     let id = objects.intern(pid, &link, kind, |what| Error::UnsupportedFd { pid, fd, kind: what })?;
                     FdKind::Shmem { id, flags, pos: info.pos }
                 }

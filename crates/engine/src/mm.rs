@@ -124,9 +124,6 @@ pub fn file_ref(path: &[u8], md: &std::fs::Metadata) -> FileRef {
     }
 }
 
-/// A mapped file as /proc/PID/maps names it: device, inode, path.
-type MappedFileKey<'a> = (u32, u32, u64, &'a str);
-
 /// Everything of one mapping needed to save it.
 struct Planned {
     vma: Vma,
@@ -141,15 +138,18 @@ pub struct MmPlan {
     planned: Vec<Planned>,
 }
 
+/// The mapped files of a tree, each stat'ed once: by device, inode and path as the maps
+/// give them (a tree maps the same libraries over and over).
+pub type MappedFiles = std::sync::Mutex<HashMap<(u32, u32, u64, String), FileRef>>;
+
 /// Decides every mapping of `pid`: its record and which pages hold data. Memory objects
-/// are recorded in `objects`, once for the tree.
-pub fn plan(pid: Pid, maps: &[MapEntry], objects: &mut ShmemDump) -> Result<MmPlan> {
+/// are recorded in `objects`, once for the tree; mapped files are looked up in `files`.
+pub fn plan(pid: Pid, maps: &[MapEntry], objects: &std::sync::Mutex<ShmemDump>, files: &MappedFiles) -> Result<MmPlan> {
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
         .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/pagemap").into(), err: e })?;
     let guards_supported = guard_scan_supported(&pagemap);
     let regions = scan_process(pid, &pagemap, maps, guards_supported)?;
     let mut planned = Vec::new();
-    let mut files: Vec<(MappedFileKey, FileRef)> = Vec::new();
     for m in maps {
         let class = classify(m);
         let backing = match &class {
@@ -162,19 +162,21 @@ pub fn plan(pid: Pid, maps: &[MapEntry], objects: &mut ShmemDump) -> Result<MmPl
             MapClass::Shmem(kind) => {
                 let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
                 let (start, end) = (m.start, m.end);
+                let mut objects = objects.lock().unwrap_or_else(|p| p.into_inner());
                 VmaBacking::Shmem(objects.intern(pid, &mf, kind.clone(), |what| Error::UnsupportedMapping { pid, start, end, what })?)
             }
             MapClass::File => {
-                // A file is mapped as several neighbouring mappings (text, data, ...):
-                // one stat of it is enough.
-                let key = (m.dev_major, m.dev_minor, m.inode, m.name.as_str());
-                match files.iter().find(|(k, _)| *k == key) {
-                    Some((_, f)) => VmaBacking::File(f.clone()),
+                // A file is mapped as several neighbouring mappings (text, data, ...), and
+                // by many processes of a tree: one stat of it is enough.
+                let key = (m.dev_major, m.dev_minor, m.inode, m.name.clone());
+                let known = files.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+                match known {
+                    Some(f) => VmaBacking::File(f),
                     None => {
                         let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
                         let md = std::fs::metadata(&mf).map_err(|e| Error::Proc { pid, path: mf.into(), err: e })?;
                         let f = file_ref(m.name.as_bytes(), &md);
-                        files.push((key, f.clone()));
+                        files.lock().unwrap_or_else(|p| p.into_inner()).insert(key, f.clone());
                         VmaBacking::File(f)
                     }
                 }
@@ -209,10 +211,14 @@ pub fn plan(pid: Pid, maps: &[MapEntry], objects: &mut ShmemDump) -> Result<MmPl
     Ok(MmPlan { pid, planned })
 }
 
+/// Whether this kernel reports guard regions: asked once (the answer is the kernel's).
 fn guard_scan_supported(pagemap: &File) -> bool {
-    let mut out = Vec::new();
-    let q = ScanQuery { mask: pagemap::PAGE_IS_GUARD, return_mask: pagemap::PAGE_IS_GUARD, ..Default::default() };
-    pagemap::scan(pagemap, 0, PAGE_SIZE, q, &mut out).is_ok()
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let mut out = Vec::new();
+        let q = ScanQuery { mask: pagemap::PAGE_IS_GUARD, return_mask: pagemap::PAGE_IS_GUARD, ..Default::default() };
+        pagemap::scan(pagemap, 0, PAGE_SIZE, q, &mut out).is_ok()
+    })
 }
 
 /// Highest user-space address: mappings above (the legacy vsyscall page) cannot be scanned.

@@ -26,15 +26,19 @@ use crate::inject::{call_regs, checked, restart_fixup, wait_stop, Injector};
 use crate::procfs;
 use stasis_image::AltStack;
 use stasis_sys::ptrace::{self, UserRegs};
+use stasis_sys::mem::RemoteRange;
 use stasis_sys::{Pid, RemoteAddr};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 /// Bytes for call arguments and results, at the start of the scratch area.
-pub const SCRATCH_LEN: u64 = 16 * 4096;
-/// One sigframe slot per thread after that: header, registers and an XSAVE image.
+pub const SCRATCH_LEN: u64 = 4096;
+/// One sigframe slot per thread after that in a mapped scratch area: header, registers
+/// and an XSAVE image, then the thread's chain frames.
 const FRAME_SLOT: u64 = 16 * 4096;
 const ALT_OUT: u64 = SCRATCH_LEN - 64;
+/// Kept free under the stack pointer: the x86-64 red zone.
+const RED_ZONE: u64 = 128;
 /// Where a thread's chain frames start in its slot (after its own frame), and their size.
 const CHAIN_AT: u64 = 16 * 1024;
 const CHAIN_FRAME: u64 = 512;
@@ -69,6 +73,11 @@ pub struct Parasite {
     mem: File,
     pub scratch: RemoteAddr,
     scratch_len: u64,
+    /// Bytes of one thread's slot (after the first SCRATCH_LEN bytes).
+    slot_len: u64,
+    /// The scratch area lies on the thread's own stack, under its red zone, instead of
+    /// in a mapping of its own: what was there, put back when the session ends.
+    stack_bytes: Option<Vec<u8>>,
     syscall_ip: u64,
     tramp: Option<Trampolines>,
     /// Registers for unprotected calls in the current thread.
@@ -77,6 +86,8 @@ pub struct Parasite {
     open: bool,
     /// Signals the process catches (no chain may end with one of them).
     caught: u64,
+    /// The XSAVE image of the thread armed last, read for its frame.
+    xstate: Option<(Pid, Vec<u8>)>,
     /// The current thread's own frame and what ends its chains, if it can have them.
     chain: Option<Chain>,
     queued: Vec<Queued>,
@@ -100,7 +111,11 @@ impl Parasite {
     /// Starts a session in `thread` of process `pid`, with room for `nthreads` frames.
     /// `code` remembers where earlier processes had the instructions injection needs;
     /// `caught` are the signals the process has handlers for.
-    /// `maps`: the process's mappings, read with it frozen.
+    /// `maps`: the process's mappings, read with it frozen. `own_stack`: the process has
+    /// one thread and shares its address space with no other process, and `chain` calls
+    /// at most go in one chain; then, if its stack has the room, the scratch area goes
+    /// there (see [`stack_scratch`]): no mapping to make and remove, two injected calls
+    /// fewer, and not a moment unprotected.
     pub fn start(
         pid: Pid,
         thread: &mut FrozenThread,
@@ -108,6 +123,7 @@ impl Parasite {
         maps: &[procfs::MapEntry],
         code: &std::sync::Mutex<CodeCache>,
         caught: u64,
+        own_stack: Option<usize>,
     ) -> Result<Parasite> {
         let mem = File::options()
             .read(true)
@@ -115,33 +131,53 @@ impl Parasite {
             .open(format!("/proc/{pid}/mem"))
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
         let (ip, tramp) = find_code(pid, &mem, maps, &mut code.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let on_stack = own_stack.and_then(|chain| {
+            let slot_len = CHAIN_AT + (chain as u64 + 1) * CHAIN_FRAME;
+            stack_scratch(maps, thread.regs.rsp, SCRATCH_LEN + slot_len).map(|at| (at, slot_len))
+        });
+        let mut stack_bytes = None;
+        if let Some((at, slot_len)) = on_stack {
+            let mut was = vec![0u8; (SCRATCH_LEN + slot_len) as usize];
+            mem.read_exact_at(&mut was, at)
+                .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
+            stack_bytes = Some(was);
+        }
         ptrace::set_sigmask(thread.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
         thread.injected = true;
         let mut inj = Injector::new(pid, thread.tid, ip, thread.regs);
-        let scratch_len = SCRATCH_LEN + FRAME_SLOT * nthreads as u64;
-        let scratch = inj.call(
-            "mmap",
-            libc::SYS_mmap,
-            [
-                0,
-                scratch_len,
-                (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-                u64::MAX,
-                0,
-            ],
-        )?;
+        let (scratch, scratch_len, slot_len) = match on_stack {
+            Some((at, slot_len)) => (at, SCRATCH_LEN + slot_len, slot_len),
+            None => {
+                let len = SCRATCH_LEN + FRAME_SLOT * nthreads as u64;
+                let at = inj.call(
+                    "mmap",
+                    libc::SYS_mmap,
+                    [
+                        0,
+                        len,
+                        (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                        (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                        u64::MAX,
+                        0,
+                    ],
+                )?;
+                (at, len, FRAME_SLOT)
+            }
+        };
         let mut p = Parasite {
             inj,
             mem,
             scratch: RemoteAddr(scratch),
             scratch_len,
+            slot_len,
+            stack_bytes,
             syscall_ip: ip,
             tramp,
             plain: thread.regs,
             slot: 0,
             open: true,
             caught,
+            xstate: None,
             chain: None,
             queued: Vec::new(),
         };
@@ -166,12 +202,14 @@ impl Parasite {
         self.chain = None;
         self.inj = Injector::new(pid, thread.tid, self.syscall_ip, thread.regs);
         let Some(t) = self.tramp else { return Ok(()) };
-        let slot = SCRATCH_LEN + self.slot.min((self.scratch_len - SCRATCH_LEN) / FRAME_SLOT - 1) * FRAME_SLOT;
+        let slot = SCRATCH_LEN + self.slot.min((self.scratch_len - SCRATCH_LEN) / self.slot_len - 1) * self.slot_len;
         let frame = self.scratch.0 + slot;
         let xstate = ptrace::get_regset(thread.tid, ptrace::NT_X86_XSTATE, stasis_sys::cpu::xsave_size())
             .map_err(Error::sys(pid, "PTRACE_GETREGSET NT_X86_XSTATE"))?;
         let resume = restart_fixup(&thread.regs, true);
         let bytes = sigframe(frame, t.sigreturn, &resume, thread.sigmask, &KEEP_ALTSTACK, &xstate);
+        let fpstate = (!xstate.is_empty()).then(|| fpstate_at(frame));
+        self.xstate = Some((thread.tid, xstate));
         if bytes.len() as u64 > CHAIN_AT {
             return Ok(()); // an XSAVE area larger than the room for it: stay unprotected
         }
@@ -182,13 +220,22 @@ impl Parasite {
         let usable = |s: &&i32| (self.caught | thread.sigmask) & (1u64 << (**s - 1)) == 0;
         self.chain = STOP_SIGNALS.iter().find(usable).map(|&stop_sig| Chain {
             frame,
-            fpstate: (!xstate.is_empty()).then(|| fpstate_at(frame)),
+            fpstate,
             slot,
             stop_sig,
             regs: thread.regs,
             tid: thread.tid,
         });
         Ok(())
+    }
+
+    /// The XSAVE image of thread `tid`: the one read to arm it, else read now.
+    pub fn xstate_of(&mut self, tid: Pid) -> Result<Vec<u8>> {
+        match self.xstate.take() {
+            Some((t, x)) if t == tid => Ok(x),
+            _ => ptrace::get_regset(tid, ptrace::NT_X86_XSTATE, stasis_sys::cpu::xsave_size())
+                .map_err(Error::sys(self.inj.pid, "PTRACE_GETREGSET NT_X86_XSTATE")),
+        }
     }
 
     /// Queues a call for the next flush; `strict`: see [`Queued`].
@@ -243,7 +290,7 @@ impl Parasite {
         let pid = self.inj.pid;
         let blocked_but_stop = !(1u64 << (c.stop_sig - 1));
         let at = |k: usize| self.scratch.0 + c.slot + CHAIN_AT + k as u64 * CHAIN_FRAME;
-        let room = ((FRAME_SLOT - CHAIN_AT) / CHAIN_FRAME) as usize;
+        let room = ((self.slot_len - CHAIN_AT) / CHAIN_FRAME) as usize;
         if calls.len() > room {
             return Err(Error::Unsupported { pid, what: format!("{} injected calls in one chain", calls.len()) });
         }
@@ -293,9 +340,13 @@ impl Parasite {
         Ok(u64::from_le_bytes(b))
     }
 
-    /// Removes the scratch area, from the current thread (unprotected: its frame goes).
+    /// Removes the scratch area: puts back the stack bytes it covered, or unmaps it from
+    /// the current thread (unprotected: its frame goes).
     pub fn finish(mut self) -> Result<()> {
         self.open = false;
+        if let Some(was) = self.stack_bytes.take() {
+            return self.write(0, &was);
+        }
         let (pid, tid) = (self.inj.pid, self.inj.tid);
         let mut inj = Injector::new(pid, tid, self.syscall_ip, self.plain);
         inj.call("munmap", libc::SYS_munmap, [self.scratch.0, self.scratch_len, 0, 0, 0, 0]).map(drop)
@@ -305,10 +356,25 @@ impl Parasite {
 impl Drop for Parasite {
     fn drop(&mut self) {
         if self.open {
+            if let Some(was) = self.stack_bytes.take() {
+                let _ = self.write(0, &was);
+                return;
+            }
             let mut inj = Injector::new(self.inj.pid, self.inj.tid, self.syscall_ip, self.plain);
             let _ = inj.raw(libc::SYS_munmap, [self.scratch.0, self.scratch_len, 0, 0, 0, 0]);
         }
     }
+}
+
+/// Where a scratch area of `len` bytes fits on the process's main stack under the stack
+/// pointer `sp` and its red zone (64-byte aligned, a page above the mapping's start), if
+/// `sp` is in that stack. The bytes there are free by the ABI: a signal handler may
+/// overwrite them at any moment, and the kernel writes its own signal frames there.
+/// Pure.
+pub fn stack_scratch(maps: &[procfs::MapEntry], sp: u64, len: u64) -> Option<u64> {
+    let stack = maps.iter().find(|m| m.name == "[stack]" && m.start < sp && sp <= m.end && m.read && m.write)?;
+    let at = sp.checked_sub(RED_ZONE + len)? & !63;
+    (at >= stack.start + 4096).then_some(at)
 }
 
 const UC_FP_XSTATE: u64 = 1;
@@ -406,7 +472,7 @@ const SIGRETURN: &[u8] = &[0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05]
 /// the parasite does. A hit is checked against the process's own bytes before use.
 #[derive(Default)]
 pub struct CodeCache {
-    by_mapping: std::collections::HashMap<(u64, u64, u64, u64, u64), Found>,
+    by_mapping: std::collections::HashMap<MappingKey, Found>,
 }
 
 fn has_bytes(mem: &File, at: Option<u64>, pat: &[u8]) -> bool {
@@ -439,12 +505,47 @@ fn find_bytes(hay: &[u8], pat: &[u8]) -> Option<usize> {
     None
 }
 
+type MappingKey = (u64, u64, u64, u64, u64);
+
+fn mapping_key(m: &procfs::MapEntry) -> MappingKey {
+    (m.start, m.end, m.offset, m.inode, ((m.dev_major as u64) << 32) | m.dev_minor as u64)
+}
+
+/// What the cache knows for the mappings `candidates` (in order of preference), if it
+/// knows all that is needed and one read of the process's memory confirms every byte
+/// pattern: the usual case from the second process of a tree on.
+fn cached_code(pid: Pid, candidates: &[&procfs::MapEntry], cache: &CodeCache) -> Option<Found> {
+    let mut got = Found::default();
+    let mut checks: Vec<(u64, &[u8])> = Vec::new();
+    for m in candidates {
+        let f = cache.by_mapping.get(&mapping_key(m))?;
+        for (slot, at, pat) in [(&mut got.plain, f.plain, SYSCALL), (&mut got.syscall_ret, f.syscall_ret, SYSCALL_RET), (&mut got.sigreturn, f.sigreturn, SIGRETURN)] {
+            if let (None, Some(at)) = (*slot, at) {
+                *slot = Some(at);
+                checks.push((at, pat));
+            }
+        }
+        if got.plain.is_some() && got.syscall_ret.is_some() && got.sigreturn.is_some() {
+            break;
+        }
+    }
+    let ranges: Vec<RemoteRange> = checks.iter().map(|(at, pat)| RemoteRange { addr: RemoteAddr(*at), len: pat.len() }).collect();
+    let want: Vec<u8> = checks.iter().flat_map(|(_, pat)| pat.iter().copied()).collect();
+    let mut buf = vec![0u8; want.len()];
+    let n = stasis_sys::mem::process_vm_readv(pid, &mut buf, &ranges).ok()?;
+    (n == want.len() && buf == want).then_some(got)
+}
+
 fn find_code(pid: Pid, mem: &File, maps: &[procfs::MapEntry], cache: &mut CodeCache) -> Result<(u64, Option<Trampolines>)> {
     let mut candidates: Vec<&procfs::MapEntry> = maps.iter().filter(|m| m.exec && m.read).collect();
     candidates.sort_by_key(|m| m.name != "[vdso]");
     let (mut plain, mut syscall_ret, mut sigreturn) = (None, None, None);
+    if let Some(f) = cached_code(pid, &candidates, cache) {
+        (plain, syscall_ret, sigreturn) = (f.plain, f.syscall_ret, f.sigreturn);
+        candidates.clear();
+    }
     for m in candidates {
-        let key = (m.start, m.end, m.offset, m.inode, ((m.dev_major as u64) << 32) | m.dev_minor as u64);
+        let key = mapping_key(m);
         let cached = cache.by_mapping.get(&key).copied().filter(|f| {
             has_bytes(mem, f.plain, SYSCALL) && has_bytes(mem, f.syscall_ret, SYSCALL_RET) && has_bytes(mem, f.sigreturn, SIGRETURN)
         });
@@ -478,6 +579,33 @@ mod tests {
         assert_eq!(find_bytes(b"\x0f\x05", SYSCALL), Some(0));
         assert_eq!(find_bytes(b"\x0f", SYSCALL), None);
         assert_eq!(find_bytes(b"", SYSCALL), None);
+    }
+
+    #[test]
+    fn scratch_on_the_stack_only_with_room_under_the_red_zone() {
+        let map = |start: u64, end: u64, name: &str| procfs::MapEntry {
+            start,
+            end,
+            read: true,
+            write: true,
+            exec: false,
+            shared: false,
+            offset: 0,
+            dev_major: 0,
+            dev_minor: 0,
+            inode: 0,
+            name: name.into(),
+            vmflags: String::new(),
+        };
+        let maps = [map(0x1000_0000, 0x1010_0000, ""), map(0x7ff0_0000, 0x7ff2_0000, "[stack]")];
+        let sp = 0x7ff1_f008;
+        let at = stack_scratch(&maps, sp, 0x3000).expect("room on the stack");
+        assert_eq!(at % 64, 0);
+        assert!(at + 0x3000 <= sp - RED_ZONE);
+        assert!(at >= 0x7ff0_1000);
+        // Not enough room above the stack's first page, a stack pointer elsewhere.
+        assert_eq!(stack_scratch(&maps, 0x7ff0_2000, 0x3000), None);
+        assert_eq!(stack_scratch(&maps, 0x1008_0000, 0x3000), None);
     }
 
     #[test]

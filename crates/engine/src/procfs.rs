@@ -16,12 +16,13 @@ pub struct MapEntry {
     pub inode: u64,
     /// The path or pseudo-name ("[heap]", "[vdso]", "/dev/zero (deleted)"), empty if none.
     pub name: String,
-    pub vmflags: Vec<String>,
+    /// The two-letter codes of the `VmFlags` line, as smaps prints them.
+    pub vmflags: String,
 }
 
 impl MapEntry {
     pub fn has_flag(&self, f: &str) -> bool {
-        self.vmflags.iter().any(|x| x == f)
+        self.vmflags.split_ascii_whitespace().any(|x| x == f)
     }
 }
 
@@ -51,7 +52,7 @@ fn parse_map_header(line: &str) -> Option<MapEntry> {
         dev_minor: u32::from_str_radix(min, 16).ok()?,
         inode: inode.parse().ok()?,
         name,
-        vmflags: Vec::new(),
+        vmflags: String::new(),
     })
 }
 
@@ -59,12 +60,19 @@ fn parse_map_header(line: &str) -> Option<MapEntry> {
 pub fn parse_smaps(text: &str) -> Result<Vec<MapEntry>, String> {
     let mut out: Vec<MapEntry> = Vec::new();
     for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("VmFlags:") {
-            let last = out.last_mut().ok_or("VmFlags before any mapping")?;
-            last.vmflags = rest.split_whitespace().map(str::to_string).collect();
-            continue;
+        // Field lines look like "Rss:   4 kB" (a capital first); mapping lines start with
+        // a range in lower-case hex.
+        match line.as_bytes().first() {
+            Some(b'V') => {
+                if let Some(rest) = line.strip_prefix("VmFlags:") {
+                    let last = out.last_mut().ok_or("VmFlags before any mapping")?;
+                    last.vmflags = rest.trim().to_string();
+                }
+                continue;
+            }
+            Some(b'0'..=b'9' | b'a'..=b'f') => {}
+            _ => continue,
         }
-        // Field lines look like "Rss:   4 kB"; mapping lines start with a hex range.
         let first = line.split(' ').next().unwrap_or("");
         if first.contains('-') && first.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
             out.push(parse_map_header(line).ok_or_else(|| format!("bad mapping line: {line}"))?);

@@ -39,6 +39,11 @@ pub fn queue_actions(p: &mut Parasite, non_default: u64) -> Result<()> {
     Ok(())
 }
 
+/// How many calls [`queue_actions`] queues.
+pub fn queued_actions(non_default: u64) -> usize {
+    (1..=NSIG).filter(|s| non_default_sig(non_default, *s)).count()
+}
+
 fn non_default_sig(non_default: u64, sig: i32) -> bool {
     catchable(sig) && non_default & (1u64 << (sig - 1)) != 0
 }

@@ -19,7 +19,8 @@ use stasis_sys::Pid;
 const PR_GET_TID_ADDRESS: u64 = 40;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 
-const TID_AT: u64 = 8192;
+/// In the parasite's scratch area, after the dispositions (see signals::queue_actions).
+const TID_AT: u64 = 2304;
 
 /// Queues what one thread's record needs from inside it (its clear_child_tid address
 /// and alternate stack), for the parasite's next flush in this very thread.
@@ -29,11 +30,11 @@ pub fn queue(p: &mut Parasite) -> Result<()> {
     p.queue_altstack()
 }
 
-/// Reads one frozen thread, once what [`queue`] queued has run.
-pub fn dump(pid: Pid, t: &FrozenThread, p: &mut Parasite) -> Result<ThreadRecord> {
+/// Reads one frozen thread, once what [`queue`] queued has run. `comm`: its name if
+/// known already (the main thread's is in the process's stat).
+pub fn dump(pid: Pid, t: &FrozenThread, p: &mut Parasite, comm: Option<&str>) -> Result<ThreadRecord> {
     let tid = t.tid;
-    let xstate = ptrace::get_regset(tid, ptrace::NT_X86_XSTATE, stasis_sys::cpu::xsave_size())
-        .map_err(Error::sys(pid, "PTRACE_GETREGSET NT_X86_XSTATE"))?;
+    let xstate = p.xstate_of(tid)?;
     let rc = ptrace::get_rseq_config(tid).map_err(Error::sys(pid, "PTRACE_GET_RSEQ_CONFIGURATION"))?;
     let robust_list = stasis_sys::proc::get_robust_list(tid).map_err(Error::sys(pid, "get_robust_list"))?;
     let clear_child_tid = match p.read_u64(TID_AT)? {
@@ -41,10 +42,13 @@ pub fn dump(pid: Pid, t: &FrozenThread, p: &mut Parasite) -> Result<ThreadRecord
         a => a,
     };
     let altstack = p.altstack()?;
-    let comm = crate::procfs::read_text(pid, &format!("task/{tid}/comm"))?.1;
+    let comm = match comm {
+        Some(c) => c.to_string(),
+        None => crate::procfs::read_text(pid, &format!("task/{tid}/comm"))?.1.trim_end_matches('\n').to_string(),
+    };
     Ok(ThreadRecord {
         tid: tid.0,
-        comm: comm.trim_end_matches('\n').to_string(),
+        comm,
         regs: t.regs.to_array().to_vec(),
         xstate,
         sigmask: t.sigmask,
