@@ -700,7 +700,13 @@ fn inject_part(
     // Before any scratch area exists: the program's own layout (without the flags that
     // only smaps has, and which take it far longer, when nothing else can map into it
     // before proc_part reads them).
-    let maps = if vm_shared { mm::read_maps(pid)? } else { mm::read_layout(pid)? };
+    let maps = match vm_shared {
+        true => mm::read_maps(pid)?,
+        false => match mm::read_for_injection(pid, main.regs.rsp)? {
+            Some(m) => m,
+            None => mm::read_layout(pid)?,
+        },
+    };
     let non_default = status.sig_caught | status.sig_ignored;
     // The chain below: a call per disposition, arch_prctl, and threads::queue's two.
     let chain = signals::queued_actions(non_default) + 3;

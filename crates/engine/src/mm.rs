@@ -108,6 +108,49 @@ pub fn read_layout(pid: Pid) -> Result<Vec<MapEntry>> {
     read_mappings(pid, "maps")
 }
 
+/// Only the mappings that injected calls need to know of: the executable ones (for the
+/// code they run) and the one that holds `sp` (for room on the stack), asked with
+/// PROCMAP_QUERY instead of reading the whole list. `None` where the kernel has no
+/// PROCMAP_QUERY (before 6.11): read the layout then.
+pub fn read_for_injection(pid: Pid, sp: u64) -> Result<Option<Vec<MapEntry>>> {
+    use stasis_sys::proc::{procmap_query, QueriedVma, PROCMAP_QUERY_COVERING_OR_NEXT_VMA, PROCMAP_QUERY_VMA_EXECUTABLE};
+    let path = format!("/proc/{pid}/maps");
+    let maps = File::open(&path).map_err(|e| Error::Proc { pid, path: path.into(), err: e })?;
+    let entry = |v: QueriedVma| MapEntry {
+        start: v.start,
+        end: v.end,
+        read: v.read,
+        write: v.write,
+        exec: v.exec,
+        shared: v.shared,
+        offset: v.offset,
+        dev_major: v.dev_major,
+        dev_minor: v.dev_minor,
+        inode: v.inode,
+        name: String::from_utf8_lossy(&v.name).into_owned(),
+        vmflags: String::new(),
+    };
+    let mut out = Vec::new();
+    let mut addr = 0;
+    loop {
+        match procmap_query(&maps, addr, PROCMAP_QUERY_VMA_EXECUTABLE | PROCMAP_QUERY_COVERING_OR_NEXT_VMA) {
+            Err(e) if e.0 == libc::ENOTTY || e.0 == libc::EINVAL => return Ok(None),
+            Err(e) => return Err(Error::sys(pid, "PROCMAP_QUERY")(e)),
+            Ok(None) => break,
+            Ok(Some(v)) => {
+                addr = v.end;
+                out.push(entry(v));
+            }
+        }
+    }
+    if let Some(v) = procmap_query(&maps, sp, 0).map_err(Error::sys(pid, "PROCMAP_QUERY"))? {
+        if !v.exec {
+            out.push(entry(v));
+        }
+    }
+    Ok(Some(out))
+}
+
 fn read_mappings(pid: Pid, file: &str) -> Result<Vec<MapEntry>> {
     let (path, text) = procfs::read_text(pid, file)?;
     procfs::parse_smaps(&text).map_err(|what| Error::ProcParse { pid, path, what })

@@ -587,3 +587,87 @@ pub fn write_some(fd: RawFd, buf: &[u8]) -> SysResult<usize> {
     // SAFETY: `buf` is a live buffer of the given length.
     cvt(unsafe { libc::write(fd, buf.as_ptr() as *const libc::c_void, buf.len()) } as libc::c_long).map(|n| n as usize)
 }
+
+/// One mapping as `PROCMAP_QUERY` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueriedVma {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub shared: bool,
+    pub offset: u64,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub inode: u64,
+    /// As /proc/PID/maps would print it: a path, "[stack]", "[vdso]", or empty.
+    pub name: Vec<u8>,
+}
+
+/// `PROCMAP_QUERY_*` query flags (linux/fs.h).
+pub const PROCMAP_QUERY_VMA_EXECUTABLE: u64 = 0x04;
+pub const PROCMAP_QUERY_COVERING_OR_NEXT_VMA: u64 = 0x10;
+
+#[repr(C)]
+#[derive(Default)]
+struct ProcmapQuery {
+    size: u64,
+    query_flags: u64,
+    query_addr: u64,
+    vma_start: u64,
+    vma_end: u64,
+    vma_flags: u64,
+    vma_page_size: u64,
+    vma_offset: u64,
+    inode: u64,
+    dev_major: u32,
+    dev_minor: u32,
+    vma_name_size: u32,
+    build_id_size: u32,
+    vma_name_addr: u64,
+    build_id_addr: u64,
+}
+
+/// `_IOWR('f', 17, struct procmap_query)`.
+const PROCMAP_QUERY: libc::c_ulong = (3 << 30) | ((std::mem::size_of::<ProcmapQuery>() as libc::c_ulong) << 16) | (0x66 << 8) | 17;
+
+/// `ioctl(PROCMAP_QUERY)` on an open /proc/PID/maps (Linux 6.11 on): the mapping that
+/// covers `addr` (or, with PROCMAP_QUERY_COVERING_OR_NEXT_VMA, the next one after it) and
+/// has the other `flags`. `None` when there is none; ENOTTY from an older kernel.
+pub fn procmap_query(maps: &std::fs::File, addr: u64, flags: u64) -> SysResult<Option<QueriedVma>> {
+    use std::os::fd::AsRawFd;
+    let mut name = [0u8; 4096];
+    let mut q = ProcmapQuery {
+        size: std::mem::size_of::<ProcmapQuery>() as u64,
+        query_flags: flags,
+        query_addr: addr,
+        vma_name_size: name.len() as u32,
+        vma_name_addr: name.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: `q` is a properly sized, initialized procmap_query that outlives the call;
+    // the kernel writes at most `vma_name_size` bytes to `name`, which is that long and
+    // lives on this stack frame until after the call; no build id is asked for.
+    let r = unsafe { libc::ioctl(maps.as_raw_fd(), PROCMAP_QUERY as _, &mut q as *mut ProcmapQuery) };
+    match cvt(r as libc::c_long) {
+        Err(e) if e.0 == libc::ENOENT => Ok(None),
+        Err(e) => Err(e),
+        Ok(_) => {
+            let len = (q.vma_name_size as usize).saturating_sub(1).min(name.len());
+            Ok(Some(QueriedVma {
+                start: q.vma_start,
+                end: q.vma_end,
+                read: q.vma_flags & 1 != 0,
+                write: q.vma_flags & 2 != 0,
+                exec: q.vma_flags & 4 != 0,
+                shared: q.vma_flags & 8 != 0,
+                offset: q.vma_offset,
+                dev_major: q.dev_major,
+                dev_minor: q.dev_minor,
+                inode: q.inode,
+                name: name[..len].to_vec(),
+            }))
+        }
+    }
+}
