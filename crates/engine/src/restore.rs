@@ -283,7 +283,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         return Err(Error::Restore { pid: root_pid, what: "the image was dumped with --shell-job; restore it with --shell-job".into() });
     }
     let caps = read_status(sp::getpid())?.cap_eff;
-    let mut busy: Vec<(u64, u64)> = mm::read_layout(sp::getpid())?.iter().map(|m| (m.start, m.end)).collect();
+    // Every restore child starts as a copy of this layout (see build_child).
+    let own_layout = mm::read_layout(sp::getpid())?;
+    let mut busy: Vec<(u64, u64)> = own_layout.iter().map(|m| (m.start, m.end)).collect();
     let mut mapped_files = std::collections::HashMap::new();
     for rec in &img.processes {
         let pid = Pid(rec.pid);
@@ -481,7 +483,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // Forked by the restore children and driven by the restorer; the processes sharing
     // their parent's address space come from their parent's driver.
     let live: Vec<&Plan> = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none() && !p.rec.vm_with_parent).collect();
-    let loaded = drive_all(&live, &Drive { helper, pages: pages.as_slice(), pids: &pids, objects: &objects, root: root_pid })?;
+    let loaded = drive_all(&live, &Drive { helper, pages: pages.as_slice(), pids: &pids, objects: &objects, root: root_pid, own_layout: &own_layout })?;
     let memory_bytes = objects.loaded + loaded;
     drop(objects);
     guard.armed = false;
@@ -509,6 +511,8 @@ struct Drive<'a> {
     pids: &'a PidMap,
     objects: &'a ShmemTable,
     root: Pid,
+    /// The restorer's mappings, read before the first fork.
+    own_layout: &'a [crate::procfs::MapEntry],
 }
 
 /// Seizes and drives every live process to its final registers, then lets all of them
@@ -552,7 +556,7 @@ fn drive_all(live: &[&Plan], d: &Drive) -> Result<u64> {
         step(&mut || set_foreground_groups(mine, d));
         step(&mut || {
             for p in mine {
-                let (b, n) = build_child(p, d.helper, d.pages, d.pids)?;
+                let (b, n) = build_child(p, d)?;
                 loaded.fetch_add(n, Ordering::Relaxed);
                 built.push(b);
             }
@@ -998,7 +1002,8 @@ struct Built<'a> {
 /// The restorer's first part, with the child seized and stopped: the address space and
 /// the mm fields, which need the helper descriptors in the child. Returns page bytes
 /// loaded.
-fn build_child<'a>(plan: &'a Plan<'a>, helper: u64, pages: &[u8], pids: &PidMap) -> Result<(Built<'a>, u64)> {
+fn build_child<'a>(plan: &'a Plan<'a>, d: &Drive) -> Result<(Built<'a>, u64)> {
+    let (helper, pages, pids) = (d.helper, d.pages, d.pids);
     let rec = plan.rec;
     // As we see it (ptrace, /proc); injected calls use the saved numbers.
     let pid = pids.outer(rec.pid);
@@ -1011,8 +1016,10 @@ fn build_child<'a>(plan: &'a Plan<'a>, helper: u64, pages: &[u8], pids: &PidMap)
     // batch returns to user space between its calls.
     let mut calls = Batch::default();
     threads::unregister_inherited_rseq(pid, &mut calls)?;
-    let child_maps = mm::read_layout(pid)?;
-    MmRestore { pid, calls: &mut calls, mem: &mem, helper, pages }.rebuild(&child_maps, &rec.mm.vmas, &plan.fds.maps)?;
+    // The child is a copy of the restorer (forked from it, or from a restored parent not
+    // yet rebuilt): its vDSO block is where ours is, and whatever it mapped since it was
+    // forked (its helper page, allocations) goes with the rest. No need to read its maps.
+    MmRestore { pid, calls: &mut calls, mem: &mem, helper, pages }.rebuild(d.own_layout, &rec.mm.vmas, &plan.fds.maps)?;
     // The child's exe link is the restorer's binary; when that is already the saved exe the
     // kernel must not be asked to change it (it refuses while the file is mapped).
     let exe_fd = if same_file_as_own_exe(&rec.mm.exe) { -1 } else { plan.fds.exe };
