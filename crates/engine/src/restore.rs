@@ -8,13 +8,14 @@
 //!    descriptors named by --inherit-fd; check that every saved file lock is free to take
 //!    again.
 //! 2. Fork the root with its PID (clone3 set_tid). Each restore child starts its session
-//!    if it led one, forks its own children (zombies included) with their PIDs, then sets
+//!    if it led one, joins its process group if it leads it or an ancestor does (see
+//!    GroupPlan), forks its own children (zombies included) with their PIDs, then sets
 //!    what a process sets on itself: signal dispositions (all signals blocked),
 //!    descriptors (from the inherited descriptions), cwd, root, umask, name; it maps a
 //!    helper page holding a `syscall` instruction at an address every saved layout leaves
 //!    free, reports "ok" on the status pipe and waits in a read.
 //! 3. The restorer seizes every process and injects the rest through that instruction:
-//!    process groups, rseq off, the address space replaced (mm::MmRestore), mm fields
+//!    the other process groups, rseq off, the address space replaced (mm::MmRestore), mm fields
 //!    (PR_SET_MM_MAP), file locks (after the last injected close), limits, threads (clone3 with set_tid), per-thread kernel
 //!    addresses, pending signals, credentials; the last injected call unmaps the helper
 //!    page, and the saved registers and signal mask go in at an interrupt stop, so that
@@ -223,7 +224,57 @@ struct Plan<'a> {
     children: Vec<usize>,
     /// A session leader's controlling terminal.
     ctty: Option<tty::CttyPlan>,
+    /// Who puts it in its process group.
+    group: GroupPlan,
     parent: Pid,
+}
+
+/// Who puts a restored process in its saved process group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GroupPlan {
+    /// Nobody: it leads its session (setsid made the group), or the group's leader is
+    /// not a live process of the tree (the group is not restored).
+    Nothing,
+    /// The child itself, before it forks its own children, which then inherit the group:
+    /// it leads the group, or the leader is one of its ancestors, each of which set its
+    /// own group before forking, so the group exists once the child does.
+    Own,
+    /// The restorer, once every process exists (the leader lies elsewhere in the tree).
+    Restorer,
+}
+
+/// The GroupPlan of each process; `live[i]`: process i runs the restore child code (not
+/// a zombie, not made by its parent's driver). Pure.
+fn group_plans(procs: &[ProcessRecord], live: &[bool], root_idx: usize) -> Vec<GroupPlan> {
+    let index = |pid: i32| procs.iter().position(|p| p.pid == pid);
+    procs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let leader_live = index(r.pgid).is_some_and(|l| live[l]);
+            if !live[i] || r.sid == r.pid || !leader_live {
+                return GroupPlan::Nothing;
+            }
+            if r.pgid == r.pid {
+                return GroupPlan::Own;
+            }
+            // Up the parent chain, through live processes only, to the root at most.
+            let mut at = i;
+            for _ in 0..procs.len() {
+                if at == root_idx {
+                    break;
+                }
+                match index(procs[at].ppid) {
+                    Some(up) if live[up] => at = up,
+                    _ => break,
+                }
+                if procs[at].pid == r.pgid {
+                    return GroupPlan::Own;
+                }
+            }
+            GroupPlan::Restorer
+        })
+        .collect()
 }
 
 /// What every restore child shares.
@@ -387,6 +438,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
     }
     let mut epolls = epoll::plan(&img.processes, &installs)?;
+    let live: Vec<bool> = img.processes.iter().map(|p| p.zombie_status.is_none() && !p.vm_with_parent).collect();
+    let groups = group_plans(&img.processes, &live, root_idx);
     let mut plans: Vec<Plan> = img
         .processes
         .iter()
@@ -425,6 +478,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 .filter(|(j, c)| *j != root_idx && c.ppid == rec.pid && vm_parent[*j].is_none())
                 .map(|(j, _)| j)
                 .collect(),
+            group: groups[i],
             parent: if i == root_idx { root_parent } else { Pid(rec.ppid) },
         })
         })
@@ -519,7 +573,7 @@ struct Drive<'a> {
 /// run at once. ptrace requests must come from the thread that seized a tracee, so the
 /// processes are shared out among tracer threads, each of which keeps its own from the
 /// seize to the detach; barriers keep in order the steps that depend on other processes:
-/// process groups (leaders first), foreground groups, every address space before any
+/// process groups (those not made by descent, see GroupPlan), foreground groups, every address space before any
 /// process is finished (sharers of a descriptor table need their helper descriptors until
 /// the last of them is built; the children sharing an address space are cloned right
 /// after their parent's is built, while its table still carries their descriptions, and
@@ -551,8 +605,7 @@ fn drive_all(live: &[&Plan], d: &Drive) -> Result<u64> {
         let mut built = Vec::new();
         let mut threads: Vec<Pid> = Vec::new();
         step(&mut || mine.iter().try_for_each(|p| seize(d.pids.outer(p.rec.pid))));
-        step(&mut || set_process_groups(mine, live, true, d));
-        step(&mut || set_process_groups(mine, live, false, d));
+        step(&mut || set_process_groups(mine, d));
         step(&mut || set_foreground_groups(mine, d));
         step(&mut || {
             for p in mine {
@@ -644,15 +697,12 @@ fn seize(pid: Pid) -> Result<()> {
     }
 }
 
-/// Process groups of `mine`, once every process exists: the leaders (`leaders`), or the
-/// members, whose group must exist already. `live` tells which groups are in the tree.
-fn set_process_groups(mine: &[&Plan], live: &[&Plan], leaders: bool, d: &Drive) -> Result<()> {
-    let in_tree = |pgid: i32| live.iter().any(|p| p.rec.pid == pgid);
-    for p in mine {
+/// Process groups of `mine` that their leader's restore child made but that are not
+/// theirs by descent (see GroupPlan), once every process exists: every leader has set
+/// its own group before it said it was ready.
+fn set_process_groups(mine: &[&Plan], d: &Drive) -> Result<()> {
+    for p in mine.iter().filter(|p| p.group == GroupPlan::Restorer) {
         let r = p.rec;
-        if r.sid == r.pid || (r.pgid == r.pid) != leaders || !in_tree(r.pgid) {
-            continue;
-        }
         let pid = d.pids.outer(r.pid);
         let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
         let mut inj = Injector::new(pid, pid, d.helper, regs);
@@ -876,6 +926,11 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32, report: Option<i
         if let Some(c) = &plan.ctty {
             stasis_sys::tty::set_controlling_tty(c.fd, c.steal).map_err(|e| format!("TIOCSCTTY: {e}"))?;
         }
+    }
+    // Before forking: our children inherit the group.
+    if plan.group == GroupPlan::Own {
+        let pgid = if rec.pgid == rec.pid { 0 } else { rec.pgid };
+        sp::setpgid(Pid(0), Pid(pgid)).map_err(|e| format!("setpgid {}: {e}", rec.pgid))?;
     }
     // Returns only once every child sharing a table with us has forked its own. Of many
     // children, one forks half of its siblings (CLONE_PARENT), at the same time as we
@@ -1204,6 +1259,27 @@ mod tests {
         assert!(plans.iter().all(|p| p.park == 14 && p.close_from == 8));
         let alone = FdPlan::group(&[&procs[3]], &[0], 0, 20);
         assert_eq!((alone[0].exe, alone[0].tty, alone[0].park, alone[0].close_from), (3, 4, 20, 3));
+    }
+
+    #[test]
+    fn groups_are_joined_by_descent_where_the_leader_is_an_ancestor() {
+        use GroupPlan::*;
+        // Session 10: 10 ── 11 (group 11) ── 12 (group 11), 13 (group 11, its leader a
+        // sibling), 14 (group 10) ── 15 (group 10), zombie 16 ── (group 16: none live);
+        // 17 (group 20, led outside the tree).
+        let mut procs: Vec<ProcessRecord> =
+            [(10, 1), (11, 10), (12, 11), (13, 10), (14, 10), (15, 14), (16, 10), (17, 10)].iter().map(|&(p, pp)| rec(p, pp, false, false, &[])).collect();
+        for (p, g) in procs.iter_mut().zip([10, 11, 11, 11, 10, 10, 16, 20]) {
+            p.pgid = g;
+            p.sid = 10;
+        }
+        let mut live = vec![true; procs.len()];
+        live[6] = false;
+        let plans = group_plans(&procs, &live, 0);
+        assert_eq!(plans, vec![Nothing, Own, Own, Restorer, Own, Own, Nothing, Nothing]);
+        // A process made by its parent's driver breaks the chain of descent.
+        live[4] = false;
+        assert_eq!(group_plans(&procs, &live, 0)[5], Restorer);
     }
 
     #[test]
