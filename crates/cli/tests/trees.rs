@@ -878,6 +878,51 @@ fn process_groups_come_back_two_rounds() {
 }
 
 // ---------------------------------------------------------------------------
+// A zombie child
+
+/// argv[1] is the READY FIFO. The program forks a child that exits with 7 at once and
+/// takes its SIGCHLD (blocked) before READY, leaving it a zombie. On SIGTERM: no SIGCHLD
+/// may be pending (the zombie's re-creation must not show), and the zombie is reaped
+/// with its status.
+const ZOMBIE_PROGRAM: &str = r#"
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
+z = os.fork()
+if z == 0:
+    os._exit(7)
+signal.sigwait({signal.SIGCHLD})
+with open(sys.argv[1], "w") as fifo:
+    fifo.write("READY\n")
+signal.sigwait({signal.SIGTERM})
+fails = []
+if signal.SIGCHLD in signal.sigpending():
+    fails.append("a SIGCHLD is pending")
+st = os.waitpid(z, 0)[1]
+if not (os.WIFEXITED(st) and os.WEXITSTATUS(st) == 7):
+    fails.append(f"zombie {z}: status {st:#x}, want exit 7")
+print(f"FAIL: {fails[0]}" if fails else "PASS", flush=True)
+sys.exit(1 if fails else 0)
+"#;
+
+#[test]
+fn a_zombie_comes_back_without_a_sigchld() {
+    let dir = TempDir::new("zombie");
+    let script = dir.join("zombie.py");
+    fs::write(&script, ZOMBIE_PROGRAM).expect("write the program");
+    let fifo = dir.join("ready");
+    let mut ready = open_ready_fifo(&fifo);
+    let mut cmd = hermetic_command("python3");
+    cmd.arg(&script).arg(&fifo);
+    let mut job = Job::start("zombie", dir, cmd);
+    let tree = Tree::new(job.pid());
+    if let Err(e) = wait_ready(&mut ready, job.pid()) {
+        panic!("zombie: {e}\n{}", job.log_text());
+    }
+    checkpoint_rounds(&mut job, &tree, 2);
+    tree.finish(job, true);
+}
+
+// ---------------------------------------------------------------------------
 // A shell with many children (more than one process forks them back on restore)
 
 /// $1 is a file created once the children run. bash forks SHELL_CHILDREN `sleep`s, then

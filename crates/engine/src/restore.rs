@@ -832,6 +832,8 @@ fn fork_with(shared: &Shared, idx: usize, siblings: &[usize], extra: i32) -> Res
                 }
             }
             if let Some(status) = plan.rec.zombie_status {
+                // A zombie keeps the name it died with.
+                let _ = sp::set_comm(plan.rec.comm.as_bytes());
                 become_zombie(status);
             }
             // child_main moves the status pipe; it reports where it is now.
@@ -1128,8 +1130,11 @@ fn finish_child(plan: &Plan, built: Built, d: &Drive, extra: &mut Vec<Pid>) -> R
     }
     let thread = &rec.threads[0];
     // Signals that arrived during the restore (SIGCHLD of a re-created zombie) are not
-    // the program's: drop them before queueing the saved ones.
-    if read_status(pid)?.sig_pending != 0 {
+    // the program's: drop them before queueing the saved ones. Every signal sent while
+    // the kernel has memory for its queue entry shows in the queues, read at this stop
+    // without /proc.
+    let queued = |shared| ptrace::peek_siginfo(pid, shared).map_err(Error::sys(pid, "PTRACE_PEEKSIGINFO"));
+    if !queued(false)?.is_empty() || !queued(true)?.is_empty() {
         signals::drain_pending(&mut inj, &mem, data)?;
     }
     signals::restore_pending(&mut inj, &mem, data, Pid(rec.pid), None, &rec.shared_pending)?;
