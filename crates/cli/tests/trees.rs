@@ -774,6 +774,155 @@ fn python_program_alone_passes() {
 }
 
 // ---------------------------------------------------------------------------
+// Process groups made every way a restore can make them
+
+/// argv[1] is the READY FIFO. The root (a session leader) forks L, which leads
+/// its own group, with L1 in it (by descent); M, which joins L's group (its
+/// leader a sibling), with M1 in it (the leader neither parent nor ancestor);
+/// and N, which leads its own group, with N1, which moves back into the root's
+/// group (an ancestor's). On SIGTERM every process checks its PID, group and
+/// session, ends its children and reaps them.
+const GROUPS_PROGRAM: &str = r#"
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+r, w = os.pipe()
+
+def proc(role, group, kids):
+    def body():
+        group()
+        ids = (os.getpid(), os.getpgid(0), os.getsid(0))
+        pids = [fork(k) for k in kids]
+        os.write(w, b"x")
+        signal.sigwait({signal.SIGTERM})
+        fails = []
+        now = (os.getpid(), os.getpgid(0), os.getsid(0))
+        if now != ids:
+            fails.append(f"{role}: pid, group, session {now}, want {ids}")
+        for p in pids:
+            os.kill(p, signal.SIGTERM)
+        for p in pids:
+            st = os.waitpid(p, 0)[1]
+            if st != 0:
+                fails.append(f"{role}: child {p} ended with {st:#x}")
+        return fails
+    return body
+
+def fork(body):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fails = body()
+        except BaseException as e:
+            fails = [repr(e)]
+        for f in fails:
+            print(f"FAIL: {f}", flush=True)
+        os._exit(1 if fails else 0)
+    return pid
+
+root = os.getpid()
+def lead():
+    os.setpgid(0, 0)
+L = proc("L", lead, [proc("L1", lambda: None, [])])
+l = fork(L)
+os.setpgid(l, l)
+m = fork(proc("M", lambda: os.setpgid(0, l), [proc("M1", lambda: None, [])]))
+n = fork(proc("N", lead, [proc("N1", lambda: os.setpgid(0, root), [])]))
+got = 0
+while got < 6:
+    got += len(os.read(r, 6 - got))
+ids = (os.getpid(), os.getpgid(0), os.getsid(0))
+with open(sys.argv[1], "w") as fifo:
+    fifo.write("READY\n")
+signal.sigwait({signal.SIGTERM})
+fails = []
+if (os.getpid(), os.getpgid(0), os.getsid(0)) != ids:
+    fails.append(f"root: pid, group, session changed from {ids}")
+for p in (l, m, n):
+    os.kill(p, signal.SIGTERM)
+for p in (l, m, n):
+    st = os.waitpid(p, 0)[1]
+    if st != 0:
+        fails.append(f"child {p} ended with {st:#x}")
+print(f"FAIL: {fails[0]}" if fails else "PASS", flush=True)
+sys.exit(1 if fails else 0)
+"#;
+
+fn process_groups(rounds: usize) {
+    let dir = TempDir::new("groups");
+    let script = dir.join("groups.py");
+    fs::write(&script, GROUPS_PROGRAM).expect("write the program");
+    let fifo = dir.join("ready");
+    let mut ready = open_ready_fifo(&fifo);
+    let mut cmd = hermetic_command("python3");
+    cmd.arg(&script).arg(&fifo);
+    let mut job = Job::start("groups", dir, cmd);
+    let tree = Tree::new(job.pid());
+    if let Err(e) = wait_ready(&mut ready, job.pid()) {
+        panic!("groups: {e}\n{}", job.log_text());
+    }
+    let kin = shape(job.pid(), ALL);
+    let groups: BTreeSet<i32> = kin.values().map(|k| k.pgid).collect();
+    assert_eq!((kin.len(), groups.len()), (7, 3), "the program's layout: {kin:?}");
+    checkpoint_rounds(&mut job, &tree, rounds);
+    tree.finish(job, true);
+}
+
+#[test]
+fn process_groups_come_back_one_round() {
+    process_groups(1);
+}
+
+#[test]
+fn process_groups_come_back_two_rounds() {
+    process_groups(2);
+}
+
+// ---------------------------------------------------------------------------
+// A zombie child
+
+/// argv[1] is the READY FIFO. The program forks a child that exits with 7 at once and
+/// takes its SIGCHLD (blocked) before READY, leaving it a zombie. On SIGTERM: no SIGCHLD
+/// may be pending (the zombie's re-creation must not show), and the zombie is reaped
+/// with its status.
+const ZOMBIE_PROGRAM: &str = r#"
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
+z = os.fork()
+if z == 0:
+    os._exit(7)
+signal.sigwait({signal.SIGCHLD})
+with open(sys.argv[1], "w") as fifo:
+    fifo.write("READY\n")
+signal.sigwait({signal.SIGTERM})
+fails = []
+if signal.SIGCHLD in signal.sigpending():
+    fails.append("a SIGCHLD is pending")
+st = os.waitpid(z, 0)[1]
+if not (os.WIFEXITED(st) and os.WEXITSTATUS(st) == 7):
+    fails.append(f"zombie {z}: status {st:#x}, want exit 7")
+print(f"FAIL: {fails[0]}" if fails else "PASS", flush=True)
+sys.exit(1 if fails else 0)
+"#;
+
+#[test]
+fn a_zombie_comes_back_without_a_sigchld() {
+    let dir = TempDir::new("zombie");
+    let script = dir.join("zombie.py");
+    fs::write(&script, ZOMBIE_PROGRAM).expect("write the program");
+    let fifo = dir.join("ready");
+    let mut ready = open_ready_fifo(&fifo);
+    let mut cmd = hermetic_command("python3");
+    cmd.arg(&script).arg(&fifo);
+    let mut job = Job::start("zombie", dir, cmd);
+    let tree = Tree::new(job.pid());
+    if let Err(e) = wait_ready(&mut ready, job.pid()) {
+        panic!("zombie: {e}\n{}", job.log_text());
+    }
+    checkpoint_rounds(&mut job, &tree, 2);
+    tree.finish(job, true);
+}
+
+// ---------------------------------------------------------------------------
 // A shell with many children (more than one process forks them back on restore)
 
 /// $1 is a file created once the children run. bash forks SHELL_CHILDREN `sleep`s, then

@@ -782,8 +782,10 @@ pub struct MmRestore<'a> {
 
 impl MmRestore<'_> {
     /// The calls that replace the child's own address space with the saved one, data
-    /// aside (all but the registers and mm fields). `child_maps` is the child's current
-    /// layout.
+    /// aside (all but the registers and mm fields). `child_maps` is the layout the child
+    /// was forked with: its vDSO block must be where it says; mappings the child made
+    /// since may be missing (everything but the vDSO block and the helper page is
+    /// unmapped, and the vDSO block may be parked over such a mapping).
     pub fn rebuild(&mut self, child_maps: &[MapEntry], vmas: &[Vma], fds: &MapFds) -> Result<()> {
         let pid = self.pid;
         // 1. Park the child's vDSO block where neither layout has anything.

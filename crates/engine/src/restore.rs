@@ -8,13 +8,14 @@
 //!    descriptors named by --inherit-fd; check that every saved file lock is free to take
 //!    again.
 //! 2. Fork the root with its PID (clone3 set_tid). Each restore child starts its session
-//!    if it led one, forks its own children (zombies included) with their PIDs, then sets
+//!    if it led one, joins its process group if it leads it or an ancestor does (see
+//!    GroupPlan), forks its own children (zombies included) with their PIDs, then sets
 //!    what a process sets on itself: signal dispositions (all signals blocked),
 //!    descriptors (from the inherited descriptions), cwd, root, umask, name; it maps a
 //!    helper page holding a `syscall` instruction at an address every saved layout leaves
 //!    free, reports "ok" on the status pipe and waits in a read.
 //! 3. The restorer seizes every process and injects the rest through that instruction:
-//!    process groups, rseq off, the address space replaced (mm::MmRestore), mm fields
+//!    the other process groups, rseq off, the address space replaced (mm::MmRestore), mm fields
 //!    (PR_SET_MM_MAP), file locks (after the last injected close), limits, threads (clone3 with set_tid), per-thread kernel
 //!    addresses, pending signals, credentials; the last injected call unmaps the helper
 //!    page, and the saved registers and signal mask go in at an interrupt stop, so that
@@ -223,7 +224,57 @@ struct Plan<'a> {
     children: Vec<usize>,
     /// A session leader's controlling terminal.
     ctty: Option<tty::CttyPlan>,
+    /// Who puts it in its process group.
+    group: GroupPlan,
     parent: Pid,
+}
+
+/// Who puts a restored process in its saved process group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GroupPlan {
+    /// Nobody: it leads its session (setsid made the group), or the group's leader is
+    /// not a live process of the tree (the group is not restored).
+    Nothing,
+    /// The child itself, before it forks its own children, which then inherit the group:
+    /// it leads the group, or the leader is one of its ancestors, each of which set its
+    /// own group before forking, so the group exists once the child does.
+    Own,
+    /// The restorer, once every process exists (the leader lies elsewhere in the tree).
+    Restorer,
+}
+
+/// The GroupPlan of each process; `live[i]`: process i runs the restore child code (not
+/// a zombie, not made by its parent's driver). Pure.
+fn group_plans(procs: &[ProcessRecord], live: &[bool], root_idx: usize) -> Vec<GroupPlan> {
+    let index = |pid: i32| procs.iter().position(|p| p.pid == pid);
+    procs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let leader_live = index(r.pgid).is_some_and(|l| live[l]);
+            if !live[i] || r.sid == r.pid || !leader_live {
+                return GroupPlan::Nothing;
+            }
+            if r.pgid == r.pid {
+                return GroupPlan::Own;
+            }
+            // Up the parent chain, through live processes only, to the root at most.
+            let mut at = i;
+            for _ in 0..procs.len() {
+                if at == root_idx {
+                    break;
+                }
+                match index(procs[at].ppid) {
+                    Some(up) if live[up] => at = up,
+                    _ => break,
+                }
+                if procs[at].pid == r.pgid {
+                    return GroupPlan::Own;
+                }
+            }
+            GroupPlan::Restorer
+        })
+        .collect()
 }
 
 /// What every restore child shares.
@@ -283,7 +334,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         return Err(Error::Restore { pid: root_pid, what: "the image was dumped with --shell-job; restore it with --shell-job".into() });
     }
     let caps = read_status(sp::getpid())?.cap_eff;
-    let mut busy: Vec<(u64, u64)> = mm::read_layout(sp::getpid())?.iter().map(|m| (m.start, m.end)).collect();
+    // Every restore child starts as a copy of this layout (see build_child).
+    let own_layout = mm::read_layout(sp::getpid())?;
+    let mut busy: Vec<(u64, u64)> = own_layout.iter().map(|m| (m.start, m.end)).collect();
     let mut mapped_files = std::collections::HashMap::new();
     for rec in &img.processes {
         let pid = Pid(rec.pid);
@@ -385,6 +438,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
     }
     let mut epolls = epoll::plan(&img.processes, &installs)?;
+    let live: Vec<bool> = img.processes.iter().map(|p| p.zombie_status.is_none() && !p.vm_with_parent).collect();
+    let groups = group_plans(&img.processes, &live, root_idx);
     let mut plans: Vec<Plan> = img
         .processes
         .iter()
@@ -423,6 +478,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 .filter(|(j, c)| *j != root_idx && c.ppid == rec.pid && vm_parent[*j].is_none())
                 .map(|(j, _)| j)
                 .collect(),
+            group: groups[i],
             parent: if i == root_idx { root_parent } else { Pid(rec.ppid) },
         })
         })
@@ -481,7 +537,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // Forked by the restore children and driven by the restorer; the processes sharing
     // their parent's address space come from their parent's driver.
     let live: Vec<&Plan> = shared.plans.iter().filter(|p| p.rec.zombie_status.is_none() && !p.rec.vm_with_parent).collect();
-    let loaded = drive_all(&live, &Drive { helper, pages: pages.as_slice(), pids: &pids, objects: &objects, root: root_pid })?;
+    let loaded = drive_all(&live, &Drive { helper, pages: pages.as_slice(), pids: &pids, objects: &objects, root: root_pid, own_layout: &own_layout })?;
     let memory_bytes = objects.loaded + loaded;
     drop(objects);
     guard.armed = false;
@@ -509,13 +565,15 @@ struct Drive<'a> {
     pids: &'a PidMap,
     objects: &'a ShmemTable,
     root: Pid,
+    /// The restorer's mappings, read before the first fork.
+    own_layout: &'a [crate::procfs::MapEntry],
 }
 
 /// Seizes and drives every live process to its final registers, then lets all of them
 /// run at once. ptrace requests must come from the thread that seized a tracee, so the
 /// processes are shared out among tracer threads, each of which keeps its own from the
 /// seize to the detach; barriers keep in order the steps that depend on other processes:
-/// process groups (leaders first), foreground groups, every address space before any
+/// process groups (those not made by descent, see GroupPlan), foreground groups, every address space before any
 /// process is finished (sharers of a descriptor table need their helper descriptors until
 /// the last of them is built; the children sharing an address space are cloned right
 /// after their parent's is built, while its table still carries their descriptions, and
@@ -547,12 +605,11 @@ fn drive_all(live: &[&Plan], d: &Drive) -> Result<u64> {
         let mut built = Vec::new();
         let mut threads: Vec<Pid> = Vec::new();
         step(&mut || mine.iter().try_for_each(|p| seize(d.pids.outer(p.rec.pid))));
-        step(&mut || set_process_groups(mine, live, true, d));
-        step(&mut || set_process_groups(mine, live, false, d));
+        step(&mut || set_process_groups(mine, d));
         step(&mut || set_foreground_groups(mine, d));
         step(&mut || {
             for p in mine {
-                let (b, n) = build_child(p, d.helper, d.pages, d.pids)?;
+                let (b, n) = build_child(p, d)?;
                 loaded.fetch_add(n, Ordering::Relaxed);
                 built.push(b);
             }
@@ -640,15 +697,12 @@ fn seize(pid: Pid) -> Result<()> {
     }
 }
 
-/// Process groups of `mine`, once every process exists: the leaders (`leaders`), or the
-/// members, whose group must exist already. `live` tells which groups are in the tree.
-fn set_process_groups(mine: &[&Plan], live: &[&Plan], leaders: bool, d: &Drive) -> Result<()> {
-    let in_tree = |pgid: i32| live.iter().any(|p| p.rec.pid == pgid);
-    for p in mine {
+/// Process groups of `mine` that their leader's restore child made but that are not
+/// theirs by descent (see GroupPlan), once every process exists: every leader has set
+/// its own group before it said it was ready.
+fn set_process_groups(mine: &[&Plan], d: &Drive) -> Result<()> {
+    for p in mine.iter().filter(|p| p.group == GroupPlan::Restorer) {
         let r = p.rec;
-        if r.sid == r.pid || (r.pgid == r.pid) != leaders || !in_tree(r.pgid) {
-            continue;
-        }
         let pid = d.pids.outer(r.pid);
         let regs = ptrace::get_regs(pid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
         let mut inj = Injector::new(pid, pid, d.helper, regs);
@@ -778,6 +832,8 @@ fn fork_with(shared: &Shared, idx: usize, siblings: &[usize], extra: i32) -> Res
                 }
             }
             if let Some(status) = plan.rec.zombie_status {
+                // A zombie keeps the name it died with.
+                let _ = sp::set_comm(plan.rec.comm.as_bytes());
                 become_zombie(status);
             }
             // child_main moves the status pipe; it reports where it is now.
@@ -872,6 +928,11 @@ fn child_main(shared: &Shared, idx: usize, status_fd: &mut i32, report: Option<i
         if let Some(c) = &plan.ctty {
             stasis_sys::tty::set_controlling_tty(c.fd, c.steal).map_err(|e| format!("TIOCSCTTY: {e}"))?;
         }
+    }
+    // Before forking: our children inherit the group.
+    if plan.group == GroupPlan::Own {
+        let pgid = if rec.pgid == rec.pid { 0 } else { rec.pgid };
+        sp::setpgid(Pid(0), Pid(pgid)).map_err(|e| format!("setpgid {}: {e}", rec.pgid))?;
     }
     // Returns only once every child sharing a table with us has forked its own. Of many
     // children, one forks half of its siblings (CLONE_PARENT), at the same time as we
@@ -998,7 +1059,8 @@ struct Built<'a> {
 /// The restorer's first part, with the child seized and stopped: the address space and
 /// the mm fields, which need the helper descriptors in the child. Returns page bytes
 /// loaded.
-fn build_child<'a>(plan: &'a Plan<'a>, helper: u64, pages: &[u8], pids: &PidMap) -> Result<(Built<'a>, u64)> {
+fn build_child<'a>(plan: &'a Plan<'a>, d: &Drive) -> Result<(Built<'a>, u64)> {
+    let (helper, pages, pids) = (d.helper, d.pages, d.pids);
     let rec = plan.rec;
     // As we see it (ptrace, /proc); injected calls use the saved numbers.
     let pid = pids.outer(rec.pid);
@@ -1011,8 +1073,10 @@ fn build_child<'a>(plan: &'a Plan<'a>, helper: u64, pages: &[u8], pids: &PidMap)
     // batch returns to user space between its calls.
     let mut calls = Batch::default();
     threads::unregister_inherited_rseq(pid, &mut calls)?;
-    let child_maps = mm::read_layout(pid)?;
-    MmRestore { pid, calls: &mut calls, mem: &mem, helper, pages }.rebuild(&child_maps, &rec.mm.vmas, &plan.fds.maps)?;
+    // The child is a copy of the restorer (forked from it, or from a restored parent not
+    // yet rebuilt): its vDSO block is where ours is, and whatever it mapped since it was
+    // forked (its helper page, allocations) goes with the rest. No need to read its maps.
+    MmRestore { pid, calls: &mut calls, mem: &mem, helper, pages }.rebuild(d.own_layout, &rec.mm.vmas, &plan.fds.maps)?;
     // The child's exe link is the restorer's binary; when that is already the saved exe the
     // kernel must not be asked to change it (it refuses while the file is mapped).
     let exe_fd = if same_file_as_own_exe(&rec.mm.exe) { -1 } else { plan.fds.exe };
@@ -1066,8 +1130,11 @@ fn finish_child(plan: &Plan, built: Built, d: &Drive, extra: &mut Vec<Pid>) -> R
     }
     let thread = &rec.threads[0];
     // Signals that arrived during the restore (SIGCHLD of a re-created zombie) are not
-    // the program's: drop them before queueing the saved ones.
-    if read_status(pid)?.sig_pending != 0 {
+    // the program's: drop them before queueing the saved ones. Every signal sent while
+    // the kernel has memory for its queue entry shows in the queues, read at this stop
+    // without /proc.
+    let queued = |shared| ptrace::peek_siginfo(pid, shared).map_err(Error::sys(pid, "PTRACE_PEEKSIGINFO"));
+    if !queued(false)?.is_empty() || !queued(true)?.is_empty() {
         signals::drain_pending(&mut inj, &mem, data)?;
     }
     signals::restore_pending(&mut inj, &mem, data, Pid(rec.pid), None, &rec.shared_pending)?;
@@ -1197,6 +1264,27 @@ mod tests {
         assert!(plans.iter().all(|p| p.park == 14 && p.close_from == 8));
         let alone = FdPlan::group(&[&procs[3]], &[0], 0, 20);
         assert_eq!((alone[0].exe, alone[0].tty, alone[0].park, alone[0].close_from), (3, 4, 20, 3));
+    }
+
+    #[test]
+    fn groups_are_joined_by_descent_where_the_leader_is_an_ancestor() {
+        use GroupPlan::*;
+        // Session 10: 10 ── 11 (group 11) ── 12 (group 11), 13 (group 11, its leader a
+        // sibling), 14 (group 10) ── 15 (group 10), zombie 16 ── (group 16: none live);
+        // 17 (group 20, led outside the tree).
+        let mut procs: Vec<ProcessRecord> =
+            [(10, 1), (11, 10), (12, 11), (13, 10), (14, 10), (15, 14), (16, 10), (17, 10)].iter().map(|&(p, pp)| rec(p, pp, false, false, &[])).collect();
+        for (p, g) in procs.iter_mut().zip([10, 11, 11, 11, 10, 10, 16, 20]) {
+            p.pgid = g;
+            p.sid = 10;
+        }
+        let mut live = vec![true; procs.len()];
+        live[6] = false;
+        let plans = group_plans(&procs, &live, 0);
+        assert_eq!(plans, vec![Nothing, Own, Own, Restorer, Own, Own, Nothing, Nothing]);
+        // A process made by its parent's driver breaks the chain of descent.
+        live[4] = false;
+        assert_eq!(group_plans(&procs, &live, 0)[5], Restorer);
     }
 
     #[test]
