@@ -318,7 +318,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     host::check_compatible(&img.host, &here)?;
     log::debug!("image metadata read and checked");
     let pages = reader.map_pages()?;
-    reader.verify_pages(&pages, 2)?;
+    // Threads for large images only: each leaves a stack and an allocator arena that
+    // every restore child, a fork of ours, copies and unmaps again.
+    let verifiers = if reader.header.pages_len > 64 << 20 { 2 } else { 1 };
+    reader.verify_pages(&pages, verifiers)?;
     log::debug!("page data checksums verified");
     let root_idx = img.processes.iter().position(|p| p.pid == img.root_pid).ok_or_else(|| {
         Error::Incompatible(format!("the image has no record of its root process {}", img.root_pid))

@@ -416,20 +416,22 @@ impl ImageReader {
         let nblocks = hashes.len();
         let threads = threads.clamp(1, nblocks);
         let per = nblocks.div_ceil(threads);
-        let bad = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|t| {
-                    s.spawn(move || {
-                        (t * per..((t + 1) * per).min(nblocks)).find(|&i| {
-                            let start = i * PAGE_BLOCK as usize;
-                            let end = (start + PAGE_BLOCK as usize).min(data.len());
-                            xxh3_64(&data[start..end]) != hashes[i]
-                        })
-                    })
-                })
-                .collect();
-            workers.into_iter().filter_map(|w| w.join().ok().flatten()).min()
-        });
+        let check = |i: usize| {
+            let start = i * PAGE_BLOCK as usize;
+            let end = (start + PAGE_BLOCK as usize).min(data.len());
+            xxh3_64(&data[start..end]) != hashes[i]
+        };
+        let bad = match threads {
+            // On the caller's thread: none left behind (a stack, an allocator arena).
+            1 => (0..nblocks).find(|&i| check(i)),
+            _ => std::thread::scope(|s| {
+                let check = &check;
+                let workers: Vec<_> = (0..threads)
+                    .map(|t| s.spawn(move || (t * per..((t + 1) * per).min(nblocks)).find(|&i| check(i))))
+                    .collect();
+                workers.into_iter().filter_map(|w| w.join().ok().flatten()).min()
+            }),
+        };
         match bad {
             None => Ok(()),
             Some(i) => Err(ImageError::Checksum {
