@@ -10,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::Lap;
-use crate::freeze::{read_stat, read_status, Frozen};
+use crate::freeze::{read_stat, read_status, Frozen, ProcInfo};
 use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
 use crate::shmem::ShmemDump;
@@ -86,44 +86,46 @@ struct Member {
     tids: Option<Vec<Pid>>,
     tracer: usize,
     /// Read once the process was frozen (for a zombie, once it was found to be one).
-    proc: Option<Box<(procfs::Stat, procfs::Status)>>,
+    proc: Option<ProcInfo>,
 }
 
-/// /proc/PID/stat and status, read once per process, frozen.
-fn stat_and_status(pid: Pid) -> Result<Box<(procfs::Stat, procfs::Status)>> {
-    Ok(Box::new((read_stat(pid)?, read_status(pid)?)))
-}
+/// What freezing one process gave: its threads (`None`: a zombie), its stat and status,
+/// and, for a live one, its children, each with whether it shares the process's address
+/// space.
+type FrozenMember = (Option<Vec<Pid>>, ProcInfo, Vec<(Pid, bool)>);
 
 /// Freezes the tree rooted at `root`, parents before children: a frozen parent cannot
 /// fork or reap, so its children are listed once it is frozen, and so on down. The
-/// processes are frozen by the tracer threads in turn, each as soon as it is listed.
+/// children of a process are shared out among the tracer threads, and each tracer
+/// freezes its share together (see Frozen::freeze_many) and lists their children.
 fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
     use std::sync::mpsc;
-    type Frozen1 = (usize, Result<(Option<Vec<Pid>>, Box<(procfs::Stat, procfs::Status)>)>);
-    let (tx, rx) = mpsc::channel::<Frozen1>();
-    let freeze_on = |tracers: &mut Tracers, idx: usize, pid: Pid, w: usize| {
-        let answer = tracers::Answer::new(idx, tx.clone());
+    let (tx, rx) = mpsc::channel::<(usize, Result<FrozenMember>)>();
+    // Freezes `batch` (member index, pid) on tracer `w`; answers each as it is frozen.
+    let freeze_on = |tracers: &mut Tracers, batch: Vec<(usize, Pid)>, w: usize| {
+        let answers: Vec<tracers::Answer<FrozenMember>> =
+            batch.iter().map(|&(i, _)| tracers::Answer::new(i, tx.clone())).collect();
+        let pids: Vec<Pid> = batch.iter().map(|&(_, p)| p).collect();
         tracers.run(w, move |held| {
-            let r = match idx {
-                0 => Frozen::freeze(pid).map(Some),
-                _ => freeze_child(pid),
-            };
-            let r = r.and_then(|f| {
-                let proc = stat_and_status(pid)?;
-                Ok((
-                    f.map(|f| {
-                        let tids = f.threads.iter().map(|t| t.tid).collect();
+            for ((answer, &pid), r) in answers.into_iter().zip(&pids).zip(Frozen::freeze_many(&pids)) {
+                let r = match pid == root {
+                    true => r.map(|(f, info)| (Some(f), info)),
+                    false => as_child(pid, r),
+                };
+                answer.send(r.and_then(|(f, info)| match f {
+                    None => Ok((None, info, Vec::new())),
+                    Some(f) => {
+                        let tids: Vec<Pid> = f.threads.iter().map(|t| t.tid).collect();
+                        let kids = children_of(pid, &tids)?;
                         held.push(f);
-                        tids
-                    }),
-                    proc,
-                ))
-            });
-            answer.send(r);
+                        Ok((Some(tids), info, kids))
+                    }
+                }));
+            }
         })
     };
     let mut members = vec![Member { pid: root, tids: None, tracer: 0, proc: None }];
-    freeze_on(tracers, 0, root, 0)?;
+    freeze_on(tracers, vec![(0, root)], 0)?;
     let mut pending = 1;
     let mut first_err: Option<Error> = None;
     while pending > 0 {
@@ -132,50 +134,42 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
             break;
         };
         pending -= 1;
-        let tids = match r {
-            Ok((Some(tids), proc)) => {
-                members[idx].proc = Some(proc);
-                tids
-            }
-            Ok((None, proc)) => {
-                members[idx].proc = Some(proc);
-                continue;
-            }
+        let (tids, info, kids) = match r {
+            Ok(x) => x,
             Err(e) => {
                 first_err.get_or_insert(e);
                 continue;
             }
         };
-        members[idx].tids = Some(tids);
+        members[idx].proc = Some(info);
+        if tids.is_none() {
+            continue;
+        }
+        members[idx].tids = tids;
         if first_err.is_some() {
             continue;
         }
         let pid = members[idx].pid;
-        let children = children_of(pid).and_then(|kids| match kids.iter().find(|&&c| c == stasis_sys::proc::getpid()) {
-            Some(c) => Err(Error::Unsupported {
+        if let Some((c, _)) = kids.iter().find(|(c, _)| *c == stasis_sys::proc::getpid()) {
+            first_err.get_or_insert(Error::Unsupported {
                 pid: root,
                 what: format!("a tree that contains stasis itself (pid {c}, child of {pid})"),
-            }),
-            None => Ok(kids),
-        });
-        match children {
-            Ok(kids) => {
-                for child in kids {
-                    // A child sharing its parent's address space goes to the parent's
-                    // tracer, after it: the parent's mappings are read before its
-                    // injected calls, which then must not overlap the child's (whose
-                    // scratch area would appear among them).
-                    let shares_vm = stasis_sys::proc::kcmp_shares(child, pid, stasis_sys::proc::Shared::Vm).unwrap_or(false);
-                    let w = if shares_vm { members[idx].tracer } else { members.len() % tracers.max() };
-                    let i = members.len();
-                    members.push(Member { pid: child, tids: None, tracer: w, proc: None });
-                    freeze_on(tracers, i, child, w)?;
-                    pending += 1;
-                }
-            }
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
+            });
+            continue;
+        }
+        let mut batches: Vec<Vec<(usize, Pid)>> = vec![Vec::new(); tracers.max()];
+        for (child, shares_vm) in kids {
+            // A child sharing its parent's address space goes to the parent's tracer,
+            // after it: the parent's mappings are read before its injected calls, which
+            // then must not overlap the child's (whose scratch area would appear among
+            // them).
+            let w = if shares_vm { members[idx].tracer } else { members.len() % tracers.max() };
+            batches[w].push((members.len(), child));
+            members.push(Member { pid: child, tids: None, tracer: w, proc: None });
+        }
+        for (w, batch) in batches.into_iter().enumerate().filter(|(_, b)| !b.is_empty()) {
+            pending += batch.len();
+            freeze_on(tracers, batch, w)?;
         }
     }
     match first_err {
@@ -184,34 +178,34 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
     }
 }
 
-/// Freezes a child of a frozen process; `None` if it is a zombie. A child exiting while
-/// it is being frozen can only become a zombie (its parent is frozen and cannot reap it),
-/// so that is what it is recorded as.
-fn freeze_child(child: Pid) -> Result<Option<Frozen>> {
-    match Frozen::freeze(child) {
-        Ok(f) => Ok(Some(f)),
-        Err(e @ (Error::TargetDied { .. } | Error::NoSuchProcess(_) | Error::Sys { .. })) => {
-            match read_stat(child) {
-                Ok(st) if matches!(st.state, 'Z' | 'X') => Ok(None),
-                _ => Err(e),
-            }
-        }
+/// A child of a frozen process as its freeze left it; `None` if it is a zombie. A child
+/// exiting while it is being frozen can only become a zombie (its parent is frozen and
+/// cannot reap it), so that is what it is recorded as.
+fn as_child(child: Pid, r: Result<(Frozen, ProcInfo)>) -> Result<(Option<Frozen>, ProcInfo)> {
+    match r {
+        Ok((f, info)) => Ok((Some(f), info)),
+        Err(e @ (Error::TargetDied { .. } | Error::NoSuchProcess(_) | Error::Sys { .. })) => match read_stat(child) {
+            Ok(st) if matches!(st.state, 'Z' | 'X') => Ok((None, Box::new((st, read_status(child)?)))),
+            _ => Err(e),
+        },
         Err(e) => Err(e),
     }
 }
 
-fn children_of(pid: Pid) -> Result<Vec<Pid>> {
-    let dir = format!("/proc/{pid}/task");
-    let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc { pid, path: dir.clone().into(), err: e })?;
+/// The children of frozen process `pid` (threads `tids`), each with whether it shares
+/// the process's address space.
+fn children_of(pid: Pid, tids: &[Pid]) -> Result<Vec<(Pid, bool)>> {
     let mut out = Vec::new();
-    for t in rd.flatten() {
-        let tid = t.file_name().to_string_lossy().into_owned();
+    for tid in tids {
         let text = procfs::read_text(pid, &format!("task/{tid}/children"))?.1;
         out.extend(text.split_whitespace().filter_map(|c| c.parse().ok()).map(Pid));
     }
     out.sort();
     out.dedup();
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|c| (c, stasis_sys::proc::kcmp_shares(c, pid, stasis_sys::proc::Shared::Vm).unwrap_or(false)))
+        .collect())
 }
 
 pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
