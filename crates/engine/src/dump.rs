@@ -220,8 +220,11 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     let members = freeze_tree(root, &mut tracers)?;
     log::debug!("pid {root}: froze a tree of {} processes", members.len());
     let mut phases = vec![("freeze", frozen_at.elapsed())];
-    let sharing = address_spaces(root, &members)?;
-    let (mut image, nthreads, drained) = collect_tree(root, &members, &mut tracers, &sharing, &mut writer, opts, host, &mut phases)?;
+    let (mut image, nthreads, drained) = std::thread::scope(|s| {
+        let tables = s.spawn(|| table_groups(&members));
+        let sharing = address_spaces(root, &members)?;
+        collect_tree(root, &members, &mut tracers, &sharing, tables, &mut writer, opts, host, &mut phases)
+    })?;
     let memory_bytes = writer.pages_len();
     log::debug!("pid {root}: state collected, {memory_bytes} bytes of pages written");
     // A tree that runs on needs no durable image to be safe: release it before the
@@ -375,6 +378,7 @@ fn collect_tree(
     members: &[Member],
     tracers: &mut Tracers,
     sharing: &vmshare::Sharing,
+    tables: std::thread::ScopedJoinHandle<'_, Result<TableGroups>>,
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     host: stasis_image::HostInfo,
@@ -396,7 +400,8 @@ fn collect_tree(
     let mut fds = fds;
     let mut mms = mms;
     let mut objects = info.objects.into_inner().unwrap_or_else(|p| p.into_inner());
-    shared_tables(&mut procs, sharing)?;
+    let tables = tables.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+    shared_tables(&mut procs, sharing, &tables)?;
     files::assign_descriptions(&mut fds)?;
     epoll::resolve(&mut fds, &pidfds)?;
     let masters = {
@@ -454,33 +459,63 @@ fn collect_tree(
 
 /// Groups of the processes (indexes into `pids`, of those in `live`) that share one
 /// kernel object of kind `what`, each in tree order: sorted by the object, as kcmp
-/// orders them, so a tree of n costs n log n calls.
+/// orders them, so a tree of n costs n log n calls. Grouping compares neighbours of the
+/// sorted order, which the sort has compared already (it must, to order them): each
+/// answer is kept, so no pair is asked twice.
 fn groups_sharing(pids: &[i32], live: &[usize], what: stasis_sys::proc::Shared) -> Result<Vec<Vec<usize>>> {
-    use stasis_sys::proc::kcmp_order;
-    let order = |a: i32, b: i32| kcmp_order(Pid(a), Pid(b), what).map_err(Error::sys(Pid(a), "kcmp"));
+    use std::cmp::Ordering;
+    let mut known: std::collections::HashMap<(usize, usize), Ordering> = Default::default();
     let mut failed = None;
+    let mut order = |a: usize, b: usize| -> Ordering {
+        if let Some(&o) = known.get(&(a, b)) {
+            return o;
+        }
+        match stasis_sys::proc::kcmp_order(Pid(pids[a]), Pid(pids[b]), what) {
+            Ok(o) => {
+                known.insert((a, b), o);
+                known.insert((b, a), o.reverse());
+                o
+            }
+            Err(e) => {
+                failed.get_or_insert(Error::Sys { pid: Pid(pids[a]), op: "kcmp", errno: e });
+                Ordering::Equal
+            }
+        }
+    };
     let mut sorted = live.to_vec();
-    sorted.sort_by(|&a, &b| {
-        order(pids[a], pids[b]).unwrap_or_else(|e| {
-            failed.get_or_insert(e);
-            std::cmp::Ordering::Equal
-        })
-    });
-    if let Some(e) = failed {
-        return Err(e);
-    }
+    sorted.sort_by(|&a, &b| order(a, b));
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (k, &i) in sorted.iter().enumerate() {
-        let same = k > 0 && order(pids[i], pids[sorted[k - 1]])? == std::cmp::Ordering::Equal;
+        let same = k > 0 && order(sorted[k - 1], i) == Ordering::Equal;
         match groups.last_mut() {
             Some(g) if same => g.push(i),
             _ => groups.push(vec![i]),
         }
     }
+    if let Some(e) = failed {
+        return Err(e);
+    }
     for g in groups.iter_mut() {
         g.sort();
     }
     Ok(groups)
+}
+
+/// The processes that share a descriptor table (CLONE_FILES) and those that share cwd,
+/// root and umask (CLONE_FS), as groups_sharing gives them.
+struct TableGroups {
+    files: Vec<Vec<usize>>,
+    fs: Vec<Vec<usize>>,
+}
+
+/// Groups the live members by the descriptor table and by the cwd/root/umask they
+/// share. Neither changes while the tree is frozen (the dump's injected calls neither
+/// clone nor unshare), so this runs beside the collection of the processes.
+fn table_groups(members: &[Member]) -> Result<TableGroups> {
+    use stasis_sys::proc::Shared;
+    let live: Vec<usize> = (0..members.len()).filter(|&i| members[i].tids.is_some()).collect();
+    let pids: Vec<i32> = members.iter().map(|m| m.pid.0).collect();
+    Ok(TableGroups { files: groups_sharing(&pids, &live, Shared::Files)?, fs: groups_sharing(&pids, &live, Shared::Fs)? })
 }
 
 /// Right after the freeze, before any injected call: which processes share their
@@ -509,7 +544,16 @@ fn address_spaces(root: Pid, members: &[Member]) -> Result<vmshare::Sharing> {
     let live: Vec<usize> = (0..members.len()).filter(|&i| members[i].tids.is_some()).collect();
     let pids: Vec<i32> = info.iter().map(|m| m.pid).collect();
     let vm = groups_sharing(&pids, &live, Shared::Vm)?;
-    let sighand = groups_sharing(&pids, &live, Shared::Sighand)?;
+    // Signal handlers are shared only along with the address space (clone() refuses
+    // CLONE_SIGHAND without CLONE_VM, and exec gives up both), so only the members of
+    // one address space are compared.
+    let mut sighand = Vec::new();
+    for g in &vm {
+        match g.len() {
+            1 => sighand.push(g.clone()),
+            _ => sighand.extend(groups_sharing(&pids, g, Shared::Sighand)?),
+        }
+    }
     vmshare::assign(&info, &vm, &sighand).map_err(|(pid, what)| Error::Unsupported { pid: Pid(pid), what })
 }
 
@@ -521,9 +565,8 @@ fn address_spaces(root: Pid, members: &[Member]) -> Result<vmshare::Sharing> {
 /// with the parent (`sharing`, from address_spaces) are recorded too, once the records
 /// agree with what restore can do (vmshare::check). Refused: a group that does not hang
 /// together so, and anything the root shares with its parent outside the tree.
-fn shared_tables(procs: &mut [ProcessRecord], sharing: &vmshare::Sharing) -> Result<()> {
+fn shared_tables(procs: &mut [ProcessRecord], sharing: &vmshare::Sharing, tables: &TableGroups) -> Result<()> {
     use stasis_sys::proc::{kcmp_shares, Shared};
-    let live: Vec<usize> = (0..procs.len()).filter(|&i| procs[i].zombie_status.is_none()).collect();
     const KINDS: [(Shared, &str); 2] =
         [(Shared::Files, "its descriptor table (CLONE_FILES)"), (Shared::Fs, "its cwd, root and umask (CLONE_FS)")];
     let root = &procs[0];
@@ -538,9 +581,7 @@ fn shared_tables(procs: &mut [ProcessRecord], sharing: &vmshare::Sharing) -> Res
             }
         }
     }
-    let pids: Vec<i32> = procs.iter().map(|p| p.pid).collect();
-    for (what, name) in KINDS {
-        let groups = groups_sharing(&pids, &live, what)?;
+    for ((what, name), groups) in KINDS.into_iter().zip([&tables.files, &tables.fs]) {
         for members in groups.iter().filter(|m| m.len() > 1) {
             let in_group = |pid: i32| members.iter().any(|&m| procs[m].pid == pid);
             let heads: Vec<usize> = members.iter().copied().filter(|&m| !in_group(procs[m].ppid)).collect();
