@@ -409,7 +409,9 @@ fn collect_tree(
             fds.iter_mut().map(|(pid, d)| (*pid, &mut d.records)).collect();
         tty::resolve_slaves(&mut recs, opts.shell_job)?
     };
-    tty::controlling_ttys(&mut procs, &masters, opts.shell_job)?;
+    let stats: Vec<&procfs::Stat> =
+        members.iter().map(|m| m.proc.as_ref().map(|p| &p.0).ok_or(Error::TracerLost)).collect::<Result<_>>()?;
+    tty::controlling_ttys(&mut procs, &stats, &masters, opts.shell_job)?;
     let views: Vec<(Pid, &std::os::fd::OwnedFd, &[stasis_image::FdRecord])> = fds
         .iter()
         .filter_map(|(pid, d)| pidfds.iter().find(|(p, _)| p == pid).map(|(_, fd)| (*pid, fd, d.records.as_slice())))
