@@ -328,17 +328,39 @@ impl Frozen {
         started.into_iter().map(|f| f.and_then(Freezing::finish))
     }
 
-    /// Kills the frozen process and waits until it is gone from our side.
-    pub fn kill(mut self) -> Result<()> {
-        self.done = true;
-        stasis_sys::proc::kill(self.pid, libc::SIGKILL).map_err(Error::sys(self.pid, "kill"))?;
-        // As tracer we see each thread's exit first; consuming them lets the real parent
-        // reap the process. The leader's exit is reported only once every other thread is
-        // gone, so the others go first.
-        for t in self.threads.iter().rev() {
-            let _ = ptrace::waitpid(t.tid, libc::__WALL);
+    /// Waits until the processes `frozen`, all traced by this thread and all sent
+    /// SIGKILL, are gone from our side. As tracer we see each thread's exit first;
+    /// consuming them lets the real parents reap the processes. The exits are collected
+    /// in whatever order they come: a leader is reported only once its other threads are
+    /// gone, a PID namespace's init only once every other task of its namespace is, and
+    /// waiting for any exit rather than a given one wakes this thread once per exit.
+    /// Each is sent SIGKILL (again) here: one that cannot be is not waited for.
+    pub fn reap_killed(frozen: Vec<Frozen>) -> Result<()> {
+        let mut left: BTreeSet<Pid> = BTreeSet::new();
+        let mut first = Ok(());
+        for mut f in frozen {
+            f.done = true;
+            match stasis_sys::proc::kill(f.pid, libc::SIGKILL) {
+                Ok(()) => left.extend(f.threads.iter().map(|t| t.tid)),
+                Err(e) if e.0 == libc::ESRCH => {}
+                Err(e) => first = first.and(Err(Error::Sys { pid: f.pid, op: "kill", errno: e })),
+            }
         }
-        Ok(())
+        while !left.is_empty() {
+            match ptrace::waitpid(Pid(-1), libc::__WALL | libc::__WNOTHREAD) {
+                Ok(WaitStatus::Exited(tid, _) | WaitStatus::Signaled(tid, _)) => {
+                    left.remove(&tid);
+                }
+                // A stop reported before the kill took effect: the exit follows.
+                Ok(WaitStatus::Stopped(..) | WaitStatus::StillAlive) => {}
+                Err(e) if e.0 == libc::ECHILD => break, // nothing left to wait for
+                Err(e) => {
+                    let pid = left.first().copied().unwrap_or(Pid(0));
+                    return first.and(Err(Error::Sys { pid, op: "waitpid", errno: e }));
+                }
+            }
+        }
+        first
     }
 
     /// Puts back every thread's registers and signal mask and lets the process run on.
