@@ -217,12 +217,13 @@ struct Freezing {
 }
 
 impl Freezing {
-    /// Lists the threads of `pid` and seizes and interrupts them all; their stops come
-    /// in while the caller starts on other processes.
+    /// Seizes and interrupts the main thread of `pid`; its stop comes in while the
+    /// caller starts on other processes. Most processes have no other thread: the
+    /// others, if any, are found by [`Freezing::finish`], which counts them.
     fn start(pid: Pid) -> Result<Freezing> {
         let fr = Frozen { pid, threads: Vec::new(), done: false };
         let mut f = Freezing { fr, seen: BTreeSet::new(), interrupted: Vec::new() };
-        f.seize(&list_tasks(pid)?)?;
+        f.seize(&[pid])?;
         Ok(f)
     }
 
@@ -272,11 +273,18 @@ impl Freezing {
                 }
             }
             if self.fr.threads.is_empty() {
-                return Err(Error::NoSuchProcess(pid));
+                // The main thread exited: the others, if any, are in the list.
+                let all = list_tasks(pid)?;
+                let new: Vec<Pid> = all.into_iter().filter(|t| !self.seen.contains(t)).collect();
+                if new.is_empty() {
+                    return Err(Error::NoSuchProcess(pid));
+                }
+                self.seize(&new)?;
+                continue;
             }
             // Every stopped thread is alive: as many threads as stopped ones means none
-            // was left out. Else the list is read again (a thread started meanwhile
-            // cannot escape: its creator is stopped by now).
+            // was left out. Else the list is read (again): a thread started meanwhile
+            // cannot escape, its creator is stopped by now.
             let status = read_status(pid)?;
             if status.threads as usize == self.fr.threads.len() {
                 break status;
