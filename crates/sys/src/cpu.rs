@@ -28,9 +28,14 @@ pub fn xcr0() -> u64 {
 /// The size of the user XSAVE area the kernel exposes through `NT_X86_XSTATE`: the
 /// standard-format size covering every supported component (CPUID 0xD.0 ECX), which is
 /// what the kernel sizes its user buffer with once dynamic features such as AMX exist.
+/// Asked once per process: it cannot change, and in a virtual machine every cpuid traps
+/// to the hypervisor (a dump reads the XSAVE area of every thread).
 pub fn xsave_size() -> usize {
-    let (_, ebx, ecx, _) = cpuid(0xd, 0);
-    ecx.max(ebx) as usize
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        let (_, ebx, ecx, _) = cpuid(0xd, 0);
+        ecx.max(ebx) as usize
+    })
 }
 
 /// The CPU's brand string, for messages only.
