@@ -111,10 +111,11 @@ fn wait_out_vfork(pid: Pid, tid: Pid, since: Instant) -> Result<()> {
 
 /// Waits for a seized thread to report its interrupt stop. A signal that arrives first is
 /// passed back to the thread (so it is not lost) and we wait again. The stop normally
-/// comes at once; one that does not may be a thread waiting in vfork() (no clone
-/// completes once the interrupt is queued, but one may have completed just before):
-/// unless the child lets it go, it is refused after VFORK_WAIT, still seized (a running
-/// tracee cannot be detached; the kernel lets it go when the dumper exits).
+/// comes at once; one that does not may be a thread waiting in vfork() (one that
+/// entered it before the interrupt, or whose clone was under way: copy_process gives up
+/// only for a fatal signal): unless the child lets it go, it is refused after
+/// VFORK_WAIT, still seized (a running tracee cannot be detached; the kernel lets it go
+/// when the dumper exits).
 fn wait_for_stop(pid: Pid, tid: Pid) -> Result<()> {
     let start = Instant::now();
     let mut nap = Duration::ZERO;
