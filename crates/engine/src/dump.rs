@@ -10,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::Lap;
-use crate::freeze::{read_stat, read_status, Frozen};
+use crate::freeze::{read_stat, read_status, Frozen, ProcInfo};
 use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
 use crate::shmem::ShmemDump;
@@ -86,44 +86,46 @@ struct Member {
     tids: Option<Vec<Pid>>,
     tracer: usize,
     /// Read once the process was frozen (for a zombie, once it was found to be one).
-    proc: Option<Box<(procfs::Stat, procfs::Status)>>,
+    proc: Option<ProcInfo>,
 }
 
-/// /proc/PID/stat and status, read once per process, frozen.
-fn stat_and_status(pid: Pid) -> Result<Box<(procfs::Stat, procfs::Status)>> {
-    Ok(Box::new((read_stat(pid)?, read_status(pid)?)))
-}
+/// What freezing one process gave: its threads (`None`: a zombie), its stat and status,
+/// and, for a live one, its children, each with whether it shares the process's address
+/// space.
+type FrozenMember = (Option<Vec<Pid>>, ProcInfo, Vec<(Pid, bool)>);
 
 /// Freezes the tree rooted at `root`, parents before children: a frozen parent cannot
 /// fork or reap, so its children are listed once it is frozen, and so on down. The
-/// processes are frozen by the tracer threads in turn, each as soon as it is listed.
+/// children of a process are shared out among the tracer threads, and each tracer
+/// freezes its share together (see Frozen::freeze_many) and lists their children.
 fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
     use std::sync::mpsc;
-    type Frozen1 = (usize, Result<(Option<Vec<Pid>>, Box<(procfs::Stat, procfs::Status)>)>);
-    let (tx, rx) = mpsc::channel::<Frozen1>();
-    let freeze_on = |tracers: &mut Tracers, idx: usize, pid: Pid, w: usize| {
-        let answer = tracers::Answer::new(idx, tx.clone());
+    let (tx, rx) = mpsc::channel::<(usize, Result<FrozenMember>)>();
+    // Freezes `batch` (member index, pid) on tracer `w`; answers each as it is frozen.
+    let freeze_on = |tracers: &mut Tracers, batch: Vec<(usize, Pid)>, w: usize| {
+        let answers: Vec<tracers::Answer<FrozenMember>> =
+            batch.iter().map(|&(i, _)| tracers::Answer::new(i, tx.clone())).collect();
+        let pids: Vec<Pid> = batch.iter().map(|&(_, p)| p).collect();
         tracers.run(w, move |held| {
-            let r = match idx {
-                0 => Frozen::freeze(pid).map(Some),
-                _ => freeze_child(pid),
-            };
-            let r = r.and_then(|f| {
-                let proc = stat_and_status(pid)?;
-                Ok((
-                    f.map(|f| {
-                        let tids = f.threads.iter().map(|t| t.tid).collect();
+            for ((answer, &pid), r) in answers.into_iter().zip(&pids).zip(Frozen::freeze_many(&pids)) {
+                let r = match pid == root {
+                    true => r.map(|(f, info)| (Some(f), info)),
+                    false => as_child(pid, r),
+                };
+                answer.send(r.and_then(|(f, info)| match f {
+                    None => Ok((None, info, Vec::new())),
+                    Some(f) => {
+                        let tids: Vec<Pid> = f.threads.iter().map(|t| t.tid).collect();
+                        let kids = children_of(pid, &tids)?;
                         held.push(f);
-                        tids
-                    }),
-                    proc,
-                ))
-            });
-            answer.send(r);
+                        Ok((Some(tids), info, kids))
+                    }
+                }));
+            }
         })
     };
     let mut members = vec![Member { pid: root, tids: None, tracer: 0, proc: None }];
-    freeze_on(tracers, 0, root, 0)?;
+    freeze_on(tracers, vec![(0, root)], 0)?;
     let mut pending = 1;
     let mut first_err: Option<Error> = None;
     while pending > 0 {
@@ -132,50 +134,42 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
             break;
         };
         pending -= 1;
-        let tids = match r {
-            Ok((Some(tids), proc)) => {
-                members[idx].proc = Some(proc);
-                tids
-            }
-            Ok((None, proc)) => {
-                members[idx].proc = Some(proc);
-                continue;
-            }
+        let (tids, info, kids) = match r {
+            Ok(x) => x,
             Err(e) => {
                 first_err.get_or_insert(e);
                 continue;
             }
         };
-        members[idx].tids = Some(tids);
+        members[idx].proc = Some(info);
+        if tids.is_none() {
+            continue;
+        }
+        members[idx].tids = tids;
         if first_err.is_some() {
             continue;
         }
         let pid = members[idx].pid;
-        let children = children_of(pid).and_then(|kids| match kids.iter().find(|&&c| c == stasis_sys::proc::getpid()) {
-            Some(c) => Err(Error::Unsupported {
+        if let Some((c, _)) = kids.iter().find(|(c, _)| *c == stasis_sys::proc::getpid()) {
+            first_err.get_or_insert(Error::Unsupported {
                 pid: root,
                 what: format!("a tree that contains stasis itself (pid {c}, child of {pid})"),
-            }),
-            None => Ok(kids),
-        });
-        match children {
-            Ok(kids) => {
-                for child in kids {
-                    // A child sharing its parent's address space goes to the parent's
-                    // tracer, after it: the parent's mappings are read before its
-                    // injected calls, which then must not overlap the child's (whose
-                    // scratch area would appear among them).
-                    let shares_vm = stasis_sys::proc::kcmp_shares(child, pid, stasis_sys::proc::Shared::Vm).unwrap_or(false);
-                    let w = if shares_vm { members[idx].tracer } else { members.len() % tracers.max() };
-                    let i = members.len();
-                    members.push(Member { pid: child, tids: None, tracer: w, proc: None });
-                    freeze_on(tracers, i, child, w)?;
-                    pending += 1;
-                }
-            }
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
+            });
+            continue;
+        }
+        let mut batches: Vec<Vec<(usize, Pid)>> = vec![Vec::new(); tracers.max()];
+        for (child, shares_vm) in kids {
+            // A child sharing its parent's address space goes to the parent's tracer,
+            // after it: the parent's mappings are read before its injected calls, which
+            // then must not overlap the child's (whose scratch area would appear among
+            // them).
+            let w = if shares_vm { members[idx].tracer } else { members.len() % tracers.max() };
+            batches[w].push((members.len(), child));
+            members.push(Member { pid: child, tids: None, tracer: w, proc: None });
+        }
+        for (w, batch) in batches.into_iter().enumerate().filter(|(_, b)| !b.is_empty()) {
+            pending += batch.len();
+            freeze_on(tracers, batch, w)?;
         }
     }
     match first_err {
@@ -184,34 +178,34 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
     }
 }
 
-/// Freezes a child of a frozen process; `None` if it is a zombie. A child exiting while
-/// it is being frozen can only become a zombie (its parent is frozen and cannot reap it),
-/// so that is what it is recorded as.
-fn freeze_child(child: Pid) -> Result<Option<Frozen>> {
-    match Frozen::freeze(child) {
-        Ok(f) => Ok(Some(f)),
-        Err(e @ (Error::TargetDied { .. } | Error::NoSuchProcess(_) | Error::Sys { .. })) => {
-            match read_stat(child) {
-                Ok(st) if matches!(st.state, 'Z' | 'X') => Ok(None),
-                _ => Err(e),
-            }
-        }
+/// A child of a frozen process as its freeze left it; `None` if it is a zombie. A child
+/// exiting while it is being frozen can only become a zombie (its parent is frozen and
+/// cannot reap it), so that is what it is recorded as.
+fn as_child(child: Pid, r: Result<(Frozen, ProcInfo)>) -> Result<(Option<Frozen>, ProcInfo)> {
+    match r {
+        Ok((f, info)) => Ok((Some(f), info)),
+        Err(e @ (Error::TargetDied { .. } | Error::NoSuchProcess(_) | Error::Sys { .. })) => match read_stat(child) {
+            Ok(st) if matches!(st.state, 'Z' | 'X') => Ok((None, Box::new((st, read_status(child)?)))),
+            _ => Err(e),
+        },
         Err(e) => Err(e),
     }
 }
 
-fn children_of(pid: Pid) -> Result<Vec<Pid>> {
-    let dir = format!("/proc/{pid}/task");
-    let rd = std::fs::read_dir(&dir).map_err(|e| Error::Proc { pid, path: dir.clone().into(), err: e })?;
+/// The children of frozen process `pid` (threads `tids`), each with whether it shares
+/// the process's address space.
+fn children_of(pid: Pid, tids: &[Pid]) -> Result<Vec<(Pid, bool)>> {
     let mut out = Vec::new();
-    for t in rd.flatten() {
-        let tid = t.file_name().to_string_lossy().into_owned();
+    for tid in tids {
         let text = procfs::read_text(pid, &format!("task/{tid}/children"))?.1;
         out.extend(text.split_whitespace().filter_map(|c| c.parse().ok()).map(Pid));
     }
     out.sort();
     out.dedup();
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|c| (c, stasis_sys::proc::kcmp_shares(c, pid, stasis_sys::proc::Shared::Vm).unwrap_or(false)))
+        .collect())
 }
 
 pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
@@ -226,8 +220,11 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     let members = freeze_tree(root, &mut tracers)?;
     log::debug!("pid {root}: froze a tree of {} processes", members.len());
     let mut phases = vec![("freeze", frozen_at.elapsed())];
-    let sharing = address_spaces(root, &members)?;
-    let (mut image, nthreads, drained) = collect_tree(root, &members, &mut tracers, &sharing, &mut writer, opts, host, &mut phases)?;
+    let (mut image, nthreads, drained) = std::thread::scope(|s| {
+        let tables = s.spawn(|| table_groups(&members));
+        let sharing = address_spaces(root, &members)?;
+        collect_tree(root, &members, &mut tracers, &sharing, tables, &mut writer, opts, host, &mut phases)
+    })?;
     let memory_bytes = writer.pages_len();
     log::debug!("pid {root}: state collected, {memory_bytes} bytes of pages written");
     // A tree that runs on needs no durable image to be safe: release it before the
@@ -387,6 +384,7 @@ fn collect_tree(
     members: &[Member],
     tracers: &mut Tracers,
     sharing: &vmshare::Sharing,
+    tables: std::thread::ScopedJoinHandle<'_, Result<TableGroups>>,
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     host: stasis_image::HostInfo,
@@ -408,7 +406,8 @@ fn collect_tree(
     let mut fds = fds;
     let mut mms = mms;
     let mut objects = info.objects.into_inner().unwrap_or_else(|p| p.into_inner());
-    shared_tables(&mut procs, sharing)?;
+    let tables = tables.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+    shared_tables(&mut procs, sharing, &tables)?;
     files::assign_descriptions(&mut fds)?;
     epoll::resolve(&mut fds, &pidfds)?;
     let masters = {
@@ -416,7 +415,9 @@ fn collect_tree(
             fds.iter_mut().map(|(pid, d)| (*pid, &mut d.records)).collect();
         tty::resolve_slaves(&mut recs, opts.shell_job)?
     };
-    tty::controlling_ttys(&mut procs, &masters, opts.shell_job)?;
+    let stats: Vec<&procfs::Stat> =
+        members.iter().map(|m| m.proc.as_ref().map(|p| &p.0).ok_or(Error::TracerLost)).collect::<Result<_>>()?;
+    tty::controlling_ttys(&mut procs, &stats, &masters, opts.shell_job)?;
     let views: Vec<(Pid, &std::os::fd::OwnedFd, &[stasis_image::FdRecord])> = fds
         .iter()
         .filter_map(|(pid, d)| pidfds.iter().find(|(p, _)| p == pid).map(|(_, fd)| (*pid, fd, d.records.as_slice())))
@@ -466,33 +467,91 @@ fn collect_tree(
 
 /// Groups of the processes (indexes into `pids`, of those in `live`) that share one
 /// kernel object of kind `what`, each in tree order: sorted by the object, as kcmp
-/// orders them, so a tree of n costs n log n calls.
+/// orders them, so a tree of n costs n log n calls. Grouping compares neighbours of the
+/// sorted order, which the sort has compared already (it must, to order them): each
+/// answer is kept, so no pair is asked twice.
 fn groups_sharing(pids: &[i32], live: &[usize], what: stasis_sys::proc::Shared) -> Result<Vec<Vec<usize>>> {
-    use stasis_sys::proc::kcmp_order;
-    let order = |a: i32, b: i32| kcmp_order(Pid(a), Pid(b), what).map_err(Error::sys(Pid(a), "kcmp"));
+    use std::cmp::Ordering;
+    let mut known: std::collections::HashMap<(usize, usize), Ordering> = Default::default();
     let mut failed = None;
+    let mut order = |a: usize, b: usize| -> Ordering {
+        if let Some(&o) = known.get(&(a, b)) {
+            return o;
+        }
+        match stasis_sys::proc::kcmp_order(Pid(pids[a]), Pid(pids[b]), what) {
+            Ok(o) => {
+                known.insert((a, b), o);
+                known.insert((b, a), o.reverse());
+                o
+            }
+            Err(e) => {
+                failed.get_or_insert(Error::Sys { pid: Pid(pids[a]), op: "kcmp", errno: e });
+                Ordering::Equal
+            }
+        }
+    };
     let mut sorted = live.to_vec();
-    sorted.sort_by(|&a, &b| {
-        order(pids[a], pids[b]).unwrap_or_else(|e| {
-            failed.get_or_insert(e);
-            std::cmp::Ordering::Equal
-        })
-    });
-    if let Some(e) = failed {
-        return Err(e);
-    }
+    merge_sort_by(&mut sorted, &mut order);
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (k, &i) in sorted.iter().enumerate() {
-        let same = k > 0 && order(pids[i], pids[sorted[k - 1]])? == std::cmp::Ordering::Equal;
+        let same = k > 0 && order(sorted[k - 1], i) == Ordering::Equal;
         match groups.last_mut() {
             Some(g) if same => g.push(i),
             _ => groups.push(vec![i]),
         }
     }
+    if let Some(e) = failed {
+        return Err(e);
+    }
     for g in groups.iter_mut() {
         g.sort();
     }
     Ok(groups)
+}
+
+/// Sorts `v` by `cmp`, stably, with a top-down merge sort: every comparison here is a
+/// system call, and this one makes about a fifth fewer than the standard library's sort
+/// (tuned for cheap comparisons) on the orders kcmp gives. Pure.
+fn merge_sort_by(v: &mut [usize], cmp: &mut impl FnMut(usize, usize) -> std::cmp::Ordering) {
+    let n = v.len();
+    if n < 2 {
+        return;
+    }
+    let mid = n / 2;
+    merge_sort_by(&mut v[..mid], cmp);
+    merge_sort_by(&mut v[mid..], cmp);
+    let left = v[..mid].to_vec();
+    let (mut i, mut j, mut k) = (0, mid, 0);
+    while i < left.len() && j < n {
+        // Only a right element strictly less goes first: equal ones keep their order.
+        if cmp(v[j], left[i]) == std::cmp::Ordering::Less {
+            v[k] = v[j];
+            j += 1;
+        } else {
+            v[k] = left[i];
+            i += 1;
+        }
+        k += 1;
+    }
+    // What is left of the right half is in place already.
+    v[k..k + left.len() - i].copy_from_slice(&left[i..]);
+}
+
+/// The processes that share a descriptor table (CLONE_FILES) and those that share cwd,
+/// root and umask (CLONE_FS), as groups_sharing gives them.
+struct TableGroups {
+    files: Vec<Vec<usize>>,
+    fs: Vec<Vec<usize>>,
+}
+
+/// Groups the live members by the descriptor table and by the cwd/root/umask they
+/// share. Neither changes while the tree is frozen (the dump's injected calls neither
+/// clone nor unshare), so this runs beside the collection of the processes.
+fn table_groups(members: &[Member]) -> Result<TableGroups> {
+    use stasis_sys::proc::Shared;
+    let live: Vec<usize> = (0..members.len()).filter(|&i| members[i].tids.is_some()).collect();
+    let pids: Vec<i32> = members.iter().map(|m| m.pid.0).collect();
+    Ok(TableGroups { files: groups_sharing(&pids, &live, Shared::Files)?, fs: groups_sharing(&pids, &live, Shared::Fs)? })
 }
 
 /// Right after the freeze, before any injected call: which processes share their
@@ -521,7 +580,16 @@ fn address_spaces(root: Pid, members: &[Member]) -> Result<vmshare::Sharing> {
     let live: Vec<usize> = (0..members.len()).filter(|&i| members[i].tids.is_some()).collect();
     let pids: Vec<i32> = info.iter().map(|m| m.pid).collect();
     let vm = groups_sharing(&pids, &live, Shared::Vm)?;
-    let sighand = groups_sharing(&pids, &live, Shared::Sighand)?;
+    // Signal handlers are shared only along with the address space (clone() refuses
+    // CLONE_SIGHAND without CLONE_VM, and exec gives up both), so only the members of
+    // one address space are compared.
+    let mut sighand = Vec::new();
+    for g in &vm {
+        match g.len() {
+            1 => sighand.push(g.clone()),
+            _ => sighand.extend(groups_sharing(&pids, g, Shared::Sighand)?),
+        }
+    }
     vmshare::assign(&info, &vm, &sighand).map_err(|(pid, what)| Error::Unsupported { pid: Pid(pid), what })
 }
 
@@ -533,9 +601,8 @@ fn address_spaces(root: Pid, members: &[Member]) -> Result<vmshare::Sharing> {
 /// with the parent (`sharing`, from address_spaces) are recorded too, once the records
 /// agree with what restore can do (vmshare::check). Refused: a group that does not hang
 /// together so, and anything the root shares with its parent outside the tree.
-fn shared_tables(procs: &mut [ProcessRecord], sharing: &vmshare::Sharing) -> Result<()> {
+fn shared_tables(procs: &mut [ProcessRecord], sharing: &vmshare::Sharing, tables: &TableGroups) -> Result<()> {
     use stasis_sys::proc::{kcmp_shares, Shared};
-    let live: Vec<usize> = (0..procs.len()).filter(|&i| procs[i].zombie_status.is_none()).collect();
     const KINDS: [(Shared, &str); 2] =
         [(Shared::Files, "its descriptor table (CLONE_FILES)"), (Shared::Fs, "its cwd, root and umask (CLONE_FS)")];
     let root = &procs[0];
@@ -550,9 +617,7 @@ fn shared_tables(procs: &mut [ProcessRecord], sharing: &vmshare::Sharing) -> Res
             }
         }
     }
-    let pids: Vec<i32> = procs.iter().map(|p| p.pid).collect();
-    for (what, name) in KINDS {
-        let groups = groups_sharing(&pids, &live, what)?;
+    for ((what, name), groups) in KINDS.into_iter().zip([&tables.files, &tables.fs]) {
         for members in groups.iter().filter(|m| m.len() > 1) {
             let in_group = |pid: i32| members.iter().any(|&m| procs[m].pid == pid);
             let heads: Vec<usize> = members.iter().copied().filter(|&m| !in_group(procs[m].ppid)).collect();
@@ -840,3 +905,24 @@ fn proc_part(
     Ok((process, fds, mm_plan))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::merge_sort_by;
+
+    #[test]
+    fn merge_sort_is_stable_and_sparing() {
+        for n in [0usize, 1, 2, 3, 7, 64, 100, 257] {
+            // Pseudo-random keys with many repeats.
+            let keys: Vec<u64> = (0..n as u64).map(|i| (i * 2_654_435_761) % 13).collect();
+            let mut v: Vec<usize> = (0..n).collect();
+            let mut calls = 0;
+            merge_sort_by(&mut v, &mut |a, b| {
+                calls += 1;
+                keys[a].cmp(&keys[b])
+            });
+            assert!(v.windows(2).all(|w| (keys[w[0]], w[0]) < (keys[w[1]], w[1])), "n={n}: {v:?}");
+            let bound = n * (usize::BITS - n.leading_zeros()) as usize;
+            assert!(calls <= bound, "n={n}: {calls} comparisons");
+        }
+    }
+}

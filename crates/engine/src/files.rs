@@ -150,20 +150,44 @@ type Representative = (usize, usize, u64);
 /// A descriptor (process, number) of the read end and of the write end of a pipe.
 type PipeEnds = (Option<(Pid, i32)>, Option<(Pid, i32)>);
 
+/// The access mode (O_RDONLY, O_WRONLY, O_RDWR) of a descriptor's open file description,
+/// which no fcntl changes: descriptors that differ in it are of different descriptions.
+fn access_mode(kind: &FdKind) -> i32 {
+    let flags = match kind {
+        FdKind::File { flags, .. }
+        | FdKind::CharDevice { flags, .. }
+        | FdKind::Terminal { flags, .. }
+        | FdKind::Pipe { flags, .. }
+        | FdKind::Fifo { flags, .. }
+        | FdKind::Shmem { flags, .. }
+        | FdKind::PtyMaster { flags, .. }
+        | FdKind::PtySlave { flags, .. }
+        | FdKind::Signalfd { flags, .. }
+        | FdKind::Eventfd { flags, .. }
+        | FdKind::Epoll { flags, .. } => *flags,
+        FdKind::Timerfd(t) => t.flags,
+    };
+    flags & libc::O_ACCMODE
+}
+
 /// Numbers the open file descriptions of a whole tree: descriptors of the same file that
-/// kcmp reports as one description get one id, whichever process holds them.
+/// kcmp reports as one description get one id, whichever process holds them. Only
+/// descriptors of one file and access mode are compared, first with the description
+/// seen at the same number (where a child's inherited descriptors are).
 pub fn assign_descriptions(procs: &mut [(Pid, DumpedFds)]) -> Result<()> {
     // (process index, descriptor index) of one representative per description so far,
-    // by file identity.
-    let mut reps: std::collections::HashMap<FileIdent, Vec<Representative>> = Default::default();
+    // by file identity and access mode.
+    let mut reps: std::collections::HashMap<(FileIdent, i32), Vec<Representative>> = Default::default();
     let mut next = 1u64;
     for pi in 0..procs.len() {
         for fi in 0..procs[pi].1.records.len() {
-            let ident = procs[pi].1.idents[fi];
+            let key = (procs[pi].1.idents[fi], access_mode(&procs[pi].1.records[fi].kind));
             let (pid, fd) = (procs[pi].0, procs[pi].1.records[fi].fd);
-            let cands = reps.entry(ident).or_default();
+            let cands = reps.entry(key).or_default();
+            let rep_fd = |&(rp, rf, _): &Representative| procs[rp].1.records[rf].fd;
+            let same_number = cands.iter().filter(|r| rep_fd(r) == fd);
             let mut found = None;
-            for &(rp, rf, id) in cands.iter() {
+            for &(rp, rf, id) in same_number.chain(cands.iter().filter(|r| rep_fd(r) != fd)) {
                 let (rpid, rfd) = (procs[rp].0, procs[rp].1.records[rf].fd);
                 if stasis_sys::proc::kcmp_same_file(rpid, RemoteFd(rfd), pid, RemoteFd(fd)).map_err(Error::sys(pid, "kcmp"))? {
                     found = Some(id);

@@ -11,7 +11,7 @@ use crate::inject::restart_fixup;
 use crate::procfs;
 use stasis_sys::ptrace::{self, UserRegs, WaitStatus};
 use stasis_sys::Pid;
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 /// A thread in a ptrace stop, with the registers it had when it stopped.
@@ -111,10 +111,11 @@ fn wait_out_vfork(pid: Pid, tid: Pid, since: Instant) -> Result<()> {
 
 /// Waits for a seized thread to report its interrupt stop. A signal that arrives first is
 /// passed back to the thread (so it is not lost) and we wait again. The stop normally
-/// comes at once; one that does not may be a thread that entered vfork() after the
-/// check before the seize (no clone completes once the interrupt is queued, but one may
-/// have completed just before): it is refused after VFORK_WAIT, still seized (a running
-/// tracee cannot be detached; the kernel lets it go when the dumper exits).
+/// comes at once; one that does not may be a thread waiting in vfork() (one that
+/// entered it before the interrupt, or whose clone was under way: copy_process gives up
+/// only for a fatal signal): unless the child lets it go, it is refused after
+/// VFORK_WAIT, still seized (a running tracee cannot be detached; the kernel lets it go
+/// when the dumper exits).
 fn wait_for_stop(pid: Pid, tid: Pid) -> Result<()> {
     let start = Instant::now();
     let mut nap = Duration::ZERO;
@@ -202,91 +203,173 @@ fn real_sigmask(pid: Pid, tid: Pid, regs: &UserRegs) -> Result<Option<u64>> {
     Ok(mask)
 }
 
-/// Seizes and interrupts the threads `new` of `pid`, adding each to `seen` and, once
-/// interrupted, to `interrupted`. A thread that exited meanwhile is skipped.
-fn seize_new(pid: Pid, new: &[Pid], seen: &mut BTreeMap<Pid, ()>, interrupted: &mut Vec<Pid>) -> Result<()> {
-    for &tid in new {
-        wait_out_vfork(pid, tid, Instant::now())?;
-        if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
-            if e.0 == libc::ESRCH {
-                continue; // exited meanwhile
+/// /proc/PID/stat and status of a process, read once it was frozen (for a zombie, once
+/// it was found to be one).
+pub type ProcInfo = Box<(procfs::Stat, procfs::Status)>;
+
+/// A process whose threads are being frozen: those in `interrupted` are seized and
+/// interrupted but their stops not yet awaited, those in `fr` are stopped. Dropped
+/// before [`Freezing::finish`] (an error), it lets every thread go again: the stopped
+/// ones by the guard in `fr`, the interrupted ones once they have stopped.
+struct Freezing {
+    fr: Frozen,
+    seen: BTreeSet<Pid>,
+    interrupted: Vec<Pid>,
+}
+
+impl Freezing {
+    /// Seizes and interrupts the main thread of `pid`; its stop comes in while the
+    /// caller starts on other processes. Most processes have no other thread: the
+    /// others, if any, are found by [`Freezing::finish`], which counts them.
+    fn start(pid: Pid) -> Result<Freezing> {
+        let fr = Frozen { pid, threads: Vec::new(), done: false };
+        let mut f = Freezing { fr, seen: BTreeSet::new(), interrupted: Vec::new() };
+        f.seize(&[pid])?;
+        Ok(f)
+    }
+
+    /// Seizes and interrupts the threads `new`, adding each to `seen` and, once
+    /// interrupted, to `interrupted`. A thread that exited meanwhile is skipped. A thread
+    /// waiting in vfork() is found while its stop is awaited (it never comes).
+    fn seize(&mut self, new: &[Pid]) -> Result<()> {
+        let pid = self.fr.pid;
+        for &tid in new {
+            if let Err(e) = ptrace::seize(tid, ptrace::PTRACE_O_TRACESYSGOOD) {
+                if e.0 == libc::ESRCH {
+                    continue; // exited meanwhile
+                }
+                if e.0 == libc::EPERM {
+                    let st = read_status(pid)?;
+                    if st.tracer_pid != 0 {
+                        return Err(Error::AlreadyTraced { pid, tracer: st.tracer_pid });
+                    }
+                }
+                return Err(Error::Sys { pid, op: "PTRACE_SEIZE", errno: e });
             }
-            if e.0 == libc::EPERM {
-                let st = read_status(pid)?;
-                if st.tracer_pid != 0 {
-                    return Err(Error::AlreadyTraced { pid, tracer: st.tracer_pid });
+            self.seen.insert(tid);
+            // Listed first: if the interrupt fails, the error path still lets it go.
+            self.interrupted.push(tid);
+            ptrace::interrupt(tid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
+        }
+        Ok(())
+    }
+
+    /// Awaits the stop of every interrupted thread and records its registers and signal
+    /// mask; then, while the thread count in /proc/PID/status says there are threads it
+    /// has not stopped (started before their creator was interrupted), seizes those too.
+    /// Returns the frozen process with its stat and status, both read once it was frozen.
+    fn finish(mut self) -> Result<(Frozen, ProcInfo)> {
+        let pid = self.fr.pid;
+        let status = loop {
+            while let Some(&tid) = self.interrupted.first() {
+                wait_for_stop(pid, tid)?;
+                let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
+                let mask = ptrace::get_sigmask(tid).map_err(Error::sys(pid, "PTRACE_GETSIGMASK"))?;
+                // Recorded before the probe, which may leave it at another stop.
+                self.fr.threads.push(FrozenThread { tid, regs, sigmask: mask, injected: false });
+                self.interrupted.remove(0);
+                if let Some(m) = real_sigmask(pid, tid, &regs)? {
+                    let t = self.fr.threads.last_mut().expect("just pushed");
+                    (t.sigmask, t.injected) = (m, true);
                 }
             }
-            return Err(Error::Sys { pid, op: "PTRACE_SEIZE", errno: e });
-        }
-        seen.insert(tid, ());
-        // Listed first: if the interrupt fails, the error path still lets it go.
-        interrupted.push(tid);
-        ptrace::interrupt(tid).map_err(Error::sys(pid, "PTRACE_INTERRUPT"))?;
+            if self.fr.threads.is_empty() {
+                // The main thread exited: the others, if any, are in the list.
+                let all = list_tasks(pid)?;
+                let new: Vec<Pid> = all.into_iter().filter(|t| !self.seen.contains(t)).collect();
+                if new.is_empty() {
+                    return Err(Error::NoSuchProcess(pid));
+                }
+                self.seize(&new)?;
+                continue;
+            }
+            // Every stopped thread is alive: as many threads as stopped ones means none
+            // was left out. Else the list is read (again): a thread started meanwhile
+            // cannot escape, its creator is stopped by now.
+            let status = read_status(pid)?;
+            if status.threads as usize == self.fr.threads.len() {
+                break status;
+            }
+            let new: Vec<Pid> = list_tasks(pid)?.into_iter().filter(|t| !self.seen.contains(t)).collect();
+            if new.is_empty() {
+                break status;
+            }
+            self.seize(&new)?;
+        };
+        let stat = read_stat(pid)?;
+        let mut fr = std::mem::replace(&mut self.fr, Frozen { pid, threads: Vec::new(), done: true });
+        // The thread-group leader first: code below treats threads[0] as the main thread.
+        fr.threads.sort_by_key(|t| (t.tid != pid, t.tid));
+        Ok((fr, Box::new((stat, status))))
     }
-    Ok(())
+}
+
+impl Drop for Freezing {
+    fn drop(&mut self) {
+        let pid = self.fr.pid;
+        for &tid in &self.interrupted {
+            // One refused for waiting in vfork() stays seized (a running tracee cannot
+            // be detached; the kernel lets it go when the dumper exits): waiting for it
+            // again would only double the time the refusal takes.
+            if matches!(vfork_child(pid, tid), Ok(Some(_))) {
+                continue;
+            }
+            if wait_for_stop(pid, tid).is_ok() {
+                let _ = ptrace::detach(tid, 0);
+            }
+        }
+    }
 }
 
 impl Frozen {
-    /// Seizes and stops every thread of `pid`, re-reading the thread list until a pass
-    /// finds no thread it has not stopped (threads started meanwhile cannot escape).
-    pub fn freeze(pid: Pid) -> Result<Frozen> {
-        let mut fr = Frozen { pid, threads: Vec::new(), done: false };
-        let mut seen: BTreeMap<Pid, ()> = BTreeMap::new();
-        loop {
-            let tids = list_tasks(pid)?;
-            let new: Vec<Pid> = tids.into_iter().filter(|t| !seen.contains_key(t)).collect();
-            if new.is_empty() {
-                break;
-            }
-            // Every new thread is seized and interrupted first, then each one's stop
-            // awaited: the threads reach their stops at the same time. On an error, the
-            // threads interrupted but not yet recorded are let go here (the recorded ones
-            // by the guard).
-            let mut interrupted = Vec::with_capacity(new.len());
-            let r = seize_new(pid, &new, &mut seen, &mut interrupted).and_then(|()| {
-                while let Some(&tid) = interrupted.first() {
-                    wait_for_stop(pid, tid)?;
-                    let regs = ptrace::get_regs(tid).map_err(Error::sys(pid, "PTRACE_GETREGSET"))?;
-                    let mask = ptrace::get_sigmask(tid).map_err(Error::sys(pid, "PTRACE_GETSIGMASK"))?;
-                    // Recorded before the probe, which may leave it at another stop.
-                    fr.threads.push(FrozenThread { tid, regs, sigmask: mask, injected: false });
-                    interrupted.remove(0);
-                    if let Some(m) = real_sigmask(pid, tid, &regs)? {
-                        let t = fr.threads.last_mut().expect("just pushed");
-                        (t.sigmask, t.injected) = (m, true);
-                    }
-                }
-                Ok(())
-            });
-            if let Err(e) = r {
-                for tid in interrupted {
-                    if wait_for_stop(pid, tid).is_ok() {
-                        let _ = ptrace::detach(tid, 0);
-                    }
-                }
-                return Err(e);
-            }
-        }
-        if fr.threads.is_empty() {
-            return Err(Error::NoSuchProcess(pid));
-        }
-        // The thread-group leader first: code below treats threads[0] as the main thread.
-        fr.threads.sort_by_key(|t| (t.tid != pid, t.tid));
-        Ok(fr)
+    /// Seizes and stops every thread of `pid`, re-reading the thread list until it finds
+    /// no thread it has not stopped (threads started meanwhile cannot escape).
+    pub fn freeze(pid: Pid) -> Result<(Frozen, ProcInfo)> {
+        Freezing::start(pid)?.finish()
     }
 
-    /// Kills the frozen process and waits until it is gone from our side.
-    pub fn kill(mut self) -> Result<()> {
-        self.done = true;
-        stasis_sys::proc::kill(self.pid, libc::SIGKILL).map_err(Error::sys(self.pid, "kill"))?;
-        // As tracer we see each thread's exit first; consuming them lets the real parent
-        // reap the process. The leader's exit is reported only once every other thread is
-        // gone, so the others go first.
-        for t in self.threads.iter().rev() {
-            let _ = ptrace::waitpid(t.tid, libc::__WALL);
+    /// Freezes the processes `pids` together: every thread of each is seized and
+    /// interrupted first, then the stops are awaited, so that they come in parallel
+    /// rather than one after the other. One result per process, in order; one that
+    /// fails does not hold up the others.
+    pub fn freeze_many(pids: &[Pid]) -> impl Iterator<Item = Result<(Frozen, ProcInfo)>> {
+        let started: Vec<Result<Freezing>> = pids.iter().map(|&p| Freezing::start(p)).collect();
+        started.into_iter().map(|f| f.and_then(Freezing::finish))
+    }
+
+    /// Waits until the processes `frozen`, all traced by this thread and all sent
+    /// SIGKILL, are gone from our side. As tracer we see each thread's exit first;
+    /// consuming them lets the real parents reap the processes. The exits are collected
+    /// in whatever order they come: a leader is reported only once its other threads are
+    /// gone, a PID namespace's init only once every other task of its namespace is, and
+    /// waiting for any exit rather than a given one wakes this thread once per exit.
+    /// Each is sent SIGKILL (again) here: one that cannot be is not waited for.
+    pub fn reap_killed(frozen: Vec<Frozen>) -> Result<()> {
+        let mut left: BTreeSet<Pid> = BTreeSet::new();
+        let mut first = Ok(());
+        for mut f in frozen {
+            f.done = true;
+            match stasis_sys::proc::kill(f.pid, libc::SIGKILL) {
+                Ok(()) => left.extend(f.threads.iter().map(|t| t.tid)),
+                Err(e) if e.0 == libc::ESRCH => {}
+                Err(e) => first = first.and(Err(Error::Sys { pid: f.pid, op: "kill", errno: e })),
+            }
         }
-        Ok(())
+        while !left.is_empty() {
+            match ptrace::waitpid(Pid(-1), libc::__WALL | libc::__WNOTHREAD) {
+                Ok(WaitStatus::Exited(tid, _) | WaitStatus::Signaled(tid, _)) => {
+                    left.remove(&tid);
+                }
+                // A stop reported before the kill took effect: the exit follows.
+                Ok(WaitStatus::Stopped(..) | WaitStatus::StillAlive) => {}
+                Err(e) if e.0 == libc::ECHILD => break, // nothing left to wait for
+                Err(e) => {
+                    let pid = left.first().copied().unwrap_or(Pid(0));
+                    return first.and(Err(Error::Sys { pid, op: "waitpid", errno: e }));
+                }
+            }
+        }
+        first
     }
 
     /// Puts back every thread's registers and signal mask and lets the process run on.

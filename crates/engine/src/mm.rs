@@ -349,31 +349,45 @@ fn share_keys(pid: Pid, pagemap: &File, runs: &[PageRun]) -> Vec<u64> {
 /// read process by process; a page the kernel moved meanwhile (compaction, swap) could
 /// leave its old frame to another page of the tree. A page found in one frame at both
 /// reads stayed there (it would have to come back to that very frame), so two pages that
-/// did were one physical page at the moment between the plans and this check.
+/// did were one physical page at the moment between the plans and this check. The
+/// processes are shared out among COPY_THREADS threads.
 fn confirm_keys(plans: &mut [Option<MmPlan>]) {
-    for plan in plans.iter_mut().flatten() {
-        let pid = plan.pid;
-        let mut pagemap = None;
-        for p in plan.planned.iter_mut().filter(|p| !p.keys.is_empty()) {
-            let file = match &pagemap {
-                Some(f) => f,
-                None => match File::open(format!("/proc/{pid}/pagemap")) {
-                    Ok(f) => pagemap.insert(f),
-                    Err(e) => {
-                        log::debug!("pid {pid}: pagemap: {e}; its pages are saved unshared");
-                        plan.planned.iter_mut().for_each(|p| p.keys.clear());
-                        break;
-                    }
-                },
-            };
-            let again = share_keys(pid, file, &p.vma.pages);
-            if again.is_empty() {
-                p.keys.clear();
-            }
-            for (k, a) in p.keys.iter_mut().zip(again) {
-                if *k != a {
-                    *k = 0;
-                }
+    let per = plans.len().div_ceil(COPY_THREADS).max(1);
+    std::thread::scope(|s| {
+        for part in plans.chunks_mut(per) {
+            s.spawn(|| part.iter_mut().flatten().for_each(confirm_plan));
+        }
+    });
+}
+
+/// confirm_keys for one process: the shared pages of all its mappings in one pass over
+/// its page map (neighbouring mappings share reads).
+fn confirm_plan(plan: &mut MmPlan) {
+    let pid = plan.pid;
+    let keyed: Vec<&mut Planned> = plan.planned.iter_mut().filter(|p| !p.keys.is_empty()).collect();
+    if keyed.is_empty() {
+        return;
+    }
+    let again = match File::open(format!("/proc/{pid}/pagemap")) {
+        Ok(f) => {
+            let runs: Vec<PageRun> = keyed.iter().flat_map(|p| p.vma.pages.iter().copied()).collect();
+            share_keys(pid, &f, &runs)
+        }
+        Err(e) => {
+            log::debug!("pid {pid}: pagemap: {e}; its pages are saved unshared");
+            Vec::new()
+        }
+    };
+    let mut again = again.into_iter();
+    let all_zero = again.len() == 0;
+    for p in keyed {
+        if all_zero {
+            p.keys.clear();
+            continue;
+        }
+        for (k, a) in p.keys.iter_mut().zip(again.by_ref()) {
+            if *k != a {
+                *k = 0;
             }
         }
     }
@@ -467,15 +481,8 @@ pub fn save_all(plans: &mut [Option<MmPlan>], objects: &mut ShmemDump, w: &mut I
         total += len;
     }
     if !segs.is_empty() {
-        let mems: Vec<Option<File>> = plans
-            .iter()
-            .map(|p| match p {
-                Some(p) => File::open(format!("/proc/{}/mem", p.pid))
-                    .map(Some)
-                    .map_err(|e| Error::Proc { pid: p.pid, path: format!("/proc/{}/mem", p.pid).into(), err: e }),
-                None => Ok(None),
-            })
-            .collect::<Result<_>>()?;
+        // Opened only for pages process_vm_readv cannot read.
+        let mems: Vec<LazyMem> = plans.iter().map(|_| LazyMem::new()).collect();
         let plans_ref: &[Option<MmPlan>] = plans;
         let objects_ref: &ShmemDump = objects;
         w.write_pages_parallel(total, COPY_THREADS, COPY_CHUNK, |off, buf: &mut [u8]| -> Result<()> {
@@ -488,12 +495,15 @@ pub fn save_all(plans: &mut [Option<MmPlan>], objects: &mut ShmemDump, w: &mut I
         .collect())
 }
 
+/// A process's /proc/PID/mem, opened on first use (`mem`, shared by the copy threads).
+type LazyMem = std::sync::OnceLock<std::result::Result<File, i32>>;
+
 /// The page data at `[off, off + buf.len())`, read from the processes and objects it
 /// belongs to.
 fn fill_chunk(
     plans: &[Option<MmPlan>],
     objects: &ShmemDump,
-    mems: &[Option<File>],
+    mems: &[LazyMem],
     segs: &[Segment],
     off: u64,
     buf: &mut [u8],
@@ -510,22 +520,28 @@ fn fill_chunk(
         let to = (s.data_off + s.len).min(end);
         pieces.push(Segment { data_off: from, addr: s.addr + (from - s.data_off), len: to - from, ..*s });
     }
-    // Consecutive pieces of one mapping go in one call.
+    let readable = |p: &Segment| match p.src {
+        Source::Mapping { proc, vma } => plans[proc].as_ref().is_some_and(|pl| pl.planned[vma].vma.prot & PROT_READ != 0),
+        Source::Object { .. } => false,
+    };
+    // Consecutive pieces of one process go in one call, those of readable mappings
+    // apart from the others (which /proc/PID/mem reads).
     let mut i = 0;
     while i < pieces.len() {
-        let src = pieces[i].src;
         let at = (pieces[i].data_off - off) as usize;
-        let (pi, vi) = match src {
+        let pi = match pieces[i].src {
             Source::Object { obj } => {
                 let p = pieces[i];
                 objects.read(obj, p.addr, &mut buf[at..at + p.len as usize])?;
                 i += 1;
                 continue;
             }
-            Source::Mapping { proc, vma } => (proc, vma),
+            Source::Mapping { proc, .. } => proc,
         };
+        let readable_i = readable(&pieces[i]);
+        let same = |p: &Segment| matches!(p.src, Source::Mapping { proc, .. } if proc == pi) && readable(p) == readable_i;
         let mut j = i + 1;
-        while j < pieces.len() && pieces[j].src == src && j - i < MAX_IOV {
+        while j < pieces.len() && same(&pieces[j]) && j - i < MAX_IOV {
             j += 1;
         }
         let len: u64 = pieces[i..j].iter().map(|p| p.len).sum();
@@ -533,16 +549,15 @@ fn fill_chunk(
             .iter()
             .map(|p| RemoteRange { addr: stasis_sys::RemoteAddr(p.addr), len: p.len as usize })
             .collect();
-        let (Some(plan), Some(mem)) = (&plans[pi], &mems[pi]) else { unreachable!("segments only of planned processes") };
-        let p = &plan.planned[vi];
-        copy_batch(plan.pid, p.vma.prot & PROT_READ != 0, mem, &ranges, &mut buf[at..at + len as usize])?;
+        let Some(plan) = &plans[pi] else { unreachable!("segments only of planned processes") };
+        copy_batch(plan.pid, readable_i, &mems[pi], &ranges, &mut buf[at..at + len as usize])?;
         i = j;
     }
     Ok(())
 }
 
 /// Fills `out` with the bytes of `ranges` of a process, in order.
-fn copy_batch(pid: Pid, readable: bool, mem: &File, ranges: &[RemoteRange], out: &mut [u8]) -> Result<()> {
+fn copy_batch(pid: Pid, readable: bool, mem: &LazyMem, ranges: &[RemoteRange], out: &mut [u8]) -> Result<()> {
     let mut done = 0usize;
     if readable {
         done = process_vm_readv(pid, out, ranges).unwrap_or(0);
@@ -556,6 +571,11 @@ fn copy_batch(pid: Pid, readable: bool, mem: &File, ranges: &[RemoteRange], out:
         if re <= done {
             continue;
         }
+        let path = || format!("/proc/{pid}/mem");
+        let mem = match mem.get_or_init(|| File::open(path()).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))) {
+            Ok(f) => f,
+            Err(errno) => return Err(Error::Proc { pid, path: path().into(), err: std::io::Error::from_raw_os_error(*errno) }),
+        };
         let from = rs.max(done);
         let addr = r.addr.0 + (from - rs) as u64;
         mem.read_exact_at(&mut out[from..re], addr)

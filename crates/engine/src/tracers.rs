@@ -117,24 +117,18 @@ impl Tracers {
         })
     }
 
-    /// Kills every process first, then each tracer collects the exits of its own,
-    /// children before parents: a PID namespace's init ends only after every other task
-    /// of its namespace is gone, and as their tracer we must collect those first (the
-    /// tracers do so at the same time, so one waiting for an init does not hold up the
-    /// others).
+    /// Kills every process first, then each tracer collects the exits of its own, in
+    /// whatever order they come (see Frozen::reap_killed): a PID namespace's init ends
+    /// only after every other task of its namespace is gone, and as their tracer we must
+    /// collect those first (the tracers do so at the same time, so one waiting for an
+    /// init does not hold up the others).
     pub(crate) fn kill_all(mut self, pids: &[Pid]) -> Result<()> {
         // Every one, whatever fails: a tree killed halfway helps nobody.
         let mut first = Ok(());
         for &pid in pids {
             first = first.and(stasis_sys::proc::kill(pid, libc::SIGKILL).map_err(Error::sys(pid, "kill")));
         }
-        first.and(self.on_all(|held| {
-            let mut first = Ok(());
-            while let Some(f) = held.pop() {
-                first = first.and(f.kill());
-            }
-            first
-        }))
+        first.and(self.on_all(|held| Frozen::reap_killed(std::mem::take(held))))
     }
 }
 

@@ -31,7 +31,7 @@
 //! the leader) once the process groups exist.
 
 use crate::error::{Error, Result};
-use crate::freeze::read_stat;
+use crate::procfs;
 use stasis_image::{ControllingTty, FdKind, FdRecord, ProcessRecord, PtyRecord};
 use stasis_sys::tty::{self as st, Termios, WinSize};
 use stasis_sys::{Errno, Pid, RemoteFd};
@@ -418,14 +418,19 @@ fn write_output(pid: Pid, slave: RawFd, mut data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The controlling terminal of every live process of the tree, from /proc/PID/stat: a
-/// pair of the image, or (with --shell-job) the shell's terminal. A process must have its
-/// session leader's, when the leader is in the tree; the foreground group of a leader's
-/// pseudo-terminal must be one of the tree's.
-pub fn controlling_ttys(procs: &mut [ProcessRecord], masters: &BTreeMap<u32, (Pid, i32)>, shell_job: bool) -> Result<()> {
-    for p in procs.iter_mut().filter(|p| p.zombie_status.is_none()) {
+/// The controlling terminal of every live process of the tree, from its /proc/PID/stat
+/// (`stats`, one per process, read with the tree frozen): a pair of the image, or (with
+/// --shell-job) the shell's terminal. A process must have its session leader's, when the
+/// leader is in the tree; the foreground group of a leader's pseudo-terminal must be one
+/// of the tree's.
+pub fn controlling_ttys(
+    procs: &mut [ProcessRecord],
+    stats: &[&procfs::Stat],
+    masters: &BTreeMap<u32, (Pid, i32)>,
+    shell_job: bool,
+) -> Result<()> {
+    for (p, stat) in procs.iter_mut().zip(stats).filter(|(p, _)| p.zombie_status.is_none()) {
         let pid = Pid(p.pid);
-        let stat = read_stat(pid)?;
         if stat.tty_nr == 0 {
             continue;
         }

@@ -28,8 +28,8 @@ pub fn xcr0() -> u64 {
 /// The size of the user XSAVE area the kernel exposes through `NT_X86_XSTATE`: the
 /// standard-format size covering every supported component (CPUID 0xD.0 ECX), which is
 /// what the kernel sizes its user buffer with once dynamic features such as AMX exist.
-/// Asked once: cpuid traps to the hypervisor in a virtual machine, and a dump asks for
-/// every thread.
+/// Asked once per process: it cannot change, and in a virtual machine every cpuid traps
+/// to the hypervisor (a dump reads the XSAVE area of every thread).
 pub fn xsave_size() -> usize {
     static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *SIZE.get_or_init(|| {
