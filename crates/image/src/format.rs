@@ -309,8 +309,7 @@ impl ImageWriter {
         }
         meta.page_block_size = PAGE_BLOCK;
         meta.page_block_hashes = std::mem::take(&mut self.hashes);
-        let mut enc = Vec::new();
-        ciborium::into_writer(meta, &mut enc).map_err(|e| ImageError::Io {
+        let enc = crate::cbor::to_vec(meta).map_err(|e| ImageError::Io {
             op: "encode metadata for",
             path: self.tmp.clone(),
             err: io::Error::other(e.to_string()),
@@ -384,7 +383,7 @@ impl ImageReader {
         if xxh3_64(&meta) != header.meta_hash {
             return Err(ImageError::Checksum { path, what: "the metadata".into() });
         }
-        let image: Image = ciborium::from_reader(&meta[..]).map_err(|e| ImageError::Malformed {
+        let image: Image = crate::cbor::from_slice(&meta).map_err(|e| ImageError::Malformed {
             path: path.clone(),
             what: format!("metadata does not decode: {e}"),
         })?;
