@@ -505,3 +505,29 @@ fn reader_rejects_forged_length_with_valid_hashes() {
     assert!(msg.contains("metadata does not decode") && msg.contains("array of 9223372036854775807 items"), "{msg}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Whole image files both ways: what ImageWriter writes decodes with ciborium to the
+/// records it was given, and a file whose metadata ciborium encoded opens with
+/// ImageReader to the same records.
+#[test]
+fn image_files_both_ways() {
+    let d = tempdir("both");
+    let mut img = rich_image();
+    let mut w = ImageWriter::create(&d).unwrap();
+    w.write_pages(&[3u8; 8192]).unwrap();
+    w.finish(&mut img).unwrap();
+    let path = d.join(IMAGE_FILE);
+    let mut file = std::fs::read(&path).unwrap();
+    let h = Header::decode(&path, &file[..HEADER_PAGE as usize]).unwrap();
+    let meta = &file[h.meta_offset as usize..];
+    assert_eq!(ciborium::from_reader::<Image, _>(meta).unwrap(), img);
+
+    let theirs = ciborium_bytes(&img);
+    file.truncate(h.meta_offset as usize);
+    file.extend_from_slice(&theirs);
+    let h2 = Header { meta_len: theirs.len() as u64, meta_hash: hash64(&theirs), ..h };
+    file[..HEADER_PAGE as usize].copy_from_slice(&h2.encode());
+    std::fs::write(&path, &file).unwrap();
+    assert_eq!(ImageReader::open(&d).unwrap().image, img);
+    std::fs::remove_dir_all(&d).unwrap();
+}
