@@ -95,17 +95,9 @@ impl de::Error for Error {
 
 /// Encodes `value`.
 pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Error> {
-    let mut out = Vec::with_capacity(4096);
-    append(value, &mut out)?;
-    Ok(out)
-}
-
-/// Encodes `value` at the end of `out`.
-pub fn append<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), Error> {
-    let mut enc = Encoder { out: std::mem::take(out) };
-    let r = value.serialize(&mut enc);
-    *out = enc.out;
-    r
+    let mut enc = Encoder { out: Vec::with_capacity(4096) };
+    value.serialize(&mut enc)?;
+    Ok(enc.out)
 }
 
 /// Decodes one `T` that must fill all of `data`.
@@ -593,7 +585,7 @@ impl<'de> Decoder<'de> {
     #[cold]
     #[inline(never)]
     fn too_long(&self, h: &Head) -> Error {
-        Error::at(h.at, format!("{} announces {} bytes, only {} remain", h.describe(), h.arg, self.remaining()))
+        Error::at(h.at, format!("{}, only {} remain", h.describe(), self.remaining()))
     }
 
     #[inline(always)]
