@@ -24,6 +24,23 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {
     median_ms(t)
 }
 
+/// Medians of `a` and `b` run alternately, so that a change in the machine's load hits
+/// both alike.
+fn time_pair<T, U>(runs: usize, mut a: impl FnMut() -> T, mut b: impl FnMut() -> U) -> (f64, f64) {
+    let (mut ta, mut tb) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for _ in 0..runs {
+        let start = Instant::now();
+        let out = std::hint::black_box(a());
+        ta.push(start.elapsed());
+        drop(out);
+        let start = Instant::now();
+        let out = std::hint::black_box(b());
+        tb.push(start.elapsed());
+        drop(out);
+    }
+    (median_ms(ta), median_ms(tb))
+}
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut runs = 20;
@@ -63,14 +80,17 @@ fn main() {
             }
             _ => {}
         }
-        let dec_c = time(runs, || ciborium::from_reader::<Image, _>(meta).unwrap());
-        let dec_s = time(runs, || cbor::from_slice::<Image>(meta).unwrap());
-        let enc_c = time(runs, || {
-            let mut v = Vec::new();
-            ciborium::into_writer(&ours, &mut v).unwrap();
-            v
-        });
-        let enc_s = time(runs, || cbor::to_vec(&ours).unwrap());
+        let (dec_c, dec_s) =
+            time_pair(runs, || ciborium::from_reader::<Image, _>(meta).unwrap(), || cbor::from_slice::<Image>(meta).unwrap());
+        let (enc_c, enc_s) = time_pair(
+            runs,
+            || {
+                let mut v = Vec::new();
+                ciborium::into_writer(&ours, &mut v).unwrap();
+                v
+            },
+            || cbor::to_vec(&ours).unwrap(),
+        );
         println!(
             "{dir}: {} processes, {} metadata bytes; decode ciborium {dec_c:.2} ms, stasis {dec_s:.2} ms ({:.1}x); \
              encode ciborium {enc_c:.2} ms, stasis {enc_s:.2} ms ({:.1}x)",

@@ -95,10 +95,24 @@ impl de::Error for Error {
 
 /// Encodes `value`.
 pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Error> {
-    let mut enc = Encoder { out: Vec::with_capacity(4096) };
+    let mut enc = Encoder { out: Vec::with_capacity(4096), sink: None };
     value.serialize(&mut enc)?;
     Ok(enc.out)
 }
+
+/// Encodes `value` into `sink`, handing it the bytes in order in pieces of about
+/// [`PIECE`] bytes: the whole encoding never sits in memory, and the buffer it goes
+/// through stays in cache. An error of `sink` is returned as an [`Error`]; a caller that
+/// needs the `io::Error` itself keeps it in its sink.
+pub fn to_writer<T: Serialize + ?Sized>(value: &T, sink: &mut dyn std::io::Write) -> Result<(), Error> {
+    let mut enc = Encoder { out: Vec::with_capacity(PIECE + PIECE / 4), sink: Some(sink) };
+    value.serialize(&mut enc)?;
+    enc.flush()
+}
+
+/// The size [`to_writer`] hands its sink the encoding in (it can exceed it by one item of
+/// a sequence).
+pub const PIECE: usize = 256 << 10;
 
 /// Decodes one `T` that must fill all of `data`.
 pub fn from_slice<'de, T: de::Deserialize<'de>>(data: &'de [u8]) -> Result<T, Error> {
@@ -118,11 +132,32 @@ pub fn from_slice<'de, T: de::Deserialize<'de>>(data: &'de [u8]) -> Result<T, Er
 // ---------------------------------------------------------------------------------------
 // Encoding
 
-struct Encoder {
+struct Encoder<'w> {
     out: Vec<u8>,
+    /// Where full pieces go; `None`: everything stays in `out`.
+    sink: Option<&'w mut dyn std::io::Write>,
 }
 
-impl Encoder {
+impl Encoder<'_> {
+    /// Passes a full buffer on; called between the items of sequences, so that a piece
+    /// never grows much beyond [`PIECE`].
+    #[inline(always)]
+    fn maybe_flush(&mut self) -> Result<(), Error> {
+        if self.out.len() >= PIECE && self.sink.is_some() {
+            return self.flush();
+        }
+        Ok(())
+    }
+
+    #[inline(never)]
+    fn flush(&mut self) -> Result<(), Error> {
+        if let Some(sink) = self.sink.as_mut() {
+            sink.write_all(&self.out).map_err(|e| Error::new(format!("writing the encoding: {e}")))?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
     /// A head in its shortest form: the major type and its argument.
     #[inline(always)]
     fn head(&mut self, major: u8, arg: u64) {
@@ -175,7 +210,7 @@ impl Encoder {
     }
 }
 
-impl ser::Serializer for &mut Encoder {
+impl ser::Serializer for &mut Encoder<'_> {
     type Ok = ();
     type Error = Error;
     type SerializeSeq = Self;
@@ -370,7 +405,21 @@ impl ser::Serializer for &mut Encoder {
     }
 }
 
-impl ser::SerializeSeq for &mut Encoder {
+impl ser::SerializeSeq for &mut Encoder<'_> {
+    type Ok = ();
+    type Error = Error;
+    #[inline]
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
+        value.serialize(&mut **self)?;
+        self.maybe_flush()
+    }
+    #[inline]
+    fn end(self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+impl ser::SerializeTuple for &mut Encoder<'_> {
     type Ok = ();
     type Error = Error;
     #[inline]
@@ -383,20 +432,7 @@ impl ser::SerializeSeq for &mut Encoder {
     }
 }
 
-impl ser::SerializeTuple for &mut Encoder {
-    type Ok = ();
-    type Error = Error;
-    #[inline]
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Error> {
-        value.serialize(&mut **self)
-    }
-    #[inline]
-    fn end(self) -> Result<(), Error> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleStruct for &mut Encoder {
+impl ser::SerializeTupleStruct for &mut Encoder<'_> {
     type Ok = ();
     type Error = Error;
     #[inline]
@@ -409,7 +445,7 @@ impl ser::SerializeTupleStruct for &mut Encoder {
     }
 }
 
-impl ser::SerializeTupleVariant for &mut Encoder {
+impl ser::SerializeTupleVariant for &mut Encoder<'_> {
     type Ok = ();
     type Error = Error;
     #[inline]
@@ -422,7 +458,7 @@ impl ser::SerializeTupleVariant for &mut Encoder {
     }
 }
 
-impl ser::SerializeMap for &mut Encoder {
+impl ser::SerializeMap for &mut Encoder<'_> {
     type Ok = ();
     type Error = Error;
     #[inline]
@@ -439,7 +475,7 @@ impl ser::SerializeMap for &mut Encoder {
     }
 }
 
-impl ser::SerializeStruct for &mut Encoder {
+impl ser::SerializeStruct for &mut Encoder<'_> {
     type Ok = ();
     type Error = Error;
     #[inline(always)]
@@ -453,7 +489,7 @@ impl ser::SerializeStruct for &mut Encoder {
     }
 }
 
-impl ser::SerializeStructVariant for &mut Encoder {
+impl ser::SerializeStructVariant for &mut Encoder<'_> {
     type Ok = ();
     type Error = Error;
     #[inline(always)]

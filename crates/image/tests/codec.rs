@@ -531,3 +531,28 @@ fn image_files_both_ways() {
     assert_eq!(ImageReader::open(&d).unwrap().image, img);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Encoding through a writer gives the same bytes as into memory, in several pieces for
+/// metadata larger than one.
+#[test]
+fn writer_pieces_make_the_same_bytes() {
+    struct Pieces(Vec<Vec<u8>>);
+    impl std::io::Write for Pieces {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut img = rich_image();
+    let p = img.processes[0].clone();
+    img.processes = vec![p; 40];
+    let whole = cbor::to_vec(&img).unwrap();
+    assert!(whole.len() > 3 * cbor::PIECE, "{} bytes", whole.len());
+    let mut pieces = Pieces(Vec::new());
+    cbor::to_writer(&img, &mut pieces).unwrap();
+    assert!(pieces.0.len() >= 3);
+    assert!(pieces.0.concat() == whole);
+}
