@@ -10,11 +10,14 @@
 //! What the records never produce is refused rather than half supported: floating-point
 //! numbers, tags, indefinite lengths and sequences or maps of unknown length.
 //!
+//! Encoding goes into memory ([`to_vec`]) or, piece by piece, into a writer
+//! ([`to_writer`]: the image writer hashes and writes the pieces as they come).
+//!
 //! Decoding works on the whole metadata in memory and borrows text and byte strings from
-//! it. Every length read from the data is checked against the bytes that remain before it
-//! is used, and size hints never exceed them, so a forged length cannot make it allocate
-//! more than the metadata's own size; nesting is limited, and skipping unknown fields does
-//! not recurse.
+//! it. Every length or count read from the data is checked against the bytes that remain
+//! before it is used (an item takes at least one byte), and the size hints given to serde
+//! never exceed that, so a forged length is an error where it is read, not a huge
+//! allocation; nesting is limited, and skipping unknown fields does not recurse.
 
 use serde::de::{self, DeserializeSeed, Visitor};
 use serde::ser::{self, Serialize};
