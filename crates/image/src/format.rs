@@ -309,20 +309,25 @@ impl ImageWriter {
         }
         meta.page_block_size = PAGE_BLOCK;
         meta.page_block_hashes = std::mem::take(&mut self.hashes);
-        let mut enc = Vec::new();
-        ciborium::into_writer(meta, &mut enc).map_err(|e| ImageError::Io {
-            op: "encode metadata for",
-            path: self.tmp.clone(),
-            err: io::Error::other(e.to_string()),
-        })?;
-        self.file.write_all(&enc).map_err(io_err("write", &self.tmp))?;
+        // The metadata goes to the file piece by piece as it is encoded, hashed on the way.
+        let mut sink = MetaSink { file: &self.file, hash: Xxh3::new(), len: 0, err: None };
+        if let Err(e) = crate::cbor::to_writer(meta, &mut sink) {
+            return Err(match sink.err.take() {
+                Some(err) => ImageError::Io { op: "write", path: self.tmp.clone(), err },
+                None => ImageError::Io {
+                    op: "encode metadata for",
+                    path: self.tmp.clone(),
+                    err: io::Error::other(e.to_string()),
+                },
+            });
+        }
         let header = Header {
             version: FORMAT_VERSION,
             pages_offset: HEADER_PAGE,
             pages_len: self.pages_len,
             meta_offset: HEADER_PAGE + self.pages_len,
-            meta_len: enc.len() as u64,
-            meta_hash: xxh3_64(&enc),
+            meta_len: sink.len,
+            meta_hash: sink.hash.digest(),
         };
         self.file.write_all_at(&header.encode(), 0).map_err(io_err("write", &self.tmp))?;
         self.file.sync_all().map_err(io_err("fsync", &self.tmp))?;
@@ -332,6 +337,38 @@ impl ImageWriter {
             let _ = d.sync_all();
         }
         Ok(header.file_len())
+    }
+}
+
+/// Appends the metadata to the image file as the encoder hands it over, hashing and
+/// counting it; keeps a write error for the caller.
+struct MetaSink<'a> {
+    file: &'a File,
+    hash: Xxh3,
+    len: u64,
+    err: Option<io::Error>,
+}
+
+impl Write for MetaSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut file = self.file;
+        if let Err(e) = file.write_all(buf) {
+            let kept = io::Error::new(e.kind(), e.to_string());
+            self.err = Some(e);
+            return Err(kept);
+        }
+        self.hash.update(buf);
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -384,7 +421,7 @@ impl ImageReader {
         if xxh3_64(&meta) != header.meta_hash {
             return Err(ImageError::Checksum { path, what: "the metadata".into() });
         }
-        let image: Image = ciborium::from_reader(&meta[..]).map_err(|e| ImageError::Malformed {
+        let image: Image = crate::cbor::from_slice(&meta).map_err(|e| ImageError::Malformed {
             path: path.clone(),
             what: format!("metadata does not decode: {e}"),
         })?;

@@ -12,6 +12,7 @@
 //! by a hash kept in the header. A dump writes a temporary file and renames it into place
 //! only when complete, so an interrupted dump never leaves something that looks complete.
 
+pub mod cbor;
 pub mod format;
 pub mod records;
 
