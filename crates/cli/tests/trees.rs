@@ -925,14 +925,16 @@ fn a_zombie_comes_back_without_a_sigchld() {
 // ---------------------------------------------------------------------------
 // A shell with many children (more than one process forks them back on restore)
 
-/// $1 is a file created once the children run. bash forks SHELL_CHILDREN `sleep`s, then
-/// waits for them one by one and says PASS once all of them ended: they must come back as
-/// its own children, whose exits it is told of and reaps.
+/// $1 is a file created once the children run. bash forks $2 `sleep`s, then waits for them
+/// one by one and says PASS once all of them ended: they must come back as its own children,
+/// whose exits it is told of and reaps. The loops are arithmetic ones: once $1 exists, bash
+/// forks nothing more (a `$(seq ...)` there would be a short-lived child that a snapshot of
+/// the tree may or may not catch).
 const MANY_CHILDREN: &str = r#"
-for i in $(seq "$2"); do sleep 1000 & done
+for ((i = 0; i < $2; i++)); do sleep 1000 & done
 : > "$1"
 n=0
-for i in $(seq "$2"); do wait -n; n=$((n + 1)); done
+for ((i = 0; i < $2; i++)); do wait -n; n=$((n + 1)); done
 if [ "$n" = "$2" ] && [ -z "$(jobs -p)" ]; then echo PASS; else echo "FAIL: $n of $2 reaped"; fi
 "#;
 const SHELL_CHILDREN: usize = 24;
