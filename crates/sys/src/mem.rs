@@ -177,3 +177,13 @@ pub fn release_free_heap() {
         libc::malloc_trim(0);
     }
 }
+
+/// Starts writing back the dirty page-cache pages of `fd` in `offset..offset + len`
+/// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`): returns once the I/O is queued, so a
+/// later fsync has only to wait for it.
+pub fn start_writeback(fd: &impl std::os::fd::AsRawFd, offset: u64, len: u64) -> SysResult<()> {
+    // SAFETY: plain integer arguments; the descriptor is borrowed for the call.
+    cvt(unsafe { libc::sync_file_range(fd.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) }
+        as libc::c_long)
+    .map(drop)
+}
