@@ -39,7 +39,9 @@ const FRAME_SLOT: u64 = 16 * 4096;
 const ALT_OUT: u64 = SCRATCH_LEN - 64;
 /// Kept free under the stack pointer: the x86-64 red zone.
 const RED_ZONE: u64 = 128;
-/// Where a thread's chain frames start in its slot (after its own frame), and their size.
+/// Where a thread's chain frames start in a slot of a mapped scratch area (after its own
+/// frame), and their size. On the stack they start right after the frame (see
+/// [`frame_room`]): the fewer stack pages the area covers, the fewer the dump saves.
 const CHAIN_AT: u64 = 16 * 1024;
 const CHAIN_FRAME: u64 = 512;
 /// A `stack_t` that rt_sigreturn rejects, which leaves the alternate signal stack as it is
@@ -75,6 +77,8 @@ pub struct Parasite {
     scratch_len: u64,
     /// Bytes of one thread's slot (after the first SCRATCH_LEN bytes).
     slot_len: u64,
+    /// Where the chain frames start in a slot.
+    chain_at: u64,
     /// The scratch area lies on the thread's own stack, under its red zone, instead of
     /// in a mapping of its own: what was there, put back when the session ends.
     stack_bytes: Option<Vec<u8>>,
@@ -131,8 +135,9 @@ impl Parasite {
             .open(format!("/proc/{pid}/mem"))
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
         let (ip, tramp) = find_code(pid, &mem, maps, &mut code.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let stack_chain_at = frame_room(stasis_sys::cpu::xsave_size() as u64);
         let on_stack = own_stack.and_then(|chain| {
-            let slot_len = CHAIN_AT + (chain as u64 + 1) * CHAIN_FRAME;
+            let slot_len = stack_chain_at + (chain as u64 + 1) * CHAIN_FRAME;
             stack_scratch(maps, thread.regs.rsp, SCRATCH_LEN + slot_len).map(|at| (at, slot_len))
         });
         let mut stack_bytes = None;
@@ -145,8 +150,8 @@ impl Parasite {
         ptrace::set_sigmask(thread.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
         thread.injected = true;
         let mut inj = Injector::new(pid, thread.tid, ip, thread.regs);
-        let (scratch, scratch_len, slot_len) = match on_stack {
-            Some((at, slot_len)) => (at, SCRATCH_LEN + slot_len, slot_len),
+        let (scratch, scratch_len, slot_len, chain_at) = match on_stack {
+            Some((at, slot_len)) => (at, SCRATCH_LEN + slot_len, slot_len, stack_chain_at),
             None => {
                 let len = SCRATCH_LEN + FRAME_SLOT * nthreads as u64;
                 let at = inj.call(
@@ -161,7 +166,7 @@ impl Parasite {
                         0,
                     ],
                 )?;
-                (at, len, FRAME_SLOT)
+                (at, len, FRAME_SLOT, CHAIN_AT)
             }
         };
         let mut p = Parasite {
@@ -170,6 +175,7 @@ impl Parasite {
             scratch: RemoteAddr(scratch),
             scratch_len,
             slot_len,
+            chain_at,
             stack_bytes,
             syscall_ip: ip,
             tramp,
@@ -210,7 +216,7 @@ impl Parasite {
         let bytes = sigframe(frame, t.sigreturn, &resume, thread.sigmask, &KEEP_ALTSTACK, &xstate);
         let fpstate = (!xstate.is_empty()).then(|| fpstate_at(frame));
         self.xstate = Some((thread.tid, xstate));
-        if bytes.len() as u64 > CHAIN_AT {
+        if bytes.len() as u64 > self.chain_at {
             return Ok(()); // an XSAVE area larger than the room for it: stay unprotected
         }
         self.write(slot, &bytes)?;
@@ -289,8 +295,8 @@ impl Parasite {
     fn run_chain(&mut self, c: Chain, t: Trampolines, calls: &[Queued]) -> Result<()> {
         let pid = self.inj.pid;
         let blocked_but_stop = !(1u64 << (c.stop_sig - 1));
-        let at = |k: usize| self.scratch.0 + c.slot + CHAIN_AT + k as u64 * CHAIN_FRAME;
-        let room = ((self.slot_len - CHAIN_AT) / CHAIN_FRAME) as usize;
+        let at = |k: usize| self.scratch.0 + c.slot + self.chain_at + k as u64 * CHAIN_FRAME;
+        let room = ((self.slot_len - self.chain_at) / CHAIN_FRAME) as usize;
         if calls.len() > room {
             return Err(Error::Unsupported { pid, what: format!("{} injected calls in one chain", calls.len()) });
         }
@@ -306,7 +312,7 @@ impl Parasite {
         last.rip = t.sigreturn;
         last.rsp = c.frame + 8;
         bytes.extend(frame_header(t.sigreturn, &last, blocked_but_stop, &KEEP_ALTSTACK, c.fpstate));
-        self.write(c.slot + CHAIN_AT, &bytes)?;
+        self.write(c.slot + self.chain_at, &bytes)?;
         stasis_sys::proc::tgkill(pid, c.tid, c.stop_sig).map_err(Error::sys(pid, "tgkill"))?;
         let first = with_call(c.regs, &calls[0], at(0));
         ptrace::set_regs(c.tid, &first).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
@@ -413,6 +419,12 @@ pub fn sigframe(at: u64, restorer: u64, regs: &UserRegs, mask: u64, alt: &AltSta
     f[fp + SW_BYTES..fp + SW_BYTES + 48].copy_from_slice(&sw);
     f.extend_from_slice(&FP_XSTATE_MAGIC2.to_le_bytes());
     f
+}
+
+/// Bytes that hold a [`sigframe`] with an XSAVE image of `xsave` bytes wherever it starts
+/// (a 64-byte multiple, for the frames that follow). Pure.
+fn frame_room(xsave: u64) -> u64 {
+    (440 + 63 + xsave + 4).next_multiple_of(64)
 }
 
 /// Where [`sigframe`] puts the XSAVE image of a frame at `at`.
@@ -606,6 +618,20 @@ mod tests {
         // Not enough room above the stack's first page, a stack pointer elsewhere.
         assert_eq!(stack_scratch(&maps, 0x7ff0_2000, 0x3000), None);
         assert_eq!(stack_scratch(&maps, 0x1008_0000, 0x3000), None);
+    }
+
+    #[test]
+    fn a_frame_fits_its_room_wherever_it_starts() {
+        let regs = UserRegs::default();
+        let alt = AltStack { sp: 0, flags: 0, size: 0 };
+        for xsave in [512u64, 832, 2432, 2696, 11008] {
+            let room = frame_room(xsave);
+            assert_eq!(room % 64, 0);
+            for at in (0x10_0000..0x10_0000 + 64).step_by(8) {
+                let f = sigframe(at, 0, &regs, 0, &alt, &vec![0u8; xsave as usize]);
+                assert!(f.len() as u64 <= room, "xsave {xsave} at {at:#x}: {} > {room}", f.len());
+            }
+        }
     }
 
     #[test]
