@@ -84,6 +84,31 @@ fn shared_pages_after_leave_running() {
     finish(fixture, kids);
 }
 
+/// Kibibytes of `field` in /proc/PID/smaps_rollup.
+fn rollup_kib(pid: i32, field: &str) -> u64 {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("smaps_rollup");
+    let line = text.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in smaps_rollup"));
+    line[field.len()..].trim().trim_end_matches("kB").trim().parse().expect("a number of kB")
+}
+
+/// A dump that lets the tree run on leaves the pages shared as they were: reading them
+/// must not give a process its own copies (the 16 MiB area would turn private in the
+/// first process saved, the root).
+#[test]
+fn leave_running_keeps_pages_shared() {
+    let (mut fixture, kids) = start(KIDS);
+    // The root's proportional share of anonymous memory: an area shared by 9 processes
+    // counts for a ninth.
+    let before = rollup_kib(fixture.pid(), "Pss_Anon:");
+    let image = fixture.dump("img", &["--leave-running"]);
+    assert_saved_once(&image);
+    let after = rollup_kib(fixture.pid(), "Pss_Anon:");
+    assert!(after < before + 1024, "the root's share of anonymous memory went from {before} to {after} KiB");
+    let status = fixture.terminate();
+    fixture.assert_verdict(status, true);
+    kids.reap().unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// `stasis show --json` counts the pages a child shares with the root as saved for it,
 /// and as shared.
 #[test]

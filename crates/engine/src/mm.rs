@@ -447,12 +447,14 @@ enum Source {
 }
 
 /// A stretch of page data: `len` bytes at `addr` of its source, landing at `data_off`.
+/// `cow`: pages that other mappings share copy-on-write (see [`copy_batch`]).
 #[derive(Clone, Copy)]
 struct Segment {
     data_off: u64,
     addr: u64,
     len: u64,
     src: Source,
+    cow: bool,
 }
 
 /// Copies the planned pages of every process, then the data of every memory object, into
@@ -468,16 +470,20 @@ pub fn save_all(plans: &mut [Option<MmPlan>], objects: &mut ShmemDump, w: &mut I
         let Some(plan) = plan else { continue };
         for (vi, p) in plan.planned.iter_mut().enumerate() {
             p.vma.data_offset = total;
-            p.vma.pages = lay_out(&p.vma.pages, &std::mem::take(&mut p.keys), &mut saved, &mut total);
+            let keys = std::mem::take(&mut p.keys);
+            let cow = keyed_pages(&p.vma.pages, &keys);
+            p.vma.pages = lay_out(&p.vma.pages, &keys, &mut saved, &mut total);
             let mut at = p.vma.data_offset;
             for r in p.vma.pages.iter().filter(|r| r.data.is_none()) {
-                segs.push(Segment { data_off: at, addr: r.addr, len: r.len(), src: Source::Mapping { proc: pi, vma: vi } });
-                at += r.len();
+                for (addr, len, cow) in split_shared(r, &cow) {
+                    segs.push(Segment { data_off: at, addr, len, src: Source::Mapping { proc: pi, vma: vi }, cow });
+                    at += len;
+                }
             }
         }
     }
     for (obj, off, len) in objects.layout(total) {
-        segs.push(Segment { data_off: total, addr: off, len, src: Source::Object { obj } });
+        segs.push(Segment { data_off: total, addr: off, len, src: Source::Object { obj }, cow: false });
         total += len;
     }
     if !segs.is_empty() {
@@ -521,10 +527,12 @@ fn fill_chunk(
         pieces.push(Segment { data_off: from, addr: s.addr + (from - s.data_off), len: to - from, ..*s });
     }
     let readable = |p: &Segment| match p.src {
-        Source::Mapping { proc, vma } => plans[proc].as_ref().is_some_and(|pl| pl.planned[vma].vma.prot & PROT_READ != 0),
+        Source::Mapping { proc, vma } => {
+            !p.cow && plans[proc].as_ref().is_some_and(|pl| pl.planned[vma].vma.prot & PROT_READ != 0)
+        }
         Source::Object { .. } => false,
     };
-    // Consecutive pieces of one process go in one call, those of readable mappings
+    // Consecutive pieces of one process go in one call, those process_vm_readv may read
     // apart from the others (which /proc/PID/mem reads).
     let mut i = 0;
     while i < pieces.len() {
@@ -556,7 +564,38 @@ fn fill_chunk(
     Ok(())
 }
 
-/// Fills `out` with the bytes of `ranges` of a process, in order.
+/// The addresses of the pages of `runs` with a key (shared copy-on-write), sorted. Pure.
+fn keyed_pages(runs: &[PageRun], keys: &[u64]) -> Vec<u64> {
+    if keys.is_empty() {
+        return Vec::new();
+    }
+    let pages = runs.iter().flat_map(|r| (r.addr..r.end()).step_by(PAGE_SIZE as usize));
+    pages.zip(keys).filter(|(_, &k)| k != 0).map(|(a, _)| a).collect()
+}
+
+/// Run `r` cut where its pages go from being in `cow` (sorted) to not, or back: (address,
+/// length, in `cow`). Pure.
+fn split_shared(r: &PageRun, cow: &[u64]) -> Vec<(u64, u64, bool)> {
+    if cow.is_empty() {
+        return vec![(r.addr, r.len(), false)];
+    }
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    for addr in (r.addr..r.end()).step_by(PAGE_SIZE as usize) {
+        let shared = cow.binary_search(&addr).is_ok();
+        match out.last_mut() {
+            Some(last) if last.2 == shared => last.1 += PAGE_SIZE,
+            _ => out.push((addr, PAGE_SIZE, shared)),
+        }
+    }
+    out
+}
+
+/// Fills `out` with the bytes of `ranges` of a process, in order. `readable`: the pages
+/// may be read with process_vm_readv; it pins the pages it reads, and the kernel gives a
+/// pinned page shared copy-on-write its own copy in the process first (the tree would use
+/// more memory after a dump that lets it run on, and every shared page would be copied
+/// once more). The others come from /proc/PID/mem, which reads with the kernel's force
+/// access and leaves the pages as they are.
 fn copy_batch(pid: Pid, readable: bool, mem: &LazyMem, ranges: &[RemoteRange], out: &mut [u8]) -> Result<()> {
     let mut done = 0usize;
     if readable {
@@ -1022,6 +1061,21 @@ mod tests {
         assert_eq!(runs_in(&regions, 0x4000, 0x8000, is_guard), vec![PageRun::new(0x6000, 1)]);
         assert!(pages(0x8000, 0x9000).is_empty());
         assert!(runs_in(&[], 0x1000, 0x2000, |_| true).is_empty());
+    }
+
+    #[test]
+    fn shared_own_pages_are_read_apart() {
+        const P: u64 = PAGE_SIZE;
+        let runs = [PageRun::new(0x10000, 4), PageRun::new(0x20000, 2)];
+        let cow = keyed_pages(&runs, &[0, 7, 8, 0, 9, 0]);
+        assert_eq!(cow, vec![0x11000, 0x12000, 0x20000]);
+        assert!(keyed_pages(&runs, &[]).is_empty());
+        assert_eq!(
+            split_shared(&runs[0], &cow),
+            vec![(0x10000, P, false), (0x11000, 2 * P, true), (0x13000, P, false)]
+        );
+        assert_eq!(split_shared(&runs[1], &cow), vec![(0x20000, P, true), (0x21000, P, false)]);
+        assert_eq!(split_shared(&runs[1], &[]), vec![(0x20000, 2 * P, false)]);
     }
 
     #[test]
