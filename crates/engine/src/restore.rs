@@ -40,7 +40,7 @@ use stasis_sys::proc::{self as sp, Forked};
 use stasis_sys::ptrace::{self, WaitStatus};
 use stasis_sys::Pid;
 use std::io::Read;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -486,9 +486,19 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         })
         })
         .collect::<Result<_>>()?;
-    // The memory objects every process of a shared table maps, placed by its installer.
+    // The memory objects and files every process of a shared table maps, and its
+    // executable, placed by its installer.
+    // Zombies and the processes sharing their parent's address space install nothing.
+    let mut opened = OpenFiles::default();
     for i in 0..plans.len() {
-        let extra: Vec<_> = plans[i].installs_for.iter().flat_map(|&j| object_placement(&objects, &plans[j].fds)).collect();
+        let installs = plans[i].rec.zombie_status.is_none() && !plans[i].rec.vm_with_parent;
+        let mut extra = Vec::new();
+        for &j in &plans[i].installs_for {
+            extra.extend(object_placement(&objects, &plans[j].fds));
+            if installs {
+                extra.extend(opened.placement(plans[j].rec, &plans[j].fds)?);
+            }
+        }
         plans[i].placement.extend(extra);
     }
     let validate = t0.elapsed();
@@ -528,6 +538,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     drop(status_wr);
     drop(wait_rd);
     drop(descs);
+    drop(opened);
     let mut guard = TreeGuard {
         ns_init: opts.pidns.then_some(first),
         pids: img.processes.iter().map(|p| Pid(p.pid)).collect(),
@@ -656,6 +667,40 @@ fn object_placement(objects: &ShmemTable, fds: &FdPlan) -> Vec<(i32, i32, bool)>
         }
     }
     placement
+}
+
+/// The executables and the files behind the mappings of the processes, each opened once
+/// by the restorer (per path and access: read-only, or read-write for a shared mapping
+/// that may become writable): the restore children inherit them and put them at the
+/// numbers their plans give, as they do the open file descriptions.
+#[derive(Default)]
+struct OpenFiles(std::collections::HashMap<(Vec<u8>, bool), OwnedFd>);
+
+impl OpenFiles {
+    fn fd(&mut self, pid: Pid, f: &stasis_image::FileRef, rw: bool, what: &str) -> Result<i32> {
+        use std::collections::hash_map::Entry;
+        let fd = match self.0.entry((f.path.clone(), rw)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let mode = if rw { libc::O_RDWR } else { libc::O_RDONLY };
+                let fd = sp::open(std::ffi::OsStr::from_bytes(&f.path).as_ref(), mode | libc::O_CLOEXEC, 0).map_err(|err| {
+                    Error::FileChanged { pid, path: f.display(), what: format!("cannot be opened as {what} ({err})") }
+                })?;
+                e.insert(fd)
+            }
+        };
+        Ok(fd.as_raw_fd())
+    }
+
+    /// Where process `rec` wants them: (number in the child, ours, close-on-exec).
+    fn placement(&mut self, rec: &ProcessRecord, fds: &FdPlan) -> Result<Vec<(i32, i32, bool)>> {
+        let pid = Pid(rec.pid);
+        let mut out = vec![(fds.exe, self.fd(pid, &rec.mm.exe, false, "its executable")?, true)];
+        for (f, at, rw) in &fds.maps.files {
+            out.push((*at, self.fd(pid, f, *rw, "a mapped file")?, true));
+        }
+        Ok(out)
+    }
 }
 
 /// Reads the children's reports until every one has closed the status pipe.
@@ -1026,27 +1071,6 @@ fn install_descriptors(shared: &Shared, plan: &Plan) -> std::result::Result<(), 
     files::restore_in_child(&plan.placement, plan.fds.park)?;
     for (hi, at) in ttys {
         sp::dup3(hi, at, libc::O_CLOEXEC).map_err(|e| format!("dup3 to {at}: {e}"))?;
-    }
-    let place = |fd: OwnedFd, at: i32| -> std::result::Result<(), String> {
-        let raw = fd.into_raw_fd();
-        if raw == at {
-            return Ok(()); // opened right at its place (already close-on-exec)
-        }
-        sp::dup3(raw, at, libc::O_CLOEXEC).map_err(|e| format!("dup3 to {at}: {e}"))?;
-        sp::close_range(raw as u32, raw as u32).map_err(|e| format!("close: {e}"))
-    };
-    for &m in &plan.installs_for {
-        let p = &shared.plans[m];
-        let exe_path = std::ffi::OsStr::from_bytes(&p.rec.mm.exe.path);
-        let exe = sp::open(exe_path.as_ref(), libc::O_RDONLY | libc::O_CLOEXEC, 0)
-            .map_err(|e| format!("open exe {}: {e}", p.rec.mm.exe.display()))?;
-        place(exe, p.fds.exe)?;
-        for (f, at, rw) in &p.fds.maps.files {
-            let mode = if *rw { libc::O_RDWR } else { libc::O_RDONLY };
-            let fd = sp::open(std::ffi::OsStr::from_bytes(&f.path).as_ref(), mode | libc::O_CLOEXEC, 0)
-                .map_err(|e| format!("open mapped file {}: {e}", f.display()))?;
-            place(fd, *at)?;
-        }
     }
     Ok(())
 }
