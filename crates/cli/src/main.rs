@@ -21,6 +21,11 @@ mod util;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// The system allocator, but for the image records `restore` decodes: those go to a shared
+/// arena, which the processes it forks get without a copy of its page tables.
+#[global_allocator]
+static ALLOC: stasis_sys::alloc::StasisAlloc = stasis_sys::alloc::StasisAlloc;
+
 /// stasis: transparent checkpoint/restore of Linux processes.
 #[derive(Parser, Debug)]
 #[command(name = "stasis", version, propagate_version = true)]

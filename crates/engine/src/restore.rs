@@ -312,7 +312,9 @@ fn restorer_terminal() -> Option<i32> {
 
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
-    let reader = ImageReader::open(&opts.dir)?;
+    // Decoded into the shared arena: every restore child is a fork of ours, and would
+    // otherwise get a copy of the page tables of all the records (see stasis_sys::alloc).
+    let reader = stasis_sys::alloc::in_shared_arena(|| ImageReader::open(&opts.dir))?;
     let img = &reader.image;
     let here = host::current()?;
     host::check_compatible(&img.host, &here)?;

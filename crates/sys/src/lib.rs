@@ -6,6 +6,7 @@
 //! a descriptor or address of the target can never be used as one of ours by mistake.
 #![allow(unsafe_code)]
 
+pub mod alloc;
 pub mod cpu;
 pub mod events;
 pub mod mem;
