@@ -312,9 +312,11 @@ fn restorer_terminal() -> Option<i32> {
 
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
-    // Decoded into the shared arena: every restore child is a fork of ours, and would
-    // otherwise get a copy of the page tables of all the records (see stasis_sys::alloc).
-    let reader = stasis_sys::alloc::in_shared_arena(|| ImageReader::open(&opts.dir))?;
+    // The records and everything planned from them go to the shared arena until the first
+    // fork: every restore child is a fork of ours, and would otherwise get a copy of the
+    // page tables of all of it (see stasis_sys::alloc). Nothing there changes after.
+    let arena = stasis_sys::alloc::SharedArena::enter();
+    let reader = ImageReader::open(&opts.dir)?;
     let img = &reader.image;
     let here = host::current()?;
     host::check_compatible(&img.host, &here)?;
@@ -528,6 +530,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // Every restore child is a copy of us and rebuilds its address space from nothing:
     // the fewer pages we have populated, the cheaper both the fork and that rebuild (a
     // process that dumped before, as `stasis bench` does, holds much freed heap).
+    drop(arena);
     stasis_sys::mem::release_free_heap();
     let first = match &ctl {
         Some((ctl_rd, _)) if root.pid != 1 => fork_ns_init(&shared, root_idx, ctl_rd.as_raw_fd(), !opts.shell_job),

@@ -1,5 +1,5 @@
-//! The allocator of the stasis binary: the system's, except in a thread inside
-//! [`in_shared_arena`], whose allocations come from one large shared anonymous mapping.
+//! The allocator of the stasis binary: the system's, except in a thread that holds a
+//! [`SharedArena`], whose allocations come from one large shared anonymous mapping.
 //!
 //! Why: `stasis restore` forks every restored process from itself. A fork copies the page
 //! table entries of every private anonymous page the parent has (and the child removes
@@ -10,7 +10,7 @@
 //! written after the fork), at the cost of a minor fault for each page they touch.
 //!
 //! The arena only grows while anything allocated in it lives; once everything is freed,
-//! the next [`in_shared_arena`] starts it over and gives its pages back. When it is full
+//! the next [`SharedArena`] starts it over and gives its pages back. When it is full
 //! (or cannot be mapped) allocations go to the system allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 const ARENA_LEN: usize = 4 << 30;
 
 /// The global allocator of the stasis binary (`#[global_allocator]` in its main.rs). In
-/// a program without it, [`in_shared_arena`] changes nothing.
+/// a program without it, [`SharedArena`] changes nothing.
 pub struct StasisAlloc;
 
 thread_local! {
@@ -137,29 +137,32 @@ unsafe impl GlobalAlloc for StasisAlloc {
     }
 }
 
-/// Runs `f` with the current thread's allocations in the shared arena (see the module
-/// documentation). What `f` allocates must not be written after a fork that copies it,
-/// and nothing may fork while inside: a child would allocate in memory it shares with
-/// us. Without [`StasisAlloc`] as the global allocator, just runs `f`.
-pub fn in_shared_arena<R>(f: impl FnOnce() -> R) -> R {
-    struct Off;
-    impl Drop for Off {
-        fn drop(&mut self) {
-            IN_ARENA.with(|c| c.set(false));
+/// While it lives, the current thread's allocations go to the shared arena (see the
+/// module documentation). What is allocated there must not be written after a fork that
+/// copies it, and nothing may fork while one lives: a child would allocate in memory it
+/// shares with us. Without [`StasisAlloc`] as the global allocator, changes nothing.
+pub struct SharedArena(std::marker::PhantomData<*const ()>);
+
+impl SharedArena {
+    pub fn enter() -> SharedArena {
+        let base = BASE.load(Ordering::Acquire);
+        if base != 0 && LIVE.load(Ordering::Acquire) == 0 {
+            let used = USED.swap(0, Ordering::AcqRel);
+            if used > 0 {
+                // SAFETY: the used part of our own arena, where nothing is live; its pages
+                // are given back (a shared mapping keeps them otherwise), zero after.
+                unsafe { libc::madvise(base as *mut libc::c_void, used.next_multiple_of(4096), libc::MADV_REMOVE) };
+            }
         }
+        IN_ARENA.with(|c| c.set(true));
+        SharedArena(std::marker::PhantomData)
     }
-    let base = BASE.load(Ordering::Acquire);
-    if base != 0 && LIVE.load(Ordering::Acquire) == 0 {
-        let used = USED.swap(0, Ordering::AcqRel);
-        if used > 0 {
-            // SAFETY: the used part of our own arena, where nothing is live; its pages are
-            // given back (a shared mapping keeps them otherwise) and read as zero after.
-            unsafe { libc::madvise(base as *mut libc::c_void, used.next_multiple_of(4096), libc::MADV_REMOVE) };
-        }
+}
+
+impl Drop for SharedArena {
+    fn drop(&mut self) {
+        IN_ARENA.with(|c| c.set(false));
     }
-    IN_ARENA.with(|c| c.set(true));
-    let _off = Off;
-    f()
 }
 
 #[cfg(test)]
