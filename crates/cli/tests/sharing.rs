@@ -147,8 +147,9 @@ fn shared_address_space_and_signal_handlers_round_trip() {
 /// exits: the dump says so in bounded time (it used to hang), naming both,
 /// and the tree runs on. Once the child has exited, the same tree dumps and
 /// restores.
-fn vfork_refused(deep: bool) {
-    let (mut fixture, mut kids) = start(if deep { &["vfork", "deep"] } else { &["vfork"] });
+fn vfork_refused(how: &str) {
+    let deep = how == "deep";
+    let (mut fixture, mut kids) = start(&["vfork", how]);
     let parent = if deep { kids.pid("P") } else { fixture.pid() };
     let child = kids.pid("child");
     let t0 = Instant::now();
@@ -168,13 +169,20 @@ fn vfork_refused(deep: bool) {
 
 #[test]
 fn vfork_parent_is_refused_then_dumps() {
-    vfork_refused(false);
+    vfork_refused("");
 }
 
 /// The same below the root: the root, already frozen, is let go unharmed.
 #[test]
 fn vfork_parent_below_the_root_is_refused_then_dumps() {
-    vfork_refused(true);
+    vfork_refused("deep");
+}
+
+/// clone(CLONE_VFORK) without CLONE_VM: the child has its own memory, yet its parent
+/// waits all the same (the dump used to wait for its stop forever).
+#[test]
+fn vfork_without_a_shared_address_space_is_refused_then_dumps() {
+    vfork_refused("copy");
 }
 
 /// `stasis show` says which processes share which table with their parent.

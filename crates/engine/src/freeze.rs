@@ -76,24 +76,43 @@ const VFORK_WAIT: Duration = Duration::from_secs(1);
 const VFORK_CALLS: [i64; 3] = [libc::SYS_vfork, libc::SYS_clone, libc::SYS_clone3];
 
 /// The child thread `tid` of `pid` waits for in vfork(): the thread sleeps (state D,
-/// TASK_KILLABLE) in a clone system call and a child it made shares its address space.
-/// Such a thread cannot enter a ptrace stop until the child execs or exits.
+/// TASK_KILLABLE) in a clone system call and a child it made shares its address space,
+/// or the call asked for CLONE_VFORK without CLONE_VM (the child is then the thread's
+/// newest: it made none since). Such a thread cannot enter a ptrace stop until the child
+/// execs or exits.
 pub fn vfork_child(pid: Pid, tid: Pid) -> Result<Option<Pid>> {
     let (path, text) = procfs::read_text(pid, &format!("task/{tid}/stat"))?;
     if procfs::parse_stat(&text).map_err(|what| Error::ProcParse { pid, path, what })?.state != 'D' {
         return Ok(None);
     }
-    let nr = procfs::read_text(pid, &format!("task/{tid}/syscall"))?.1;
-    if !nr.split_whitespace().next().and_then(|n| n.parse().ok()).is_some_and(|n: i64| VFORK_CALLS.contains(&n)) {
+    let call = procfs::read_text(pid, &format!("task/{tid}/syscall"))?.1;
+    let mut words = call.split_whitespace();
+    let Some(nr) = words.next().and_then(|n| n.parse().ok()).filter(|n: &i64| VFORK_CALLS.contains(n)) else {
         return Ok(None);
-    }
+    };
     let kids = procfs::read_text(pid, &format!("task/{tid}/children"))?.1;
-    for child in kids.split_whitespace().filter_map(|c| c.parse().ok()).map(Pid) {
+    let kids: Vec<Pid> = kids.split_whitespace().filter_map(|c| c.parse().ok()).map(Pid).collect();
+    for &child in &kids {
         if stasis_sys::proc::kcmp_shares(tid, child, stasis_sys::proc::Shared::Vm).unwrap_or(false) {
             return Ok(Some(child));
         }
     }
-    Ok(None)
+    let arg1 = words.next().and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok()).unwrap_or(0);
+    let flags = match nr {
+        libc::SYS_clone => arg1,
+        // clone3: the flags are the first field of the struct clone_args at arg1, which
+        // stays as it is while the thread waits.
+        libc::SYS_clone3 => {
+            let mut b = [0u8; 8];
+            let remote = [stasis_sys::mem::RemoteRange { addr: stasis_sys::RemoteAddr(arg1), len: 8 }];
+            match stasis_sys::mem::process_vm_readv(pid, &mut b, &remote) {
+                Ok(8) => u64::from_le_bytes(b),
+                _ => 0,
+            }
+        }
+        _ => 0,
+    };
+    Ok(if flags & libc::CLONE_VFORK as u64 != 0 { kids.last().copied() } else { None })
 }
 
 /// Returns once thread `tid` is not (or no longer) waiting in vfork(), within VFORK_WAIT;
