@@ -20,7 +20,7 @@ use crate::inject::Batch;
 use crate::procfs::{self, MapEntry};
 use crate::shmem::{self, ShmemDump};
 use stasis_image::{vmflags, FileRef, ImageWriter, PageRun, ShmemKind, Vma, VmaBacking, PROT_EXEC, PROT_READ, PROT_WRITE};
-use stasis_sys::mem::{process_vm_readv, RemoteRange};
+use stasis_sys::mem::{process_vm_readv, process_vm_writev, RemoteRange};
 use stasis_sys::pagemap::{self, ScanQuery};
 use stasis_sys::{Pid, PAGE_SIZE};
 use std::collections::hash_map::{Entry, HashMap};
@@ -812,7 +812,21 @@ impl ChildMem {
         Ok(ChildMem { pid, file })
     }
 
+    /// Writes `data` at `addr`, memory the child may write itself (its helper page): with
+    /// process_vm_writev, which copies once; what it cannot write goes through
+    /// [`ChildMem::write_forced`].
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        let remote = [RemoteRange { addr: stasis_sys::RemoteAddr(addr), len: data.len() }];
+        let done = process_vm_writev(self.pid, data, &remote).unwrap_or(0).min(data.len());
+        if done == data.len() {
+            return Ok(());
+        }
+        self.write_forced(addr + done as u64, &data[done..])
+    }
+
+    /// Writes through /proc/PID/mem, which may write read-only private memory, as a
+    /// debugger does (the kernel copies through a page of its own).
+    pub fn write_forced(&self, addr: u64, data: &[u8]) -> Result<()> {
         let pid = self.pid;
         self.file
             .write_all_at(data, addr)
@@ -960,7 +974,7 @@ pub fn fill(pid: Pid, mem: &ChildMem, pages: &[u8], vmas: &[Vma]) -> Result<u64>
                 .checked_add(r.len())
                 .and_then(|end| pages.get(off as usize..end as usize))
                 .ok_or_else(|| Error::Restore { pid, what: "page data of a mapping lies outside the image".into() })?;
-            mem.write(r.addr, data)?;
+            mem.write_forced(r.addr, data)?;
         }
         loaded += v.saved_len();
     }
