@@ -422,35 +422,35 @@ fn a_killed_dumper_leaves_the_target_running_and_no_image() {
     let pid = fixture.pid();
     let image = fixture.dir().join("img");
     let mut cmd = stasis_command(&dump_args(pid, &image, &[]));
-    cmd.stdin(Stdio::null())
+    // Halfway: the target is frozen and page data is being written. The dumper stops
+    // itself as its third chunk of page data is about to be read (with two copy threads,
+    // one of them has written a chunk by then), so it cannot finish before it is killed,
+    // however the machine schedules it.
+    cmd.env("STASIS_FAULT_STOP_AT_PAGE_CHUNK", "3")
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut dumper = Proc::spawned(cmd.spawn().expect("spawn stasis dump"), "stasis dump");
-
-    // Halfway: the target is frozen and page data is being written (the partial image has
-    // grown past its header page). The injected phase right after the freeze is a known,
-    // sub-millisecond gap.
-    wait_until(
-        Duration::from_secs(30),
-        "the dumper is writing the image",
-        || {
-            assert!(
-                is_alive(dumper.pid()),
-                "the dump finished before it could be interrupted"
-            );
-            tracer_pid(pid).is_some_and(|t| t != 0) && partial_image_exists(&image)
-        },
-    );
+    wait_until(COMMAND_TIMEOUT, "the dumper stops itself while writing the image", || {
+        let state = proc_state(dumper.pid()).map(|(s, _)| s);
+        assert!(
+            matches!(state, Some('R' | 'S' | 'D' | 'T')),
+            "the dumper ended before it could be interrupted (state {state:?})"
+        );
+        state == Some('T')
+    });
+    assert!(tracer_pid(pid).is_some_and(|t| t != 0), "the target is not frozen by the stopped dumper");
+    assert!(partial_image_exists(&image), "no partial image of more than 1 MiB");
     dumper.signal(libc::SIGKILL);
     dumper.wait(EXIT_TIMEOUT);
 
     wait_until(
-        Duration::from_secs(5),
+        READY_TIMEOUT,
         "the target is no longer traced",
         || tracer_pid(pid) == Some(0),
     );
     wait_until(
-        Duration::from_secs(5),
+        READY_TIMEOUT,
         "the target runs again",
         || matches!(proc_state(pid), Some((s, _)) if !matches!(s, 'T' | 't' | 'Z' | 'X')),
     );
