@@ -125,19 +125,31 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
         })
     };
     let mut members = vec![Member { pid: root, tids: None, tracer: 0, proc: None }];
+    // Of each member: how far below the root it is.
+    let mut depth = vec![0usize];
     freeze_on(tracers, vec![(0, root)], 0)?;
     let mut pending = 1;
-    let mut first_err: Option<Error> = None;
+    // The refusal that counts, by (depth, pid) of the process it concerns: nearest the root,
+    // then lowest PID, as in collect_members. The rest of the tree is frozen all the same
+    // (and let go with it), so which refusal counts does not depend on which tracer
+    // answered first.
+    let mut refusal: Option<((usize, i32), Error)> = None;
+    let mut refuse = |key: (usize, i32), e: Error| {
+        if refusal.as_ref().is_none_or(|(k, _)| key < *k) {
+            refusal = Some((key, e));
+        }
+    };
     while pending > 0 {
         let Ok((idx, r)) = rx.recv() else {
-            first_err.get_or_insert(Error::TracerLost);
+            refuse((0, 0), Error::TracerLost);
             break;
         };
         pending -= 1;
+        let key = (depth[idx], members[idx].pid.0);
         let (tids, info, kids) = match r {
             Ok(x) => x,
             Err(e) => {
-                first_err.get_or_insert(e);
+                refuse(key, e);
                 continue;
             }
         };
@@ -146,12 +158,9 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
             continue;
         }
         members[idx].tids = tids;
-        if first_err.is_some() {
-            continue;
-        }
         let pid = members[idx].pid;
         if let Some((c, _)) = kids.iter().find(|(c, _)| *c == stasis_sys::proc::getpid()) {
-            first_err.get_or_insert(Error::Unsupported {
+            refuse(key, Error::Unsupported {
                 pid: root,
                 what: format!("a tree that contains stasis itself (pid {c}, child of {pid})"),
             });
@@ -166,14 +175,15 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
             let w = if shares_vm { members[idx].tracer } else { members.len() % tracers.max() };
             batches[w].push((members.len(), child));
             members.push(Member { pid: child, tids: None, tracer: w, proc: None });
+            depth.push(depth[idx] + 1);
         }
         for (w, batch) in batches.into_iter().enumerate().filter(|(_, b)| !b.is_empty()) {
             pending += batch.len();
             freeze_on(tracers, batch, w)?;
         }
     }
-    match first_err {
-        Some(e) => Err(e),
+    match refusal {
+        Some((_, e)) => Err(e),
         None => Ok(members),
     }
 }
