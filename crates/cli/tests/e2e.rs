@@ -636,14 +636,14 @@ fn a_dumper_killed_during_an_injected_call_leaves_registers_intact() {
         let mut dumper = Proc::spawned(cmd.spawn().expect("spawn stasis dump"), "stasis dump");
         let status = dumper.wait(EXIT_TIMEOUT);
         assert!(!status.success(), "the dumper was to be killed at injection {n}");
-        wait_until(Duration::from_secs(5), "the target is no longer traced", || {
+        wait_until(READY_TIMEOUT, "the target is no longer traced", || {
             tracer_pid(fixture.pid()) == Some(0)
         });
         if name == "threads" {
             // Its main thread waits in sigsuspend (with SIGTERM unblocked around it): an
             // orphaned thread returns by re-entering that call, and a signal that arrives
             // before it is back inside would be handled outside the wait (see README).
-            wait_until(Duration::from_secs(5), "the main thread is back in sigsuspend", || {
+            wait_until(READY_TIMEOUT, "the main thread is back in sigsuspend", || {
                 fs::read_to_string(format!("/proc/{}/syscall", fixture.pid()))
                     .is_ok_and(|s| s.split_whitespace().next() == Some("130"))
             });
@@ -661,7 +661,7 @@ fn a_dumper_killed_during_an_injected_call_leaves_registers_intact() {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
             let start: Vec<u64> = tids.iter().map(|t| runtime(t)).collect();
-            wait_until(Duration::from_secs(10), "the workers ran again", || {
+            wait_until(READY_TIMEOUT, "the workers ran again", || {
                 tids.iter().zip(&start).all(|(t, &s0)| {
                     let sleeping = fs::read_to_string(format!("/proc/{}/task/{t}/stat", fixture.pid()))
                         .is_ok_and(|st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('S')));

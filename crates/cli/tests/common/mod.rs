@@ -809,7 +809,7 @@ impl Drop for Kids {
 /// Fixtures that spin check on SIGTERM that they made progress since READY (or since the
 /// restore). On a loaded machine a thread may not have run at all by then: before the
 /// SIGTERM, every running thread of the tree under `root` gets two milliseconds of CPU
-/// (as /proc/TID/schedstat counts it), or five seconds pass.
+/// (as /proc/TID/schedstat counts it), or READY_TIMEOUT passes.
 pub fn let_runners_run(root: i32) {
     fn tasks(pid: i32, out: &mut Vec<(i32, i32)>) {
         let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else { return };
@@ -836,7 +836,7 @@ pub fn let_runners_run(root: i32) {
     tasks(root, &mut all);
     let start: Vec<(i32, i32, u64)> =
         all.into_iter().filter(|&(p, t)| running(p, t)).map(|(p, t)| (p, t, runtime(p, t))).collect();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline && !start.iter().all(|&(p, t, r0)| !running(p, t) || runtime(p, t) >= r0 + 2_000_000) {
         thread::sleep(Duration::from_millis(1));
     }
