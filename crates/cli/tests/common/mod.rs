@@ -53,10 +53,12 @@ pub fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("STASIS_FIXTURE_DIR")).join(name)
 }
 
-/// A command that starts with stdio only (see [`sys::only_stdio_on_spawn`]).
+/// A command that starts with stdio only (see [`sys::only_stdio_on_spawn`]) and dies
+/// with the test (see [`sys::die_with_parent_on_spawn`]).
 pub fn hermetic_command(program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(program);
     sys::only_stdio_on_spawn(&mut cmd);
+    sys::die_with_parent_on_spawn(&mut cmd);
     cmd
 }
 
