@@ -590,6 +590,7 @@ fn shell_job_in_a_pty() {
         "not in the restoring stasis' session"
     );
 
+    let_runners_run(pid);
     restored.signal(libc::SIGTERM);
     let status = script.wait(EXIT_TIMEOUT);
     restored.disown(); // reaped by its parent, stasis restore

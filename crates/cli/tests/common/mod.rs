@@ -603,6 +603,7 @@ impl Fixture {
     /// SIGTERM to a process restored by [`Fixture::restore_attached`]:
     /// stasis restore must pass on its exit status (0 for PASS, 1 for FAIL).
     pub fn finish_attached(mut self, mut restore: Proc, pass: bool) {
+        let_runners_run(self.pid());
         self.proc.signal(libc::SIGTERM);
         let status = restore.wait(EXIT_TIMEOUT);
         // stasis reaped it; if it did not, it is ours now and the guard
