@@ -422,35 +422,35 @@ fn a_killed_dumper_leaves_the_target_running_and_no_image() {
     let pid = fixture.pid();
     let image = fixture.dir().join("img");
     let mut cmd = stasis_command(&dump_args(pid, &image, &[]));
-    cmd.stdin(Stdio::null())
+    // Halfway: the target is frozen and page data is being written. The dumper stops
+    // itself as its third chunk of page data is about to be read (with two copy threads,
+    // one of them has written a chunk by then), so it cannot finish before it is killed,
+    // however the machine schedules it.
+    cmd.env("STASIS_FAULT_STOP_AT_PAGE_CHUNK", "3")
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut dumper = Proc::spawned(cmd.spawn().expect("spawn stasis dump"), "stasis dump");
-
-    // Halfway: the target is frozen and page data is being written (the partial image has
-    // grown past its header page). The injected phase right after the freeze is a known,
-    // sub-millisecond gap.
-    wait_until(
-        Duration::from_secs(30),
-        "the dumper is writing the image",
-        || {
-            assert!(
-                is_alive(dumper.pid()),
-                "the dump finished before it could be interrupted"
-            );
-            tracer_pid(pid).is_some_and(|t| t != 0) && partial_image_exists(&image)
-        },
-    );
+    wait_until(COMMAND_TIMEOUT, "the dumper stops itself while writing the image", || {
+        let state = proc_state(dumper.pid()).map(|(s, _)| s);
+        assert!(
+            matches!(state, Some('R' | 'S' | 'D' | 'T')),
+            "the dumper ended before it could be interrupted (state {state:?})"
+        );
+        state == Some('T')
+    });
+    assert!(tracer_pid(pid).is_some_and(|t| t != 0), "the target is not frozen by the stopped dumper");
+    assert!(partial_image_exists(&image), "no partial image of more than 1 MiB");
     dumper.signal(libc::SIGKILL);
     dumper.wait(EXIT_TIMEOUT);
 
     wait_until(
-        Duration::from_secs(5),
+        READY_TIMEOUT,
         "the target is no longer traced",
         || tracer_pid(pid) == Some(0),
     );
     wait_until(
-        Duration::from_secs(5),
+        READY_TIMEOUT,
         "the target runs again",
         || matches!(proc_state(pid), Some((s, _)) if !matches!(s, 'T' | 't' | 'Z' | 'X')),
     );
@@ -590,6 +590,7 @@ fn shell_job_in_a_pty() {
         "not in the restoring stasis' session"
     );
 
+    let_runners_run(pid);
     restored.signal(libc::SIGTERM);
     let status = script.wait(EXIT_TIMEOUT);
     restored.disown(); // reaped by its parent, stasis restore
@@ -636,14 +637,14 @@ fn a_dumper_killed_during_an_injected_call_leaves_registers_intact() {
         let mut dumper = Proc::spawned(cmd.spawn().expect("spawn stasis dump"), "stasis dump");
         let status = dumper.wait(EXIT_TIMEOUT);
         assert!(!status.success(), "the dumper was to be killed at injection {n}");
-        wait_until(Duration::from_secs(5), "the target is no longer traced", || {
+        wait_until(READY_TIMEOUT, "the target is no longer traced", || {
             tracer_pid(fixture.pid()) == Some(0)
         });
         if name == "threads" {
             // Its main thread waits in sigsuspend (with SIGTERM unblocked around it): an
             // orphaned thread returns by re-entering that call, and a signal that arrives
             // before it is back inside would be handled outside the wait (see README).
-            wait_until(Duration::from_secs(5), "the main thread is back in sigsuspend", || {
+            wait_until(READY_TIMEOUT, "the main thread is back in sigsuspend", || {
                 fs::read_to_string(format!("/proc/{}/syscall", fixture.pid()))
                     .is_ok_and(|s| s.split_whitespace().next() == Some("130"))
             });
@@ -661,7 +662,7 @@ fn a_dumper_killed_during_an_injected_call_leaves_registers_intact() {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
             let start: Vec<u64> = tids.iter().map(|t| runtime(t)).collect();
-            wait_until(Duration::from_secs(10), "the workers ran again", || {
+            wait_until(READY_TIMEOUT, "the workers ran again", || {
                 tids.iter().zip(&start).all(|(t, &s0)| {
                     let sleeping = fs::read_to_string(format!("/proc/{}/task/{t}/stat", fixture.pid()))
                         .is_ok_and(|st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('S')));

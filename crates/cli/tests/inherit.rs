@@ -11,7 +11,6 @@ mod common;
 use common::*;
 use std::io::Write;
 use std::process::Stdio;
-use std::time::Duration;
 
 #[test]
 fn a_pipe_from_outside_is_reconnected_with_inherit_fd() {
@@ -31,7 +30,7 @@ fn a_pipe_from_outside_is_reconnected_with_inherit_fd() {
     let mut cat = Proc::spawned(child, "cat");
     let pid = cat.pid();
     feed.write_all(b"first\n").expect("write first");
-    wait_until(Duration::from_secs(10), "cat copied the first line", || {
+    wait_until(READY_TIMEOUT, "cat copied the first line", || {
         std::fs::read_to_string(&out).is_ok_and(|t| t == "first\n")
     });
     let key = std::fs::read_link(format!("/proc/{pid}/fd/0")).expect("readlink fd 0");

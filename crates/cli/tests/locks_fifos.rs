@@ -176,7 +176,7 @@ fn assert_locks_from_outside(dir: &Path, root: i32, roles: &BTreeMap<String, i32
 
     // Both waiters are blocked again (they restart their calls once resumed).
     let (w1, w2) = (roles["W1"], roles["W2"]);
-    wait_until(Duration::from_secs(10), "both waiters are blocked on their locks", || {
+    wait_until(READY_TIMEOUT, "both waiters are blocked on their locks", || {
         let blocked = blocked_in_proc_locks();
         blocked.contains(&w1) && blocked.contains(&w2)
     });

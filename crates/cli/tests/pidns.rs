@@ -121,6 +121,7 @@ fn one_image_restored_twice_side_by_side() {
     }
     assert_ne!(copies[0].1, copies[1].1);
     for (mut restore, root, log) in copies {
+        let_runners_run(root);
         sys::kill(root, libc::SIGTERM).expect("SIGTERM the copy's root");
         let st = restore.wait(EXIT_TIMEOUT);
         assert!(
@@ -162,6 +163,7 @@ fn namespaced_tree_three_rounds() {
         copy = restore_detached(&image, &fixture.dir().join(format!("pid{round}")), &saved);
     }
     fixture.clear_log();
+    let_runners_run(copy.root);
     sys::kill(copy.root, libc::SIGTERM).expect("SIGTERM");
     let st = copy.init.wait(EXIT_TIMEOUT);
     assert!(st.success(), "the last copy's verdict: {st}\n{}", fixture.log_text());

@@ -445,6 +445,7 @@ fn a_session_leader_on_the_shell_terminal_gets_the_restoring_terminal() {
     assert_eq!((pgrp, sid, tpgid), (pid, pid, pid), "restored: a session leader in the foreground");
     assert_eq!(tty, tty_nr_of_fd(stasis, 0), "restored: its controlling terminal is the restoring one");
 
+    let_runners_run(pid);
     restored.signal(libc::SIGTERM);
     let status = script.wait(EXIT_TIMEOUT);
     restored.disown(); // reaped by its parent, stasis restore

@@ -136,6 +136,7 @@ fn address_space_shared_under_pidns() {
     let (root, mut init) = restore_in_pidns(&fixture, &image2, "ns2");
     // The original runs on beside the copy; the copy goes first.
     fixture.clear_log();
+    let_runners_run(root);
     sys::kill(root, libc::SIGTERM).expect("SIGTERM the copy's root");
     let st = init.wait(EXIT_TIMEOUT);
     assert!(st.success(), "the copy's verdict: {st}\n{}", fixture.log_text());

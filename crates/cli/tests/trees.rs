@@ -670,7 +670,7 @@ const PYTHON_PROGRAM: &str = r#"
 import os, signal, subprocess, sys, threading, time
 
 WORKERS = 3
-PROGRESS_TIMEOUT = 10
+PROGRESS_TIMEOUT = 30
 
 terminated = threading.Event()
 stop = threading.Event()

@@ -125,19 +125,31 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
         })
     };
     let mut members = vec![Member { pid: root, tids: None, tracer: 0, proc: None }];
+    // Of each member: how far below the root it is.
+    let mut depth = vec![0usize];
     freeze_on(tracers, vec![(0, root)], 0)?;
     let mut pending = 1;
-    let mut first_err: Option<Error> = None;
+    // The refusal that counts, by (depth, pid) of the process it concerns: nearest the root,
+    // then lowest PID, as in collect_members. The rest of the tree is frozen all the same
+    // (and let go with it), so which refusal counts does not depend on which tracer
+    // answered first.
+    let mut refusal: Option<((usize, i32), Error)> = None;
+    let mut refuse = |key: (usize, i32), e: Error| {
+        if refusal.as_ref().is_none_or(|(k, _)| key < *k) {
+            refusal = Some((key, e));
+        }
+    };
     while pending > 0 {
         let Ok((idx, r)) = rx.recv() else {
-            first_err.get_or_insert(Error::TracerLost);
+            refuse((0, 0), Error::TracerLost);
             break;
         };
         pending -= 1;
+        let key = (depth[idx], members[idx].pid.0);
         let (tids, info, kids) = match r {
             Ok(x) => x,
             Err(e) => {
-                first_err.get_or_insert(e);
+                refuse(key, e);
                 continue;
             }
         };
@@ -146,12 +158,9 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
             continue;
         }
         members[idx].tids = tids;
-        if first_err.is_some() {
-            continue;
-        }
         let pid = members[idx].pid;
         if let Some((c, _)) = kids.iter().find(|(c, _)| *c == stasis_sys::proc::getpid()) {
-            first_err.get_or_insert(Error::Unsupported {
+            refuse(key, Error::Unsupported {
                 pid: root,
                 what: format!("a tree that contains stasis itself (pid {c}, child of {pid})"),
             });
@@ -166,14 +175,15 @@ fn freeze_tree(root: Pid, tracers: &mut Tracers) -> Result<Vec<Member>> {
             let w = if shares_vm { members[idx].tracer } else { members.len() % tracers.max() };
             batches[w].push((members.len(), child));
             members.push(Member { pid: child, tids: None, tracer: w, proc: None });
+            depth.push(depth[idx] + 1);
         }
         for (w, batch) in batches.into_iter().enumerate().filter(|(_, b)| !b.is_empty()) {
             pending += batch.len();
             freeze_on(tracers, batch, w)?;
         }
     }
-    match first_err {
-        Some(e) => Err(e),
+    match refusal {
+        Some((_, e)) => Err(e),
         None => Ok(members),
     }
 }
@@ -276,18 +286,26 @@ const PROC_READERS: usize = 2;
 /// of the processes it froze, one after the other, all tracers at the same time; the
 /// /proc part of each process runs on reader threads as soon as its injected calls are
 /// over.
+///
+/// When several processes are refused, the error is that of the one first in
+/// [`failure_ranks`] order, whichever thread finished first: after a failure only the
+/// processes ranked after it are skipped, so every one ranked before it is still
+/// collected and may turn out to be the one to name.
 #[allow(clippy::type_complexity)]
 fn collect_members(
     members: &[Member],
     tracers: &mut Tracers,
     info: &TreeInfo,
 ) -> Result<(Vec<ProcessRecord>, Vec<(Pid, files::DumpedFds)>, Vec<(Pid, std::os::fd::OwnedFd)>, Vec<Option<mm::MmPlan>>, usize)> {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;
     type Work = (usize, Pid, std::os::fd::OwnedFd, Injected);
     let n = members.len();
     let code = Arc::new(std::sync::Mutex::new(CodeCache::default()));
-    let failed = Arc::new(AtomicBool::new(false));
+    let kin: Vec<(Pid, Option<i32>)> = members.iter().map(|m| (m.pid, m.proc.as_ref().map(|p| p.0.ppid))).collect();
+    let rank = Arc::new(failure_ranks(&kin));
+    // The rank of the first failed process so far (usize::MAX: none failed).
+    let failed = Arc::new(AtomicUsize::new(usize::MAX));
     // Processes sharing an address space: with a parent or a child.
     let vm_parent = &info.sharing.vm_parent;
     let vm_shared: Arc<Vec<bool>> =
@@ -302,11 +320,11 @@ fn collect_members(
             .filter_map(|(i, m)| Some((i, m.pid, m.proc.clone()?)))
             .collect();
         let (code, failed, work_tx, done_tx) = (code.clone(), failed.clone(), work_tx.clone(), done_tx.clone());
-        let vm_shared = vm_shared.clone();
+        let (vm_shared, rank) = (vm_shared.clone(), rank.clone());
         tracers.run(w, move |held| {
             for (i, pid, proc) in mine {
-                if failed.load(Ordering::SeqCst) {
-                    return;
+                if rank[i] > failed.load(Ordering::SeqCst) {
+                    continue;
                 }
                 let vm_shared = vm_shared[i];
                 let r = stasis_sys::proc::pidfd_open(pid)
@@ -317,7 +335,7 @@ fn collect_members(
                         let _ = work_tx.send((i, pid, pidfd, inj));
                     }
                     Err(e) => {
-                        failed.store(true, Ordering::SeqCst);
+                        failed.fetch_min(rank[i], Ordering::SeqCst);
                         let _ = done_tx.send((i, Err(e)));
                     }
                 }
@@ -329,13 +347,16 @@ fn collect_members(
     let mut results: Vec<Option<Result<Collected>>> = (0..n).map(|_| None).collect();
     std::thread::scope(|s| {
         for _ in 0..PROC_READERS {
-            let (rx, tx, failed) = (&work_rx, done_tx.clone(), &failed);
+            let (rx, tx, failed, rank) = (&work_rx, done_tx.clone(), &failed, &rank);
             s.spawn(move || loop {
                 let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok((i, pid, pidfd, inj)) = job else { return };
+                if rank[i] > failed.load(Ordering::SeqCst) {
+                    continue;
+                }
                 let r = proc_part(i, pid, &pidfd, inj, info).map(|(rec, fds, plan)| (rec, fds, plan, pidfd));
                 if r.is_err() {
-                    failed.store(true, Ordering::SeqCst);
+                    failed.fetch_min(rank[i], Ordering::SeqCst);
                 }
                 let _ = tx.send((i, r));
             });
@@ -345,7 +366,8 @@ fn collect_members(
             results[i] = Some(r);
         }
     });
-    if let Some(e) = results.iter_mut().find_map(|r| r.take_if(|r| r.is_err())) {
+    let first_failed = (0..n).filter(|&i| matches!(results[i], Some(Err(_)))).min_by_key(|&i| rank[i]);
+    if let Some(Some(e)) = first_failed.map(|i| results[i].take()) {
         return e.map(|_| unreachable!("an error was found"));
     }
     let mut procs = Vec::with_capacity(n);
@@ -372,6 +394,26 @@ fn collect_members(
         }
     }
     Ok((procs, fds, own_pidfds, mms, nthreads))
+}
+
+/// The order in which the refusals of several processes count, by member (pid and
+/// parent's pid): nearest the root first, then by PID. Member order would not do: it
+/// follows the order in which the tracers froze the processes. Members come after their
+/// parents (see freeze_tree). Pure.
+fn failure_ranks(members: &[(Pid, Option<i32>)]) -> Vec<usize> {
+    let index: std::collections::HashMap<Pid, usize> = members.iter().enumerate().map(|(i, &(pid, _))| (pid, i)).collect();
+    let mut depth = vec![0usize; members.len()];
+    for (i, &(_, ppid)) in members.iter().enumerate().skip(1) {
+        let parent = ppid.and_then(|p| index.get(&Pid(p)));
+        depth[i] = parent.map_or(0, |&j| depth[j] + 1);
+    }
+    let mut order: Vec<usize> = (0..members.len()).collect();
+    order.sort_by_key(|&i| (depth[i], members[i].0 .0));
+    let mut rank = vec![0; members.len()];
+    for (r, &i) in order.iter().enumerate() {
+        rank[i] = r;
+    }
+    rank
 }
 
 /// Collects every process, then what the processes share: open file descriptions
@@ -907,7 +949,19 @@ fn proc_part(
 
 #[cfg(test)]
 mod tests {
-    use super::merge_sort_by;
+    use super::{failure_ranks, merge_sort_by};
+    use stasis_sys::Pid;
+
+    #[test]
+    fn failures_rank_by_depth_then_pid() {
+        // Root 50; children 70 and 60 (frozen in that order); 70's child 55, 60's child
+        // 90, listed in the order their parents' answers came; a zombie 65 whose parent
+        // is unknown counts as near as the root.
+        let members = [(50, Some(1)), (70, Some(50)), (60, Some(50)), (90, Some(60)), (55, Some(70)), (65, None)];
+        let members: Vec<(Pid, Option<i32>)> = members.iter().map(|&(p, pp)| (Pid(p), pp)).collect();
+        assert_eq!(failure_ranks(&members), [0, 3, 2, 5, 4, 1]);
+        assert_eq!(failure_ranks(&[]), Vec::<usize>::new());
+    }
 
     #[test]
     fn merge_sort_is_stable_and_sparing() {

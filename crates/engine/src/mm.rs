@@ -492,6 +492,7 @@ pub fn save_all(plans: &mut [Option<MmPlan>], objects: &mut ShmemDump, w: &mut I
         let plans_ref: &[Option<MmPlan>] = plans;
         let objects_ref: &ShmemDump = objects;
         w.write_pages_parallel(total, COPY_THREADS, COPY_CHUNK, |off, buf: &mut [u8]| -> Result<()> {
+            fault_stop_point();
             fill_chunk(plans_ref, objects_ref, &mems, &segs, off, buf)
         })?;
     }
@@ -499,6 +500,23 @@ pub fn save_all(plans: &mut [Option<MmPlan>], objects: &mut ShmemDump, w: &mut I
         .iter_mut()
         .map(|p| p.take().map(|p| p.planned.into_iter().map(|x| x.vma).collect()).unwrap_or_default())
         .collect())
+}
+
+/// Fault injection for tests of rule 1: with `STASIS_FAULT_STOP_AT_PAGE_CHUNK=N` in the
+/// environment, the process stops itself (SIGSTOP) as the N-th chunk of page data (counting
+/// from 1, over all copy threads) is about to be read, so that a test can kill it in the
+/// middle of writing the image without racing it. With N above COPY_THREADS, some copy
+/// thread has written a chunk of its own by then.
+fn fault_stop_point() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static AT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let at = *AT.get_or_init(|| {
+        std::env::var("STASIS_FAULT_STOP_AT_PAGE_CHUNK").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    });
+    if at != 0 && COUNT.fetch_add(1, Ordering::Relaxed) + 1 == at {
+        let _ = stasis_sys::proc::kill(stasis_sys::proc::getpid(), libc::SIGSTOP);
+    }
 }
 
 /// A process's /proc/PID/mem, opened on first use (`mem`, shared by the copy threads).

@@ -53,10 +53,12 @@ pub fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("STASIS_FIXTURE_DIR")).join(name)
 }
 
-/// A command that starts with stdio only (see [`sys::only_stdio_on_spawn`]).
+/// A command that starts with stdio only (see [`sys::only_stdio_on_spawn`]) and dies
+/// with the test (see [`sys::die_with_parent_on_spawn`]).
 pub fn hermetic_command(program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(program);
     sys::only_stdio_on_spawn(&mut cmd);
+    sys::die_with_parent_on_spawn(&mut cmd);
     cmd
 }
 
@@ -601,6 +603,7 @@ impl Fixture {
     /// SIGTERM to a process restored by [`Fixture::restore_attached`]:
     /// stasis restore must pass on its exit status (0 for PASS, 1 for FAIL).
     pub fn finish_attached(mut self, mut restore: Proc, pass: bool) {
+        let_runners_run(self.pid());
         self.proc.signal(libc::SIGTERM);
         let status = restore.wait(EXIT_TIMEOUT);
         // stasis reaped it; if it did not, it is ours now and the guard
@@ -809,7 +812,7 @@ impl Drop for Kids {
 /// Fixtures that spin check on SIGTERM that they made progress since READY (or since the
 /// restore). On a loaded machine a thread may not have run at all by then: before the
 /// SIGTERM, every running thread of the tree under `root` gets two milliseconds of CPU
-/// (as /proc/TID/schedstat counts it), or five seconds pass.
+/// (as /proc/TID/schedstat counts it), or READY_TIMEOUT passes.
 pub fn let_runners_run(root: i32) {
     fn tasks(pid: i32, out: &mut Vec<(i32, i32)>) {
         let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else { return };
@@ -836,7 +839,7 @@ pub fn let_runners_run(root: i32) {
     tasks(root, &mut all);
     let start: Vec<(i32, i32, u64)> =
         all.into_iter().filter(|&(p, t)| running(p, t)).map(|(p, t)| (p, t, runtime(p, t))).collect();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline && !start.iter().all(|&(p, t, r0)| !running(p, t) || runtime(p, t) >= r0 + 2_000_000) {
         thread::sleep(Duration::from_millis(1));
     }

@@ -57,6 +57,27 @@ pub fn only_stdio_on_spawn(cmd: &mut Command) {
     }
 }
 
+/// Makes the spawned program die (SIGKILL) when the thread that spawned it ends, so that
+/// a test process killed from outside (a CI timeout) takes the processes it started with
+/// it instead of leaving them running. Only that program: its children (but those the
+/// fixtures fork with fam_fork, which do the same) and a restored incarnation (a restore
+/// resets PR_SET_PDEATHSIG) are not covered.
+pub fn die_with_parent_on_spawn(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl()
+    // and getppid(), which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong))?;
+            // The test may have died before the prctl: then nobody is left to kill us.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 pub fn kill(pid: i32, sig: libc::c_int) -> io::Result<()> {
     // SAFETY: kill() takes plain integers.
     check(unsafe { libc::kill(pid, sig) }).map(drop)
