@@ -36,11 +36,25 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// back as /dev/pts/N or the restore is refused, and between a dump and its restore N is
 /// free: any pseudo-terminal opened meanwhile (a fixture or `script` starting, or another
 /// restore, which opens /dev/ptmx until its own index comes) takes the lowest free index,
-/// which may be N. Test binaries run one after the other, so a lock per binary suffices.
+/// which may be N. Test binaries run one after the other; the lock is also a file lock
+/// (flock on /tmp/stasis-tests-devpts.lock), so that test runs side by side on one machine
+/// take turns too.
 #[allow(dead_code)] // only the test files with pseudo-terminals use it
-pub fn devpts_lock() -> std::sync::MutexGuard<'static, ()> {
+pub fn devpts_lock() -> DevptsLock {
     static DEVPTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    DEVPTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    let guard = DEVPTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let path = "/tmp/stasis-tests-devpts.lock";
+    let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    use std::os::fd::AsRawFd;
+    stasis_sys::proc::flock(file.as_raw_fd(), libc::LOCK_EX).unwrap_or_else(|e| panic!("flock {path}: {e}"));
+    DevptsLock { _file: file, _guard: guard }
+}
+
+/// See [`devpts_lock`]: held until dropped (closing the file lets the file lock go).
+#[allow(dead_code)]
+pub struct DevptsLock {
+    _file: File,
+    _guard: std::sync::MutexGuard<'static, ()>,
 }
 
 /// Once per test process: become a child subreaper.
