@@ -109,6 +109,19 @@ unsafe impl GlobalAlloc for StasisAlloc {
         unsafe { System.alloc(layout) }
     }
 
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if arena_wanted() {
+            // Never handed out since the arena was last emptied (and its pages removed):
+            // still zero.
+            let p = arena_alloc(layout);
+            if !p.is_null() {
+                return p;
+            }
+        }
+        // SAFETY: the caller's layout. (calloc: fresh pages from the kernel need no memset.)
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if in_arena(ptr) {
             LIVE.fetch_sub(1, Ordering::AcqRel);
