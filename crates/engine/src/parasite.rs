@@ -326,17 +326,33 @@ impl Parasite {
         Ok(())
     }
 
+    /// Reads scratch bytes: with process_vm_readv (one copy; the scratch area is the
+    /// process's own private memory, which we write anyway), the rest, if any, through
+    /// /proc/PID/mem.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         let pid = self.inj.pid;
+        let at = self.scratch.0 + off;
+        let remote = [RemoteRange { addr: RemoteAddr(at), len: buf.len() }];
+        let done = stasis_sys::mem::process_vm_readv(pid, buf, &remote).unwrap_or(0).min(buf.len());
+        if done == buf.len() {
+            return Ok(());
+        }
         self.mem
-            .read_exact_at(buf, self.scratch.0 + off)
+            .read_exact_at(&mut buf[done..], at + done as u64)
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })
     }
 
+    /// Writes scratch bytes, as [`Parasite::read`] reads them.
     pub fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
         let pid = self.inj.pid;
+        let at = self.scratch.0 + off;
+        let remote = [RemoteRange { addr: RemoteAddr(at), len: buf.len() }];
+        let done = stasis_sys::mem::process_vm_writev(pid, buf, &remote).unwrap_or(0).min(buf.len());
+        if done == buf.len() {
+            return Ok(());
+        }
         self.mem
-            .write_all_at(buf, self.scratch.0 + off)
+            .write_all_at(&buf[done..], at + done as u64)
             .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })
     }
 
