@@ -267,13 +267,9 @@ pub fn to_interrupt_stop(pid: Pid, tid: Pid) -> Result<()> {
 /// environment, the process SIGKILLs itself while its N-th injected call (counting from 1)
 /// is in flight, as a dumper killed at that instant would be.
 pub(crate) fn fault_point() {
-    use std::sync::atomic::{AtomicU64, Ordering};
     static AT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    let at = *AT.get_or_init(|| {
-        std::env::var("STASIS_FAULT_KILL_AT_INJECTION").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
-    });
-    if at != 0 && COUNT.fetch_add(1, Ordering::Relaxed) + 1 == at {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if crate::fault_hit("STASIS_FAULT_KILL_AT_INJECTION", &AT, &COUNT) {
         let _ = stasis_sys::proc::kill(stasis_sys::proc::getpid(), libc::SIGKILL);
     }
 }

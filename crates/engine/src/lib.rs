@@ -55,3 +55,10 @@ impl Lap {
         d
     }
 }
+
+/// Fault injection for tests: whether this is the N-th call (counting from 1, `count`
+/// counts them) for N read once from environment variable `var` into `at` (none: never).
+pub(crate) fn fault_hit(var: &str, at: &std::sync::OnceLock<u64>, count: &std::sync::atomic::AtomicU64) -> bool {
+    let at = *at.get_or_init(|| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(0));
+    at != 0 && count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == at
+}

@@ -508,13 +508,9 @@ pub fn save_all(plans: &mut [Option<MmPlan>], objects: &mut ShmemDump, w: &mut I
 /// middle of writing the image without racing it. With N above COPY_THREADS, some copy
 /// thread has written a chunk of its own by then.
 fn fault_stop_point() {
-    use std::sync::atomic::{AtomicU64, Ordering};
     static AT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    let at = *AT.get_or_init(|| {
-        std::env::var("STASIS_FAULT_STOP_AT_PAGE_CHUNK").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
-    });
-    if at != 0 && COUNT.fetch_add(1, Ordering::Relaxed) + 1 == at {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if crate::fault_hit("STASIS_FAULT_STOP_AT_PAGE_CHUNK", &AT, &COUNT) {
         let _ = stasis_sys::proc::kill(stasis_sys::proc::getpid(), libc::SIGSTOP);
     }
 }

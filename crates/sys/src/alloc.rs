@@ -99,27 +99,21 @@ fn arena_alloc(layout: Layout) -> *mut u8 {
 // goes back to where it came from.
 unsafe impl GlobalAlloc for StasisAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if arena_wanted() {
-            let p = arena_alloc(layout);
-            if !p.is_null() {
-                return p;
-            }
+        match arena_wanted().then(|| arena_alloc(layout)).filter(|p| !p.is_null()) {
+            Some(p) => p,
+            // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
+            None => unsafe { System.alloc(layout) },
         }
-        // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
-        unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if arena_wanted() {
-            // Never handed out since the arena was last emptied (and its pages removed):
-            // still zero.
-            let p = arena_alloc(layout);
-            if !p.is_null() {
-                return p;
-            }
+        // An arena block was never handed out since the arena was last emptied (and its
+        // pages removed): still zero.
+        match arena_wanted().then(|| arena_alloc(layout)).filter(|p| !p.is_null()) {
+            Some(p) => p,
+            // SAFETY: the caller's layout (calloc: fresh pages from the kernel need no memset).
+            None => unsafe { System.alloc_zeroed(layout) },
         }
-        // SAFETY: the caller's layout. (calloc: fresh pages from the kernel need no memset.)
-        unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
