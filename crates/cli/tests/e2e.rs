@@ -278,6 +278,57 @@ fn restore_into_a_pid_taken_by_a_live_process_is_refused() {
     fixture.finish();
 }
 
+/// A tree `stasis dump` has just killed is zombies until its parent reaps it. A restore
+/// started before that waits for the reaping (here: the test, the fixture's parent, reaps
+/// once the restore has said it waits), and restores.
+#[test]
+fn restore_waits_for_the_parent_of_a_zombie_to_reap_it() {
+    let mut fixture = Fixture::start("counter", &[]);
+    let image = fixture.dump("img", &[]);
+    assert_eq!(proc_state(fixture.pid()).map(|s| s.0), Some('Z'), "the dumped fixture is our zombie");
+    let pidfile = fixture.dir().join("pid-after-zombie");
+    let mut args = vec![OsStr::new("-vv").to_os_string()];
+    args.extend(restore_detached_args(&image, &pidfile));
+    let mut cmd = stasis_command(&args);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawning stasis restore");
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut restore = Proc::spawned(child, "stasis restore");
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut err, &mut line).expect("reading the restore's log");
+        assert!(n > 0, "stasis restore ended without waiting for the zombie:\n{seen}");
+        seen.push_str(&line);
+        if line.contains(&format!("PID {} is a zombie", fixture.pid())) {
+            break;
+        }
+    }
+    fixture.reap_killed();
+    // Drain the rest of the log so that the restore never blocks on a full pipe.
+    let drain = std::thread::spawn(move || std::io::Read::read_to_string(&mut err, &mut seen).map(|_| seen));
+    let status = restore.wait(COMMAND_TIMEOUT);
+    let log = drain.join().expect("log reader").unwrap_or_default();
+    assert!(status.success(), "stasis restore failed after the zombie was reaped ({status}):\n{log}");
+    fixture.adopt_restored(&pidfile);
+    fixture.finish();
+}
+
+/// A zombie nobody reaps keeps its PID: the restore gives up after its wait and says who
+/// holds it; once reaped, the same image restores.
+#[test]
+fn restore_into_a_pid_held_by_an_unreaped_zombie_is_refused_then_restores() {
+    let mut fixture = Fixture::start("counter", &[]);
+    let image = fixture.dump("img", &[]);
+    let pidfile = fixture.dir().join("pid-zombie");
+    let line = assert_refused(&restore_detached_args(&image, &pidfile), &["zombie", "has not reaped it"]);
+    assert!(line.contains(&std::process::id().to_string()), "the error names the parent: {line}");
+    assert!(!pidfile.exists(), "a pidfile was written");
+    fixture.reap_killed();
+    fixture.restore_detached(&image);
+    fixture.finish();
+}
+
 #[test]
 fn restore_from_a_missing_directory_is_refused() {
     let dir = TempDir::new("missing-dir");

@@ -297,12 +297,27 @@ struct Shared<'a> {
     inherited_limits: &'static [(u32, u64, u64)],
 }
 
-fn check_pid_free(pid: Pid) -> Result<()> {
-    match read_stat(pid) {
-        Ok(st) if st.state == 'Z' => Err(Error::PidZombie { pid, parent: st.ppid }),
-        Ok(st) => Err(Error::PidTaken { pid, comm: st.comm }),
-        Err(Error::NoSuchProcess(_)) => Ok(()),
-        Err(e) => Err(e),
+/// How long a restore waits for the parents of zombies that hold PIDs of the image to
+/// reap them. A tree that `stasis dump` has just killed is zombies until its parents reap
+/// them, and an init or a busy shell may take a moment: a restore started right after the
+/// dump must not fail for that.
+pub const ZOMBIE_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether `pid` is free, waiting until `deadline` for a zombie holding it to be reaped.
+fn check_pid_free(pid: Pid, deadline: Instant) -> Result<()> {
+    let mut nap = Duration::from_micros(100);
+    loop {
+        match read_stat(pid) {
+            Ok(st) if st.state == 'Z' && Instant::now() < deadline => {
+                log::debug!("PID {pid} is a zombie of {}: waiting for it to be reaped", st.ppid);
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(Duration::from_millis(5));
+            }
+            Ok(st) if st.state == 'Z' => return Err(Error::PidZombie { pid, parent: st.ppid }),
+            Ok(st) => return Err(Error::PidTaken { pid, comm: st.comm }),
+            Err(Error::NoSuchProcess(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -345,10 +360,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let own_layout = mm::read_layout(sp::getpid())?;
     let mut busy: Vec<(u64, u64)> = own_layout.iter().map(|m| (m.start, m.end)).collect();
     let mut mapped_files = std::collections::HashMap::new();
+    let zombies_by = Instant::now() + ZOMBIE_WAIT;
     for rec in &img.processes {
         let pid = Pid(rec.pid);
         if !opts.pidns {
-            check_pid_free(pid)?;
+            check_pid_free(pid, zombies_by)?;
         }
         if rec.zombie_status.is_some() {
             continue;
@@ -357,7 +373,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             return Err(Error::Restore { pid, what: "the image has no main thread record".into() });
         }
         for t in rec.threads[1..].iter().filter(|_| !opts.pidns) {
-            check_pid_free(Pid(t.tid))?;
+            check_pid_free(Pid(t.tid), zombies_by)?;
         }
         mm::check_files(pid, &rec.mm.vmas, &mut mapped_files)?;
         files::check(pid, &rec.fds)?;
@@ -857,7 +873,7 @@ fn fork_with(shared: &Shared, idx: usize, siblings: &[usize], extra: i32) -> Res
     };
     match sp::fork_with_pid_signal(Some(pid), plan.share | extra, exit_signal) {
         Err(e) if e.0 == libc::EEXIST => {
-            check_pid_free(pid)?;
+            check_pid_free(pid, Instant::now())?;
             Err(Error::PidTaken { pid, comm: "unknown".into() })
         }
         Err(e) if e.0 == libc::EBUSY => {

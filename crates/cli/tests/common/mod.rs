@@ -567,7 +567,13 @@ impl Fixture {
         ));
         let args = restore_detached_args(image, &pidfile);
         self.stasis_ok(&args);
-        let restored = read_pidfile(&pidfile);
+        self.adopt_restored(&pidfile);
+    }
+
+    /// Takes charge of the process a detached restore wrote to `pidfile`, and asserts
+    /// that it came back under the original PID.
+    pub fn adopt_restored(&mut self, pidfile: &Path) {
+        let restored = read_pidfile(pidfile);
         // Adopt whatever runs now, so it is cleaned up even if it is wrong.
         self.proc = Proc::adopted(restored, format!("{} (restored)", self.name));
         assert_eq!(restored, self.pid(), "restored under another PID");
