@@ -832,7 +832,7 @@ fn inject_part(
         u64::MAX => 0, // not known to this kernel
         perm => perm,
     };
-    let brk = p.inj.call("brk", libc::SYS_brk, [0, 0, 0, 0, 0, 0])?;
+    let brk = p.call("brk", libc::SYS_brk, [0, 0, 0, 0, 0, 0])?;
     let mut threads = vec![threads::dump(pid, main, &mut p, Some(&proc.0.comm))?];
     for t in frozen.threads.iter_mut().skip(1) {
         p.use_thread(t)?;

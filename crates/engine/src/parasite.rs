@@ -95,6 +95,12 @@ pub struct Parasite {
     /// The current thread's own frame and what ends its chains, if it can have them.
     chain: Option<Chain>,
     queued: Vec<Queued>,
+    /// Scratch writes not yet made (offset, bytes), in order: made together, by one
+    /// process_vm_writev, before the thread runs or anything is read back.
+    pending: std::cell::RefCell<Vec<(u64, Vec<u8>)>>,
+    /// The first SCRATCH_LEN bytes of the scratch area (where calls leave their results),
+    /// read in one go by the first read after the calls ran.
+    cache: std::cell::RefCell<Option<Vec<u8>>>,
 }
 
 /// What a thread needs for chains of calls.
@@ -143,8 +149,7 @@ impl Parasite {
         let mut stack_bytes = None;
         if let Some((at, slot_len)) = on_stack {
             let mut was = vec![0u8; (SCRATCH_LEN + slot_len) as usize];
-            mem.read_exact_at(&mut was, at)
-                .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
+            read_remote(pid, &mem, at, &mut was)?;
             stack_bytes = Some(was);
         }
         ptrace::set_sigmask(thread.tid, !0).map_err(Error::sys(pid, "PTRACE_SETSIGMASK"))?;
@@ -186,6 +191,8 @@ impl Parasite {
             xstate: None,
             chain: None,
             queued: Vec::new(),
+            pending: Default::default(),
+            cache: Default::default(),
         };
         p.arm(thread)?;
         Ok(p)
@@ -278,9 +285,12 @@ impl Parasite {
     /// was. Otherwise one protected call at a time.
     pub fn flush(&mut self) -> Result<()> {
         let calls = std::mem::take(&mut self.queued);
+        self.cache.borrow_mut().take();
         match (self.chain, self.tramp) {
+            // The chain's frames join the queued writes.
             (Some(c), Some(t)) if !calls.is_empty() => self.run_chain(c, t, &calls),
             _ => {
+                self.sync()?;
                 for q in calls {
                     let r = self.inj.raw(q.nr, q.args)?;
                     if q.strict {
@@ -313,6 +323,7 @@ impl Parasite {
         last.rsp = c.frame + 8;
         bytes.extend(frame_header(t.sigreturn, &last, blocked_but_stop, &KEEP_ALTSTACK, c.fpstate));
         self.write(c.slot + self.chain_at, &bytes)?;
+        self.sync()?;
         stasis_sys::proc::tgkill(pid, c.tid, c.stop_sig).map_err(Error::sys(pid, "tgkill"))?;
         let first = with_call(c.regs, &calls[0], at(0));
         ptrace::set_regs(c.tid, &first).map_err(Error::sys(pid, "PTRACE_SETREGSET"))?;
@@ -330,30 +341,66 @@ impl Parasite {
     /// process's own private memory, which we write anyway), the rest, if any, through
     /// /proc/PID/mem.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        let pid = self.inj.pid;
-        let at = self.scratch.0 + off;
-        let remote = [RemoteRange { addr: RemoteAddr(at), len: buf.len() }];
-        let done = stasis_sys::mem::process_vm_readv(pid, buf, &remote).unwrap_or(0).min(buf.len());
-        if done == buf.len() {
-            return Ok(());
+        self.sync()?;
+        let end = off + buf.len() as u64;
+        if end > SCRATCH_LEN {
+            return read_remote(self.inj.pid, &self.mem, self.scratch.0 + off, buf);
         }
-        self.mem
-            .read_exact_at(&mut buf[done..], at + done as u64)
-            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })
+        let mut cache = self.cache.borrow_mut();
+        if cache.is_none() {
+            let mut all = vec![0u8; SCRATCH_LEN as usize];
+            read_remote(self.inj.pid, &self.mem, self.scratch.0, &mut all)?;
+            *cache = Some(all);
+        }
+        buf.copy_from_slice(&cache.as_deref().unwrap_or_default()[off as usize..end as usize]);
+        Ok(())
     }
 
-    /// Writes scratch bytes, as [`Parasite::read`] reads them.
+    /// Writes scratch bytes: queued, and made by [`Parasite::sync`] with every other
+    /// queued write, before the thread next runs or anything is read.
     pub fn write(&self, off: u64, buf: &[u8]) -> Result<()> {
-        let pid = self.inj.pid;
-        let at = self.scratch.0 + off;
-        let remote = [RemoteRange { addr: RemoteAddr(at), len: buf.len() }];
-        let done = stasis_sys::mem::process_vm_writev(pid, buf, &remote).unwrap_or(0).min(buf.len());
-        if done == buf.len() {
+        self.pending.borrow_mut().push((off, buf.to_vec()));
+        Ok(())
+    }
+
+    /// Makes the queued scratch writes: all with one process_vm_writev (one copy; the
+    /// scratch area is the process's own private memory), the rest, if any, through
+    /// /proc/PID/mem. Later writes win where they overlap earlier ones.
+    fn sync(&self) -> Result<()> {
+        let pending = std::mem::take(&mut *self.pending.borrow_mut());
+        if pending.is_empty() {
             return Ok(());
         }
-        self.mem
-            .write_all_at(&buf[done..], at + done as u64)
-            .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })
+        self.cache.borrow_mut().take();
+        let pid = self.inj.pid;
+        let bytes: Vec<u8> = pending.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        let remote: Vec<RemoteRange> =
+            pending.iter().map(|(off, b)| RemoteRange { addr: RemoteAddr(self.scratch.0 + off), len: b.len() }).collect();
+        let mut done = stasis_sys::mem::process_vm_writev(pid, &bytes, &remote).unwrap_or(0).min(bytes.len());
+        for (off, b) in &pending {
+            let skip = done.min(b.len());
+            done -= skip;
+            if skip < b.len() {
+                self.mem
+                    .write_all_at(&b[skip..], self.scratch.0 + off + skip as u64)
+                    .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back the stack bytes the scratch area covered; queued writes into it go.
+    fn put_back_stack(&self, was: &[u8]) -> Result<()> {
+        self.pending.borrow_mut().clear();
+        self.write(0, was)?;
+        self.sync()
+    }
+
+    /// An unprotected call with its result (what lands in memory is queued instead).
+    pub fn call(&mut self, name: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        self.sync()?;
+        self.cache.borrow_mut().take();
+        self.inj.call(name, nr, args)
     }
 
     pub fn read_u64(&self, off: u64) -> Result<u64> {
@@ -367,7 +414,7 @@ impl Parasite {
     pub fn finish(mut self) -> Result<()> {
         self.open = false;
         if let Some(was) = self.stack_bytes.take() {
-            return self.write(0, &was);
+            return self.put_back_stack(&was);
         }
         let (pid, tid) = (self.inj.pid, self.inj.tid);
         let mut inj = Injector::new(pid, tid, self.syscall_ip, self.plain);
@@ -379,13 +426,27 @@ impl Drop for Parasite {
     fn drop(&mut self) {
         if self.open {
             if let Some(was) = self.stack_bytes.take() {
-                let _ = self.write(0, &was);
+                let _ = self.put_back_stack(&was);
                 return;
             }
             let mut inj = Injector::new(self.inj.pid, self.inj.tid, self.syscall_ip, self.plain);
             let _ = inj.raw(libc::SYS_munmap, [self.scratch.0, self.scratch_len, 0, 0, 0, 0]);
         }
     }
+}
+
+/// Reads `buf.len()` bytes of `pid`'s memory at `at`: with process_vm_readv, the rest,
+/// if any, through its /proc/PID/mem (`mem`). Only for memory the session writes anyway:
+/// process_vm_readv pins what it reads, which gives the process its own copy of a page
+/// it shared copy-on-write.
+fn read_remote(pid: Pid, mem: &File, at: u64, buf: &mut [u8]) -> Result<()> {
+    let remote = [RemoteRange { addr: RemoteAddr(at), len: buf.len() }];
+    let done = stasis_sys::mem::process_vm_readv(pid, buf, &remote).unwrap_or(0).min(buf.len());
+    if done == buf.len() {
+        return Ok(());
+    }
+    mem.read_exact_at(&mut buf[done..], at + done as u64)
+        .map_err(|e| Error::Proc { pid, path: format!("/proc/{pid}/mem").into(), err: e })
 }
 
 /// Where a scratch area of `len` bytes fits on the process's main stack under the stack
