@@ -49,7 +49,7 @@ pub enum Error {
     PidTaken { pid: Pid, comm: String },
     #[error("/dev/pts/{index} (its master held by {holder} of the image) is taken by another pseudo-terminal; the tree knows its terminal by that name, so it comes back only as /dev/pts/{index}: restore once that one is closed")]
     PtyIndexTaken { index: u32, holder: String },
-    #[error("PID {pid} is still held by a zombie (its parent {parent} has not reaped it in 2 s); restore once it has")]
+    #[error("PID {pid} is still held by a zombie (its parent {parent} has not reaped it); restore once it has")]
     PidZombie { pid: Pid, parent: i32 },
     #[error("restore of pid {pid}: file {path} {what}")]
     FileChanged { pid: Pid, path: String, what: String },

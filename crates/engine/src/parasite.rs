@@ -337,9 +337,10 @@ impl Parasite {
         Ok(())
     }
 
-    /// Reads scratch bytes: with process_vm_readv (one copy; the scratch area is the
-    /// process's own private memory, which we write anyway), the rest, if any, through
-    /// /proc/PID/mem.
+    /// Reads scratch bytes, once the queued writes are made. The result area (the first
+    /// SCRATCH_LEN bytes) is read whole by the first read after calls ran, and later
+    /// reads of it are answered from that copy; anything else is read as asked (see
+    /// [`read_remote`]).
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.sync()?;
         let end = off + buf.len() as u64;

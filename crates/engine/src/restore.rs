@@ -301,15 +301,18 @@ struct Shared<'a> {
 /// reap them. A tree that `stasis dump` has just killed is zombies until its parents reap
 /// them, and an init or a busy shell may take a moment: a restore started right after the
 /// dump must not fail for that.
-pub const ZOMBIE_WAIT: Duration = Duration::from_secs(2);
+const ZOMBIE_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether `pid` is free, waiting until `deadline` for a zombie holding it to be reaped.
 fn check_pid_free(pid: Pid, deadline: Instant) -> Result<()> {
-    let mut nap = Duration::from_micros(100);
+    const FIRST_NAP: Duration = Duration::from_micros(100);
+    let mut nap = FIRST_NAP;
     loop {
         match read_stat(pid) {
             Ok(st) if st.state == 'Z' && Instant::now() < deadline => {
-                log::debug!("PID {pid} is a zombie of {}: waiting for it to be reaped", st.ppid);
+                if nap == FIRST_NAP {
+                    log::debug!("PID {pid} is a zombie of {}: waiting for it to be reaped", st.ppid);
+                }
                 std::thread::sleep(nap);
                 nap = (nap * 2).min(Duration::from_millis(5));
             }
