@@ -19,6 +19,7 @@ pub mod files;
 pub mod freeze;
 pub mod host;
 pub mod inject;
+pub mod kfacts;
 pub mod locks;
 pub mod mm;
 pub mod parasite;

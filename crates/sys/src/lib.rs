@@ -7,6 +7,8 @@
 #![allow(unsafe_code)]
 
 pub mod alloc;
+pub mod bpf;
+pub mod btf;
 pub mod cpu;
 pub mod events;
 pub mod mem;

@@ -268,6 +268,42 @@ pub fn set_altstack(sp: u64, flags: i32, size: u64) -> SysResult<()> {
     cvt(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) } as libc::c_long).map(drop)
 }
 
+/// The calling thread's alternate signal stack, as `sigaltstack(NULL, &old)` gives it:
+/// (sp, flags, size).
+pub fn own_altstack() -> SysResult<(u64, i32, u64)> {
+    let mut old = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: 0, ss_size: 0 };
+    // SAFETY: `old` is a valid stack_t for the kernel to fill; no new value.
+    cvt(unsafe { libc::sigaltstack(std::ptr::null(), &mut old) } as libc::c_long)?;
+    Ok((old.ss_sp as u64, old.ss_flags, old.ss_size as u64))
+}
+
+/// The calling thread's clear_child_tid address (`prctl(PR_GET_TID_ADDRESS)`).
+pub fn own_tid_address() -> SysResult<u64> {
+    const PR_GET_TID_ADDRESS: u64 = 40;
+    let mut addr = 0u64;
+    syscall6(libc::SYS_prctl, [PR_GET_TID_ADDRESS, &mut addr as *mut u64 as u64, 0, 0, 0, 0])?;
+    Ok(addr)
+}
+
+/// The calling process's program break (`brk(0)`).
+pub fn own_brk() -> u64 {
+    syscall6(libc::SYS_brk, [0; 6]).map_or(0, |b| b as u64)
+}
+
+/// The XSAVE features the calling process may use (`arch_prctl(ARCH_GET_XCOMP_PERM)`).
+pub fn own_xcomp_perm() -> SysResult<u64> {
+    const ARCH_GET_XCOMP_PERM: u64 = 0x1022;
+    let mut perm = 0u64;
+    syscall6(libc::SYS_arch_prctl, [ARCH_GET_XCOMP_PERM, &mut perm as *mut u64 as u64, 0, 0, 0, 0])?;
+    Ok(perm)
+}
+
+/// The calling thread's ID.
+pub fn gettid() -> Pid {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    Pid(unsafe { libc::syscall(libc::SYS_gettid) } as i32)
+}
+
 /// `personality(persona)`.
 pub fn set_personality(persona: u32) -> SysResult<()> {
     syscall6(libc::SYS_personality, [persona as u64, 0, 0, 0, 0, 0]).map(drop)

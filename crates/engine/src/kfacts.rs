@@ -1,0 +1,422 @@
+//! What the kernel keeps about the frozen tree's tasks and mappings, read in two passes of
+//! BPF iterators over the whole system instead of process by process: per thread its
+//! clear_child_tid address and alternate stack, per process its program break, XSAVE
+//! permissions and signal dispositions (all of which otherwise take injected calls, see
+//! [`crate::parasite`]), and per mapping its VM flags (otherwise /proc/PID/smaps, which
+//! walks every page table).
+//!
+//! The programs pick the tasks whose ptrace parent is this process (the frozen tree) and
+//! this process itself. Field offsets come from the running kernel's BTF. Before any of it
+//! is used, the values read for this process are compared with what system calls say of
+//! it (clear_child_tid, alternate stack, break, XSAVE permissions, dispositions); on any
+//! difference, or where BPF is not allowed, the dump takes the ways it took before.
+//! `STASIS_NO_BPF=1` asks for those ways outright.
+
+use stasis_image::{AltStack, SigAction};
+use stasis_sys::bpf::{self, Asm, Insn, R0, R1, R10, R2, R3, R6, R7, R8};
+use stasis_sys::btf::{Btf, BtfError};
+use std::collections::HashMap;
+
+const NSIG: usize = 64;
+/// Bytes of one `struct k_sigaction` on x86-64: handler, flags, restorer, mask.
+const ACTION_LEN: usize = 32;
+/// Disposition flags rt_sigaction reports (kernel/signal.c UAPI_SA_FLAGS on x86-64).
+const UAPI_SA_FLAGS: u64 = 0x1 | 0x2 | 0x4 | 0x800 | 0x0400_0000 | 0x0800_0000 | 0x1000_0000 | 0x4000_0000 | 0x8000_0000;
+/// The XSAVE features ARCH_GET_XCOMP_PERM reports: the user state components
+/// (arch/x86/include/asm/fpu/xstate.h XFEATURE_MASK_USER_SUPPORTED: x87 to AVX-512, MPX,
+/// PKRU, AMX, APX), not the supervisor ones the kernel keeps in the same mask.
+const XFEATURES_USER: u64 = 0xff | 1 << 9 | 1 << 17 | 1 << 18 | 1 << 19;
+const SS_ONSTACK: i32 = 1;
+const SS_DISABLE: i32 = 2;
+const SS_AUTODISARM: u32 = 1 << 31;
+
+/// A thread's kernel-held addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreadFacts {
+    pub clear_child_tid: u64,
+    ss_sp: u64,
+    ss_size: u64,
+    ss_flags: u32,
+}
+
+impl ThreadFacts {
+    /// The alternate stack as `sigaltstack` would report it to the thread with its stack
+    /// pointer at `sp` (include/linux/sched/signal.h: sas_ss_flags, on_sig_stack).
+    pub fn altstack(&self, sp: u64) -> AltStack {
+        let on = self.ss_flags & SS_AUTODISARM == 0 && sp > self.ss_sp && sp - self.ss_sp <= self.ss_size;
+        let state = match (self.ss_size, on) {
+            (0, _) => SS_DISABLE,
+            (_, true) => SS_ONSTACK,
+            _ => 0,
+        };
+        AltStack { sp: self.ss_sp, flags: state | (self.ss_flags & SS_AUTODISARM) as i32, size: self.ss_size }
+    }
+}
+
+/// A process's program break, XSAVE permissions and dispositions (those not default).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcFacts {
+    pub brk: u64,
+    pub xcomp_perm: u64,
+    pub actions: Vec<SigAction>,
+}
+
+/// One mapping: its range and VM flags (include/linux/mm.h VM_*).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub flags: u64,
+}
+
+/// Everything read, by TID or PID.
+#[derive(Default, Debug)]
+pub struct Facts {
+    pub threads: HashMap<i32, ThreadFacts>,
+    pub procs: HashMap<i32, ProcFacts>,
+    pub vmas: HashMap<i32, Vec<Vma>>,
+}
+
+/// Where the fields the programs read lie in the running kernel's structures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    iter_task: u32,
+    iter_task_vma: u32,
+    meta_seq: i16,
+    pid: i16,
+    tgid: i16,
+    parent: i16,
+    clear_child_tid: i16,
+    sas_ss_sp: i16,
+    sas_ss_size: i16,
+    sas_ss_flags: i16,
+    sighand: i16,
+    mm: i16,
+    /// Of the group permissions of XSAVE features, from the task pointer.
+    xcomp_perm: i32,
+    action: i32,
+    brk: i16,
+    vm_start: i16,
+    vm_end: i16,
+    vm_flags: i16,
+}
+
+fn off(btf: &Btf, strukt: &str, path: &str, size: u32) -> Result<i16, BtfError> {
+    let f = btf.field(strukt, path)?;
+    if f.size != size {
+        return Err(BtfError(format!("{strukt}.{path} is {} bytes, not {size}", f.size)));
+    }
+    i16::try_from(f.offset).map_err(|_| BtfError(format!("{strukt}.{path} lies too far in")))
+}
+
+impl Layout {
+    fn read(btf: &Btf) -> Result<Layout, BtfError> {
+        let action = btf.field("sighand_struct", "action")?;
+        let (elem, n) = btf.array(action.type_id)?;
+        if n as usize != NSIG || btf.size_of(elem)? as usize != ACTION_LEN || btf.field("k_sigaction", "sa.sa_mask")?.offset != 24 {
+            return Err(BtfError("sighand_struct.action is not 64 x86-64 sigactions".into()));
+        }
+        // XSAVE permissions: in `struct fpu`, which recent kernels place right after the
+        // task_struct (x86_task_fpu), older ones in thread_struct.
+        let perm = btf.field("fpu", "perm.__state_perm")?.offset;
+        let fpu = match btf.field("task_struct", "thread.fpu") {
+            Ok(f) if btf.size_of(f.type_id)? > 8 => f.offset,
+            _ => btf.size_of(btf.struct_id("task_struct")?)?,
+        };
+        Ok(Layout {
+            iter_task: btf.func_id("bpf_iter_task")?,
+            iter_task_vma: btf.func_id("bpf_iter_task_vma")?,
+            meta_seq: off(btf, "bpf_iter_meta", "seq", 8)?,
+            pid: off(btf, "task_struct", "pid", 4)?,
+            tgid: off(btf, "task_struct", "tgid", 4)?,
+            parent: off(btf, "task_struct", "parent", 8)?,
+            clear_child_tid: off(btf, "task_struct", "clear_child_tid", 8)?,
+            sas_ss_sp: off(btf, "task_struct", "sas_ss_sp", 8)?,
+            sas_ss_size: off(btf, "task_struct", "sas_ss_size", 8)?,
+            sas_ss_flags: off(btf, "task_struct", "sas_ss_flags", 4)?,
+            sighand: off(btf, "task_struct", "sighand", 8)?,
+            mm: off(btf, "task_struct", "mm", 8)?,
+            xcomp_perm: (fpu + perm) as i32,
+            action: action.offset as i32,
+            brk: off(btf, "mm_struct", "brk", 8)?,
+            vm_start: off(btf, "vm_area_struct", "vm_start", 8)?,
+            vm_end: off(btf, "vm_area_struct", "vm_end", 8)?,
+            vm_flags: off(btf, "vm_area_struct", "vm_flags", 8)?,
+        })
+    }
+}
+
+/// Bytes of a task record's header, written at fp - HDR_AT (under the pointer slot).
+const TASK_HDR: i16 = 64;
+const HDR_AT: i16 = TASK_HDR + PTR_SLOT;
+/// The dispositions go out 256 bytes at a time from fp-320.
+const CHUNK: i32 = 256;
+
+/// Scratch slot on the stack for pointers read with [`probe_read`].
+const PTR_SLOT: i16 = 8;
+
+/// `dst = *(u64 *)(src + off)` for a pointer field, read with bpf_probe_read_kernel: the
+/// verifier then sees a number, not a typed pointer, and need not look up whether the
+/// pointer is trusted (a scan of all the kernel's types, 0.2 ms per load). A fault
+/// gives 0.
+fn load_ptr(a: &mut Asm, dst: u8, src: u8, off: i32) {
+    probe_read(a, PTR_SLOT, 8, src, off);
+    a.push(bpf::ldx(8, dst, R10, -PTR_SLOT));
+}
+
+/// Jumps to `out` unless the task in R7 is traced by process `us` or (`and_self`) is one
+/// of its threads. Leaves its tgid in R3.
+fn pick_tasks(a: &mut Asm, l: &Layout, us: i32, and_self: bool, out: usize) {
+    let take = a.label();
+    load_ptr(a, R1, R7, l.parent as i32);
+    probe_read(a, PTR_SLOT, 4, R1, l.tgid as i32);
+    a.push(bpf::ldx(4, R2, R10, -PTR_SLOT));
+    a.push(bpf::ldx(4, R3, R7, l.tgid));
+    a.jump(bpf::jeq_imm(R2, us, 0), take);
+    if and_self {
+        a.jump(bpf::jeq_imm(R3, us, 0), take);
+    }
+    a.jump(bpf::ja(0), out);
+    a.place(take);
+}
+
+/// `bpf_seq_write(seq in R6, fp - at, len)`.
+fn seq_write(a: &mut Asm, at: i16, len: i32) {
+    a.push(bpf::mov(R1, R6)).push(bpf::mov(R2, R10)).push(bpf::add_imm(R2, -(at as i32)));
+    a.push(bpf::mov_imm(R3, len)).push(bpf::call(bpf::FUNC_SEQ_WRITE));
+}
+
+/// `bpf_probe_read_kernel(fp - at, len, R{src} + off)`.
+fn probe_read(a: &mut Asm, at: i16, len: i32, src: u8, off: i32) {
+    a.push(bpf::mov(R1, R10)).push(bpf::add_imm(R1, -(at as i32))).push(bpf::mov_imm(R2, len));
+    a.push(bpf::mov(R3, src)).push(bpf::add_imm(R3, off)).push(bpf::call(bpf::FUNC_PROBE_READ_KERNEL));
+}
+
+/// Per task: a 64-byte header (tid, tgid, clear_child_tid, sas_ss_sp, sas_ss_size,
+/// sas_ss_flags, whether the process part follows, brk, XSAVE permissions, sighand),
+/// then for a group leader with signal handlers the 64 dispositions.
+fn task_prog(l: &Layout, us: i32) -> Vec<Insn> {
+    let mut a = Asm::default();
+    let out = a.label();
+    let thread_only = a.label();
+    let no_mm = a.label();
+    a.push(bpf::ldx(8, R6, R1, 0)).push(bpf::ldx(8, R7, R1, 8));
+    a.jump(bpf::jeq_imm(R7, 0, 0), out);
+    a.push(bpf::ldx(8, R6, R6, l.meta_seq));
+    pick_tasks(&mut a, l, us, true, out);
+    let h = -HDR_AT;
+    a.push(bpf::stx(4, R10, h + 4, R3));
+    a.push(bpf::st(4, R10, h + 36, 0)).push(bpf::st(8, R10, h + 40, 0));
+    for (field, at, len) in [(l.pid, 0, 4), (l.clear_child_tid, 8, 8), (l.sas_ss_sp, 16, 8), (l.sas_ss_size, 24, 8), (l.sas_ss_flags, 32, 4)] {
+        probe_read(&mut a, HDR_AT - at, len, R7, field as i32);
+    }
+    a.push(bpf::st(8, R10, h + 48, 0)).push(bpf::st(8, R10, h + 56, 0));
+    a.push(bpf::ldx(4, R2, R10, h)).push(bpf::ldx(4, R3, R10, h + 4));
+    a.jump(bpf::jne32(R2, R3, 0), thread_only);
+    a.push(bpf::st(4, R10, h + 36, 1));
+    load_ptr(&mut a, R8, R7, l.mm as i32);
+    a.jump(bpf::jeq_imm(R8, 0, 0), no_mm);
+    probe_read(&mut a, HDR_AT - 40, 8, R8, l.brk as i32);
+    a.place(no_mm);
+    probe_read(&mut a, HDR_AT - 48, 8, R7, l.xcomp_perm);
+    probe_read(&mut a, HDR_AT - 56, 8, R7, l.sighand as i32);
+    a.place(thread_only);
+    seq_write(&mut a, HDR_AT, TASK_HDR as i32);
+    a.push(bpf::ldx(4, R2, R10, h + 36));
+    a.jump(bpf::jeq_imm(R2, 0, 0), out);
+    a.push(bpf::ldx(8, R8, R10, h + 56));
+    a.jump(bpf::jeq_imm(R8, 0, 0), out);
+    let buf = HDR_AT + CHUNK as i16;
+    for i in 0..(NSIG * ACTION_LEN) as i32 / CHUNK {
+        probe_read(&mut a, buf, CHUNK, R8, l.action + i * CHUNK);
+        seq_write(&mut a, buf, CHUNK);
+    }
+    a.place(out);
+    a.push(bpf::mov_imm(R0, 0)).push(bpf::exit());
+    a.finish()
+}
+
+/// Per mapping of a traced process: tgid, 0, start, end, flags (32 bytes).
+fn vma_prog(l: &Layout, us: i32) -> Vec<Insn> {
+    let mut a = Asm::default();
+    let out = a.label();
+    a.push(bpf::ldx(8, R6, R1, 0)).push(bpf::ldx(8, R7, R1, 8)).push(bpf::ldx(8, R8, R1, 16));
+    a.jump(bpf::jeq_imm(R7, 0, 0), out);
+    a.jump(bpf::jeq_imm(R8, 0, 0), out);
+    a.push(bpf::ldx(8, R6, R6, l.meta_seq));
+    pick_tasks(&mut a, l, us, false, out);
+    a.push(bpf::stx(4, R10, -32, R3)).push(bpf::st(4, R10, -28, 0));
+    for (field, at) in [(l.vm_start, -24), (l.vm_end, -16), (l.vm_flags, -8)] {
+        a.push(bpf::ldx(8, R1, R8, field)).push(bpf::stx(8, R10, at, R1));
+    }
+    seq_write(&mut a, 32, 32);
+    a.place(out);
+    a.push(bpf::mov_imm(R0, 0)).push(bpf::exit());
+    a.finish()
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default())
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default())
+}
+
+/// The dispositions that are not the default, from the kernel's 64 `k_sigaction`s.
+fn actions(raw: &[u8]) -> Vec<SigAction> {
+    (1..=NSIG as i32)
+        .filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP)
+        .filter_map(|sig| {
+            let o = (sig as usize - 1) * ACTION_LEN;
+            let a = SigAction {
+                sig,
+                handler: u64_at(raw, o),
+                flags: u64_at(raw, o + 8) & UAPI_SA_FLAGS,
+                restorer: u64_at(raw, o + 16),
+                mask: u64_at(raw, o + 24),
+            };
+            (a.handler != 0 || a.flags != 0 || a.mask != 0).then_some(a)
+        })
+        .collect()
+}
+
+fn parse_tasks(out: &[u8], facts: &mut Facts) -> Result<(), String> {
+    let mut at = 0;
+    while at < out.len() {
+        let h = out.get(at..at + TASK_HDR as usize).ok_or("a task record is cut short")?;
+        at += TASK_HDR as usize;
+        let (tid, tgid) = (u32_at(h, 0) as i32, u32_at(h, 4) as i32);
+        facts.threads.insert(
+            tid,
+            ThreadFacts { clear_child_tid: u64_at(h, 8), ss_sp: u64_at(h, 16), ss_size: u64_at(h, 24), ss_flags: u32_at(h, 32) },
+        );
+        if u32_at(h, 36) == 0 {
+            continue;
+        }
+        let actions = match u64_at(h, 56) {
+            0 => Vec::new(),
+            _ => {
+                let raw = out.get(at..at + NSIG * ACTION_LEN).ok_or("a task's dispositions are cut short")?;
+                at += NSIG * ACTION_LEN;
+                actions(raw)
+            }
+        };
+        facts.procs.insert(tgid, ProcFacts { brk: u64_at(h, 40), xcomp_perm: u64_at(h, 48) & XFEATURES_USER, actions });
+    }
+    Ok(())
+}
+
+fn parse_vmas(out: &[u8], facts: &mut Facts) -> Result<(), String> {
+    if !out.len().is_multiple_of(32) {
+        return Err("a mapping record is cut short".into());
+    }
+    for r in out.chunks_exact(32) {
+        let v = Vma { start: u64_at(r, 8), end: u64_at(r, 16), flags: u64_at(r, 24) };
+        facts.vmas.entry(u32_at(r, 0) as i32).or_default().push(v);
+    }
+    Ok(())
+}
+
+/// Compares what the programs read of this process and thread with what system calls
+/// say: a wrong offset shows up here before any of it goes into an image.
+fn check_self(facts: &Facts) -> Result<(), String> {
+    use stasis_sys::proc as sp;
+    let (pid, tid) = (sp::getpid(), sp::gettid());
+    let t = facts.threads.get(&tid.0).ok_or("this thread is not in the task records")?;
+    let p = facts.procs.get(&pid.0).ok_or("this process is not in the task records")?;
+    fn e(what: &'static str) -> impl Fn(stasis_sys::Errno) -> String {
+        move |err| format!("{what}: {err}")
+    }
+    let tid_addr = sp::own_tid_address().map_err(e("PR_GET_TID_ADDRESS"))?;
+    if t.clear_child_tid != tid_addr {
+        return Err(format!("clear_child_tid {:#x}, not {tid_addr:#x}", t.clear_child_tid));
+    }
+    let (ss_sp, ss_flags, ss_size) = sp::own_altstack().map_err(e("sigaltstack"))?;
+    let here = &ss_sp as *const u64 as u64;
+    let alt = t.altstack(here);
+    if (alt.sp, alt.flags, alt.size) != (ss_sp, ss_flags, ss_size) {
+        return Err(format!("alternate stack {alt:?}, not ({ss_sp:#x}, {ss_flags}, {ss_size})"));
+    }
+    if p.brk != sp::own_brk() {
+        return Err(format!("brk {:#x}, not {:#x}", p.brk, sp::own_brk()));
+    }
+    match sp::own_xcomp_perm() {
+        Ok(perm) if perm != p.xcomp_perm => return Err(format!("XSAVE permissions {:#x}, not {perm:#x}", p.xcomp_perm)),
+        _ => {}
+    }
+    let mut own = Vec::new();
+    for sig in (1..=NSIG as i32).filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP) {
+        let k = sp::own_sigaction(sig).map_err(e("rt_sigaction"))?;
+        if k.handler != 0 || k.flags != 0 || k.mask != 0 {
+            own.push(SigAction { sig, handler: k.handler, flags: k.flags, restorer: k.restorer, mask: k.mask });
+        }
+    }
+    if own != p.actions {
+        return Err(format!("dispositions {:?}, not {own:?}", p.actions));
+    }
+    Ok(())
+}
+
+/// Field offsets on this kernel, found once per process.
+fn layout() -> Result<Layout, String> {
+    static LAYOUT: std::sync::OnceLock<Result<Layout, String>> = std::sync::OnceLock::new();
+    LAYOUT.get_or_init(|| Btf::vmlinux().and_then(|b| Layout::read(&b)).map_err(|e| e.0)).clone()
+}
+
+/// Reads the facts of every task traced by this process (the frozen tree), or says why
+/// it cannot.
+pub fn read() -> Result<Facts, String> {
+    if std::env::var_os("STASIS_NO_BPF").is_some_and(|v| v == "1") {
+        return Err("STASIS_NO_BPF=1".into());
+    }
+    let l = layout()?;
+    let us = stasis_sys::proc::getpid().0;
+    let load = |name: &str, prog: &[Insn], func| bpf::load_iter(name, prog, func).map_err(|e| format!("loading {name}: {e}"));
+    let tasks = load("stasis_tasks", &task_prog(&l, us), l.iter_task)?;
+    let vmas = load("stasis_vmas", &vma_prog(&l, us), l.iter_task_vma)?;
+    let mut facts = Facts::default();
+    let run = |p| bpf::run_iter(p).map_err(|e| format!("reading a BPF iterator: {e}"));
+    parse_tasks(&run(&tasks)?, &mut facts)?;
+    check_self(&facts)?;
+    parse_vmas(&run(&vmas)?, &mut facts)?;
+    Ok(facts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process_as_system_calls_do() {
+        match read() {
+            Ok(f) => assert!(f.procs.contains_key(&(std::process::id() as i32))),
+            Err(e) => eprintln!("no BPF here ({e}): skipped"),
+        }
+    }
+
+    #[test]
+    fn altstack_flags_as_the_kernel_reports_them() {
+        let t = ThreadFacts { clear_child_tid: 0, ss_sp: 0x1000, ss_size: 0x1000, ss_flags: 0 };
+        assert_eq!(t.altstack(0x1800).flags, SS_ONSTACK);
+        assert_eq!(t.altstack(0x1000).flags, 0);
+        assert_eq!(t.altstack(0x2000).flags, SS_ONSTACK);
+        assert_eq!(t.altstack(0x2001).flags, 0);
+        let d = ThreadFacts { ss_flags: SS_AUTODISARM, ..t };
+        assert_eq!(d.altstack(0x1800).flags, SS_AUTODISARM as i32);
+        let none = ThreadFacts { ss_sp: 0, ss_size: 0, ..t };
+        assert_eq!(none.altstack(0x1800), AltStack { sp: 0, flags: SS_DISABLE, size: 0 });
+    }
+
+    #[test]
+    fn dispositions_keep_only_what_is_set_and_reported() {
+        let mut raw = vec![0u8; NSIG * ACTION_LEN];
+        // SIGINT (2): a handler with SA_SIGINFO and an internal bit the kernel hides.
+        raw[32..40].copy_from_slice(&0x4010u64.to_le_bytes());
+        raw[40..48].copy_from_slice(&(0x4 | 0x0080_0000u64).to_le_bytes());
+        // SIGKILL (9) never counts.
+        raw[8 * 32..8 * 32 + 8].copy_from_slice(&1u64.to_le_bytes());
+        let a = actions(&raw);
+        assert_eq!(a, vec![SigAction { sig: 2, handler: 0x4010, flags: 0x4, restorer: 0, mask: 0 }]);
+    }
+}
