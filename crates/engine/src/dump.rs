@@ -15,7 +15,7 @@ use crate::parasite::{CodeCache, Parasite};
 use crate::procfs::{self, PF_KTHREAD};
 use crate::shmem::ShmemDump;
 use crate::tracers::{self, Tracers};
-use crate::{epoll, fifo, files, host, locks, mm, pidns, signals, task, threads, tty, vmshare};
+use crate::{epoll, fifo, files, host, kfacts, locks, mm, pidns, signals, task, threads, tty, vmshare};
 use stasis_image::{Image, ImageWriter, MmRecord, ProcessRecord};
 use stasis_sys::Pid;
 use std::path::PathBuf;
@@ -232,8 +232,16 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpStats> {
     let mut phases = vec![("freeze", frozen_at.elapsed())];
     let (mut image, nthreads, drained) = std::thread::scope(|s| {
         let tables = s.spawn(|| table_groups(&members));
+        let facts = s.spawn(|| match kfacts::read() {
+            Ok(f) => Some(Arc::new(f)),
+            Err(why) => {
+                log::debug!("kernel facts by BPF: {why}; injected calls and smaps instead");
+                None
+            }
+        });
         let sharing = address_spaces(root, &members)?;
-        collect_tree(root, &members, &mut tracers, &sharing, tables, &mut writer, opts, host, &mut phases)
+        let facts = facts.join().map_err(|_| Error::TracerLost)?;
+        collect_tree(root, &members, &mut tracers, &sharing, tables, facts, &mut writer, opts, host, &mut phases)
     })?;
     let memory_bytes = writer.pages_len();
     log::debug!("pid {root}: state collected, {memory_bytes} bytes of pages written");
@@ -320,7 +328,7 @@ fn collect_members(
             .filter_map(|(i, m)| Some((i, m.pid, m.proc.clone()?)))
             .collect();
         let (code, failed, work_tx, done_tx) = (code.clone(), failed.clone(), work_tx.clone(), done_tx.clone());
-        let (vm_shared, rank) = (vm_shared.clone(), rank.clone());
+        let (vm_shared, rank, facts) = (vm_shared.clone(), rank.clone(), info.facts.clone());
         tracers.run(w, move |held| {
             for (i, pid, proc) in mine {
                 if rank[i] > failed.load(Ordering::SeqCst) {
@@ -329,7 +337,7 @@ fn collect_members(
                 let vm_shared = vm_shared[i];
                 let r = stasis_sys::proc::pidfd_open(pid)
                     .map_err(Error::sys(pid, "pidfd_open"))
-                    .and_then(|pidfd| Ok((pidfd, inject_part(pid, tracers::held(held, pid)?, proc, &code, vm_shared)?)));
+                    .and_then(|pidfd| Ok((pidfd, inject_part(pid, tracers::held(held, pid)?, proc, &code, vm_shared, facts.as_deref())?)));
                 match r {
                     Ok((pidfd, inj)) => {
                         let _ = work_tx.send((i, pid, pidfd, inj));
@@ -427,6 +435,7 @@ fn collect_tree(
     tracers: &mut Tracers,
     sharing: &vmshare::Sharing,
     tables: std::thread::ScopedJoinHandle<'_, Result<TableGroups>>,
+    facts: Option<Arc<kfacts::Facts>>,
     writer: &mut ImageWriter,
     opts: &DumpOptions,
     host: stasis_image::HostInfo,
@@ -441,7 +450,15 @@ fn collect_tree(
     let view = pidns::TreeView::read(&tasks, &statuses)?;
     let sids: std::collections::HashMap<Pid, i32> =
         members.iter().filter_map(|m| Some((m.pid, m.proc.as_ref()?.0.session))).collect();
-    let info = TreeInfo { opts, sids: &sids, root, objects: std::sync::Mutex::new(ShmemDump::default()), mapped_files: Default::default(), sharing };
+    let info = TreeInfo {
+        opts,
+        sids: &sids,
+        root,
+        objects: std::sync::Mutex::new(ShmemDump::default()),
+        mapped_files: Default::default(),
+        sharing,
+        facts,
+    };
     let (procs, fds, pidfds, mms, nthreads) = collect_members(members, tracers, &info)?;
     phases.push(("collect", lap.next()));
     let mut procs = procs;
@@ -800,7 +817,13 @@ fn inject_part(
     proc: Box<(procfs::Stat, procfs::Status)>,
     code: &std::sync::Mutex<CodeCache>,
     vm_shared: bool,
+    facts: Option<&kfacts::Facts>,
 ) -> Result<Injected> {
+    if let Some(done) = facts.and_then(|f| from_facts(pid, frozen, &proc, f, vm_shared)) {
+        let (sigactions, brk, xcomp_perm, threads, maps) = done?;
+        let shared_pending = signals::dump_pending(pid, pid, true)?;
+        return Ok(Injected { sigactions, brk, xcomp_perm, threads, shared_pending, proc, maps });
+    }
     let status = &proc.1;
     let nthreads = frozen.threads.len();
     let main = &mut frozen.threads[0];
@@ -850,6 +873,42 @@ fn inject_part(
     Ok(Injected { sigactions, brk, xcomp_perm, threads, shared_pending: signals::dump_pending(pid, pid, true)?, proc, maps })
 }
 
+/// What [`inject_part`] gets by injected calls, from what BPF read instead (see
+/// [`kfacts`]): dispositions, break, XSAVE permissions, threads, and the mappings of a
+/// process that shares its address space. None if BPF missed the process or a thread.
+#[allow(clippy::type_complexity)]
+fn from_facts(
+    pid: Pid,
+    frozen: &Frozen,
+    proc: &(procfs::Stat, procfs::Status),
+    facts: &kfacts::Facts,
+    vm_shared: bool,
+) -> Option<Result<(Vec<stasis_image::SigAction>, u64, u64, Vec<stasis_image::ThreadRecord>, Option<Vec<procfs::MapEntry>>)>> {
+    let p = facts.procs.get(&pid.0)?;
+    let per_thread: Vec<&kfacts::ThreadFacts> = frozen.threads.iter().map(|t| facts.threads.get(&t.tid.0)).collect::<Option<_>>()?;
+    let threads = frozen.threads.iter().zip(per_thread).enumerate().map(|(i, (t, f))| {
+        let inside = threads::Inside {
+            xstate: threads::xstate(pid, t.tid)?,
+            clear_child_tid: f.clear_child_tid,
+            altstack: f.altstack(t.regs.rsp),
+        };
+        threads::record(pid, t, inside, (i == 0).then_some(proc.0.comm.as_str()))
+    });
+    let threads = match threads.collect::<Result<Vec<_>>>() {
+        Ok(t) => t,
+        Err(e) => return Some(Err(e)),
+    };
+    let maps = match vm_shared {
+        true => match mm::read_maps_with(pid, facts.vmas.get(&pid.0).map(Vec::as_slice)) {
+            Ok(m) => Some(m),
+            Err(e) => return Some(Err(e)),
+        },
+        false => None,
+    };
+    log::debug!("pid {pid}: read by BPF, no injected calls");
+    Some(Ok((p.actions.clone(), p.brk, p.xcomp_perm, threads, maps)))
+}
+
 /// What the tree-wide steps of collect_tree need to know of every process.
 struct TreeInfo<'a> {
     opts: &'a DumpOptions,
@@ -858,6 +917,8 @@ struct TreeInfo<'a> {
     objects: std::sync::Mutex<ShmemDump>,
     mapped_files: mm::MappedFiles,
     sharing: &'a vmshare::Sharing,
+    /// What BPF read of every traced task, if it could.
+    facts: Option<Arc<kfacts::Facts>>,
 }
 
 /// The rest of one live process, read from /proc and its descriptors (no ptrace: any
@@ -887,7 +948,7 @@ fn proc_part(
         None => {
             let maps = match inj.maps {
                 Some(m) => m,
-                None => mm::read_maps(pid)?,
+                None => mm::read_maps_with(pid, t.facts.as_ref().and_then(|f| f.vmas.get(&pid.0)).map(Vec::as_slice))?,
             };
             log::debug!("pid {pid}: {} mappings to plan", maps.len());
             Some(mm::plan(pid, &maps, &t.objects, &t.mapped_files)?)

@@ -69,6 +69,47 @@ pub struct Vma {
     pub flags: u64,
 }
 
+/// The VM flags smaps names (fs/proc/task_mmu.c, show_smap_vma_flags) that a dump uses or
+/// [`matches_maps`] checks, with their bits (include/linux/mm.h).
+const VM_MNEMONICS: [(&str, u64); 16] = [
+    ("rd", 0x1),
+    ("wr", 0x2),
+    ("ex", 0x4),
+    ("sh", 0x8),
+    ("mr", 0x10),
+    ("mw", 0x20),
+    ("me", 0x40),
+    ("ms", 0x80),
+    ("gd", 0x100),
+    ("lo", 0x2000),
+    ("dc", 0x2_0000),
+    ("wf", 0x200_0000),
+    ("dd", 0x400_0000),
+    ("hg", 0x2000_0000),
+    ("nh", 0x4000_0000),
+    ("mg", 0x8000_0000),
+];
+const VM_READ: u64 = 0x1;
+const VM_WRITE: u64 = 0x2;
+const VM_EXEC: u64 = 0x4;
+const VM_MAYSHARE: u64 = 0x80;
+
+impl Vma {
+    /// Its flags as smaps would spell them (those of [`VM_MNEMONICS`]).
+    pub fn mnemonics(&self) -> String {
+        let names: Vec<&str> = VM_MNEMONICS.iter().filter(|(_, b)| self.flags & b != 0).map(|(n, _)| *n).collect();
+        names.join(" ")
+    }
+
+    /// Whether this is the mapping `m` of /proc/PID/maps: the same range and the same
+    /// permissions (maps prints VM_MAYSHARE as `s`).
+    pub fn matches_maps(&self, m: &crate::procfs::MapEntry) -> bool {
+        let bit = |b: u64| self.flags & b != 0;
+        (self.start, self.end) == (m.start, m.end)
+            && (bit(VM_READ), bit(VM_WRITE), bit(VM_EXEC), bit(VM_MAYSHARE)) == (m.read, m.write, m.exec, m.shared)
+    }
+}
+
 /// Everything read, by TID or PID.
 #[derive(Default, Debug)]
 pub struct Facts {
@@ -188,8 +229,10 @@ fn seq_write(a: &mut Asm, at: i16, len: i32) {
 
 /// `bpf_probe_read_kernel(fp - at, len, R{src} + off)`.
 fn probe_read(a: &mut Asm, at: i16, len: i32, src: u8, off: i32) {
+    // R3 first: `src` may be R1 or R2.
+    a.push(bpf::mov(R3, src)).push(bpf::add_imm(R3, off));
     a.push(bpf::mov(R1, R10)).push(bpf::add_imm(R1, -(at as i32))).push(bpf::mov_imm(R2, len));
-    a.push(bpf::mov(R3, src)).push(bpf::add_imm(R3, off)).push(bpf::call(bpf::FUNC_PROBE_READ_KERNEL));
+    a.push(bpf::call(bpf::FUNC_PROBE_READ_KERNEL));
 }
 
 /// Per task: a 64-byte header (tid, tgid, clear_child_tid, sas_ss_sp, sas_ss_size,
@@ -236,7 +279,7 @@ fn task_prog(l: &Layout, us: i32) -> Vec<Insn> {
     a.finish()
 }
 
-/// Per mapping of a traced process: tgid, 0, start, end, flags (32 bytes).
+/// Per mapping of a traced process (and of this one, for tests): tgid, 0, start, end, flags (32 bytes).
 fn vma_prog(l: &Layout, us: i32) -> Vec<Insn> {
     let mut a = Asm::default();
     let out = a.label();
@@ -244,7 +287,7 @@ fn vma_prog(l: &Layout, us: i32) -> Vec<Insn> {
     a.jump(bpf::jeq_imm(R7, 0, 0), out);
     a.jump(bpf::jeq_imm(R8, 0, 0), out);
     a.push(bpf::ldx(8, R6, R6, l.meta_seq));
-    pick_tasks(&mut a, l, us, false, out);
+    pick_tasks(&mut a, l, us, true, out);
     a.push(bpf::stx(4, R10, -32, R3)).push(bpf::st(4, R10, -28, 0));
     for (field, at) in [(l.vm_start, -24), (l.vm_end, -16), (l.vm_flags, -8)] {
         a.push(bpf::ldx(8, R1, R8, field)).push(bpf::stx(8, R10, at, R1));
@@ -358,10 +401,94 @@ fn check_self(facts: &Facts) -> Result<(), String> {
     Ok(())
 }
 
-/// Field offsets on this kernel, found once per process.
+/// Where the layout found in the kernel's BTF is kept until the next boot (reading and
+/// parsing 5 MiB of BTF takes about 10 ms, more than the rest of this module's work for
+/// a hundred processes). Keyed by the boot ID: a new boot may run another kernel.
+const LAYOUT_CACHE: &str = "/run/stasis/btf-layout-v1";
+
+impl Layout {
+    fn to_words(self) -> Vec<i64> {
+        let l = self;
+        [l.iter_task as i64, l.iter_task_vma as i64, l.xcomp_perm as i64, l.action as i64]
+            .into_iter()
+            .chain(
+                [l.meta_seq, l.pid, l.tgid, l.parent, l.clear_child_tid, l.sas_ss_sp, l.sas_ss_size, l.sas_ss_flags]
+                    .map(i64::from),
+            )
+            .chain([l.sighand, l.mm, l.brk, l.vm_start, l.vm_end, l.vm_flags].map(i64::from))
+            .collect()
+    }
+
+    fn from_words(w: &[i64]) -> Option<Layout> {
+        let s = |i: usize| w.get(i).and_then(|&v| i16::try_from(v).ok());
+        let (Some(&t), Some(&tv), Some(&perm), Some(&act)) = (w.first(), w.get(1), w.get(2), w.get(3)) else {
+            return None;
+        };
+        (w.len() == 18).then_some(())?;
+        Some(Layout {
+            iter_task: u32::try_from(t).ok()?,
+            iter_task_vma: u32::try_from(tv).ok()?,
+            xcomp_perm: i32::try_from(perm).ok()?,
+            action: i32::try_from(act).ok()?,
+            meta_seq: s(4)?,
+            pid: s(5)?,
+            tgid: s(6)?,
+            parent: s(7)?,
+            clear_child_tid: s(8)?,
+            sas_ss_sp: s(9)?,
+            sas_ss_size: s(10)?,
+            sas_ss_flags: s(11)?,
+            sighand: s(12)?,
+            mm: s(13)?,
+            brk: s(14)?,
+            vm_start: s(15)?,
+            vm_end: s(16)?,
+            vm_flags: s(17)?,
+        })
+    }
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
+}
+
+fn cached_layout(boot: &str) -> Option<Layout> {
+    let text = std::fs::read_to_string(LAYOUT_CACHE).ok()?;
+    let (id, words) = text.split_once('\n')?;
+    (id == boot).then_some(())?;
+    let w: Vec<i64> = words.split_whitespace().map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    Layout::from_words(&w)
+}
+
+/// Keeps `l` for the next dumps of this boot; best effort (a read-only /run only costs
+/// the next dump the parse).
+fn store_layout(boot: &str, l: Layout) {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::path::Path::new(LAYOUT_CACHE).parent().unwrap_or(std::path::Path::new("/run"));
+    let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+    let words: Vec<String> = l.to_words().iter().map(|w| w.to_string()).collect();
+    let tmp = format!("{LAYOUT_CACHE}.{}", std::process::id());
+    if std::fs::write(&tmp, format!("{boot}\n{}\n", words.join(" "))).is_ok() && std::fs::rename(&tmp, LAYOUT_CACHE).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Field offsets on this kernel: from the cache of this boot, else from the BTF.
 fn layout() -> Result<Layout, String> {
     static LAYOUT: std::sync::OnceLock<Result<Layout, String>> = std::sync::OnceLock::new();
-    LAYOUT.get_or_init(|| Btf::vmlinux().and_then(|b| Layout::read(&b)).map_err(|e| e.0)).clone()
+    LAYOUT
+        .get_or_init(|| {
+            let boot = boot_id();
+            if let Some(l) = boot.as_deref().and_then(cached_layout) {
+                return Ok(l);
+            }
+            let l = Btf::vmlinux().and_then(|b| Layout::read(&b)).map_err(|e| e.0)?;
+            if let Some(b) = &boot {
+                store_layout(b, l);
+            }
+            Ok(l)
+        })
+        .clone()
 }
 
 /// Reads the facts of every task traced by this process (the frozen tree), or says why
@@ -392,6 +519,44 @@ mod tests {
         match read() {
             Ok(f) => assert!(f.procs.contains_key(&(std::process::id() as i32))),
             Err(e) => eprintln!("no BPF here ({e}): skipped"),
+        }
+    }
+
+    #[test]
+    fn layout_words_round_trip() {
+        let Ok(btf) = Btf::vmlinux() else { return };
+        let l = Layout::read(&btf).unwrap();
+        assert_eq!(Layout::from_words(&l.to_words()), Some(l));
+        assert_eq!(Layout::from_words(&l.to_words()[1..]), None);
+    }
+
+    #[test]
+    fn mapping_flags_as_smaps_spells_them() {
+        // Mappings with the flags a dump keeps, in this very process.
+        let len = 4 * 4096;
+        let advice = [libc::MADV_DONTFORK, libc::MADV_WIPEONFORK, libc::MADV_DONTDUMP, libc::MADV_HUGEPAGE, libc::MADV_NOHUGEPAGE];
+        let maps: Vec<_> = advice
+            .iter()
+            .map(|&adv| {
+                let m = stasis_sys::mem::LocalMapping::anonymous(len).unwrap();
+                m.advise(adv).unwrap();
+                m
+            })
+            .collect();
+        let facts = match read() {
+            Ok(f) => f,
+            Err(e) => return eprintln!("no BPF here ({e}): skipped"),
+        };
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let own = crate::procfs::parse_smaps(&smaps).unwrap();
+        let vmas = &facts.vmas[&(std::process::id() as i32)];
+        for at in &maps {
+            let m = own.iter().find(|m| m.start == at.addr()).expect("the test's mapping is in smaps");
+            let v = vmas.iter().find(|v| v.start == m.start).expect("and in the iterator's mappings");
+            assert!(v.matches_maps(m));
+            let known = |f: &str| VM_MNEMONICS.iter().any(|(n, _)| *n == f);
+            let want: Vec<&str> = m.vmflags.split_whitespace().filter(|f| known(f)).collect();
+            assert_eq!(v.mnemonics(), want.join(" "), "mapping at {:#x}", m.start);
         }
     }
 

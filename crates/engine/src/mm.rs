@@ -102,6 +102,27 @@ pub fn read_maps(pid: Pid) -> Result<Vec<MapEntry>> {
     read_mappings(pid, "smaps")
 }
 
+/// The mappings with their flags, the flags from `vmas` (read by [`crate::kfacts`]) if
+/// they describe exactly the mappings /proc/PID/maps lists (the [vsyscall] page aside,
+/// which is no mapping of the process), else from smaps.
+pub fn read_maps_with(pid: Pid, vmas: Option<&[crate::kfacts::Vma]>) -> Result<Vec<MapEntry>> {
+    let Some(vmas) = vmas else { return read_maps(pid) };
+    let mut maps = read_layout(pid)?;
+    let mut it = vmas.iter();
+    let all = maps.iter_mut().filter(|m| m.name != "[vsyscall]").all(|m| match it.next() {
+        Some(v) if v.matches_maps(m) => {
+            m.vmflags = v.mnemonics();
+            true
+        }
+        _ => false,
+    });
+    if all && it.next().is_none() {
+        return Ok(maps);
+    }
+    log::debug!("pid {pid}: the BPF mappings differ from /proc/{pid}/maps; reading smaps");
+    read_maps(pid)
+}
+
 /// Reads only where a process's mappings are and what they are called (maps: far cheaper
 /// than smaps, which walks the page tables of every mapping).
 pub fn read_layout(pid: Pid) -> Result<Vec<MapEntry>> {

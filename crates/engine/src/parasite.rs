@@ -246,8 +246,7 @@ impl Parasite {
     pub fn xstate_of(&mut self, tid: Pid) -> Result<Vec<u8>> {
         match self.xstate.take() {
             Some((t, x)) if t == tid => Ok(x),
-            _ => ptrace::get_regset(tid, ptrace::NT_X86_XSTATE, stasis_sys::cpu::xsave_size())
-                .map_err(Error::sys(self.inj.pid, "PTRACE_GETREGSET NT_X86_XSTATE")),
+            _ => crate::threads::xstate(self.inj.pid, tid),
         }
     }
 

@@ -30,18 +30,36 @@ pub fn queue(p: &mut Parasite) -> Result<()> {
     p.queue_altstack()
 }
 
+/// What a thread's record needs from inside the thread, or from the kernel's own
+/// structures (see [`crate::kfacts`]).
+pub struct Inside {
+    pub xstate: Vec<u8>,
+    pub clear_child_tid: u64,
+    pub altstack: stasis_image::AltStack,
+}
+
 /// Reads one frozen thread, once what [`queue`] queued has run. `comm`: its name if
 /// known already (the main thread's is in the process's stat).
 pub fn dump(pid: Pid, t: &FrozenThread, p: &mut Parasite, comm: Option<&str>) -> Result<ThreadRecord> {
-    let tid = t.tid;
-    let xstate = p.xstate_of(tid)?;
-    let rc = ptrace::get_rseq_config(tid).map_err(Error::sys(pid, "PTRACE_GET_RSEQ_CONFIGURATION"))?;
-    let robust_list = stasis_sys::proc::get_robust_list(tid).map_err(Error::sys(pid, "get_robust_list"))?;
+    let xstate = p.xstate_of(t.tid)?;
     let clear_child_tid = match p.read_u64(TID_AT)? {
         u64::MAX => return Err(Error::Injected { pid, call: "prctl(PR_GET_TID_ADDRESS)", errno: stasis_sys::Errno(libc::EINVAL) }),
         a => a,
     };
-    let altstack = p.altstack()?;
+    record(pid, t, Inside { xstate, clear_child_tid, altstack: p.altstack()? }, comm)
+}
+
+/// The XSAVE image of a frozen thread.
+pub fn xstate(pid: Pid, tid: Pid) -> Result<Vec<u8>> {
+    ptrace::get_regset(tid, ptrace::NT_X86_XSTATE, stasis_sys::cpu::xsave_size())
+        .map_err(Error::sys(pid, "PTRACE_GETREGSET NT_X86_XSTATE"))
+}
+
+/// The record of one frozen thread, with what `inside` says; the rest by ptrace and /proc.
+pub fn record(pid: Pid, t: &FrozenThread, inside: Inside, comm: Option<&str>) -> Result<ThreadRecord> {
+    let tid = t.tid;
+    let rc = ptrace::get_rseq_config(tid).map_err(Error::sys(pid, "PTRACE_GET_RSEQ_CONFIGURATION"))?;
+    let robust_list = stasis_sys::proc::get_robust_list(tid).map_err(Error::sys(pid, "get_robust_list"))?;
     let comm = match comm {
         Some(c) => c.to_string(),
         None => crate::procfs::read_text(pid, &format!("task/{tid}/comm"))?.1.trim_end_matches('\n').to_string(),
@@ -50,7 +68,7 @@ pub fn dump(pid: Pid, t: &FrozenThread, p: &mut Parasite, comm: Option<&str>) ->
         tid: tid.0,
         comm,
         regs: t.regs.to_array().to_vec(),
-        xstate,
+        xstate: inside.xstate,
         sigmask: t.sigmask,
         pending: signals::dump_pending(pid, tid, false)?,
         rseq: (rc.rseq_abi_pointer != 0).then_some(Rseq {
@@ -59,8 +77,8 @@ pub fn dump(pid: Pid, t: &FrozenThread, p: &mut Parasite, comm: Option<&str>) ->
             sig: rc.signature,
         }),
         robust_list,
-        clear_child_tid,
-        altstack,
+        clear_child_tid: inside.clear_child_tid,
+        altstack: inside.altstack,
     })
 }
 

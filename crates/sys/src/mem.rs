@@ -104,6 +104,14 @@ impl LocalMapping {
         Ok(LocalMapping { ptr: p as *mut u8, len })
     }
 
+    /// `madvise(advice)` over the whole mapping.
+    pub fn advise(&self, advice: i32) -> SysResult<()> {
+        // SAFETY: the range is this mapping, which lives as long as `self`; no advice
+        // changes what a Rust reference into it may see but MADV_DONTNEED-like ones, which
+        // zero-fill, and the mapping's bytes are plain data.
+        cvt(unsafe { libc::madvise(self.ptr.cast(), self.len, advice) } as libc::c_long).map(drop)
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr/len describe a live mapping owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
@@ -187,3 +195,4 @@ pub fn start_writeback(fd: &impl std::os::fd::AsRawFd, offset: u64, len: u64) ->
         as libc::c_long)
     .map(drop)
 }
+
