@@ -751,3 +751,46 @@ fn dump_of_stasis_itself_or_a_tree_containing_it_is_refused() {
         }
     }
 }
+
+/// What BPF reads of a frozen process (dispositions, break, XSAVE permissions, each
+/// thread's clear_child_tid and alternate stack, the mappings' flags) is what injected
+/// calls and smaps read of the same process: two dumps that leave it running, one
+/// with STASIS_NO_BPF=1, give the same records.
+#[test]
+fn bpf_reads_what_injected_calls_read() {
+    for name in ["signals", "threads", "protmap", "growth", "onstack", "regs"] {
+        let fixture = Fixture::start(name, &[]);
+        let images: Vec<stasis_image::Image> = [false, true]
+            .iter()
+            .map(|&no_bpf| {
+                let dir = fixture.dir().join(if no_bpf { "injected" } else { "bpf" });
+                let mut cmd = stasis_command(&dump_args(fixture.pid(), &dir, &["--leave-running", "-v", "-v"]));
+                match no_bpf {
+                    true => cmd.env("STASIS_NO_BPF", "1"),
+                    false => cmd.env_remove("STASIS_NO_BPF"),
+                };
+                let out = run(cmd, EXIT_TIMEOUT);
+                let log = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{name}: dump failed: {log}");
+                // The dump with BPF allowed must have used it: this is a machine where it
+                // works (the unit tests in kfacts say so when it does not).
+                assert_eq!(log.contains("read by BPF"), !no_bpf, "{name}: {log}");
+                stasis_image::ImageReader::open(&dir).expect("open image").image.clone()
+            })
+            .collect();
+        let (bpf, injected) = (&images[0].processes[0], &images[1].processes[0]);
+        assert_eq!(bpf.sigactions, injected.sigactions, "{name}: dispositions");
+        assert_eq!(bpf.mm.brk, injected.mm.brk, "{name}: brk");
+        assert_eq!(bpf.mm.xcomp_perm, injected.mm.xcomp_perm, "{name}: XSAVE permissions");
+        let threads = |p: &stasis_image::ProcessRecord| -> Vec<_> {
+            p.threads.iter().map(|t| (t.tid, t.clear_child_tid, t.altstack, t.robust_list, t.sigmask)).collect()
+        };
+        assert_eq!(threads(bpf), threads(injected), "{name}: threads");
+        let vmas = |p: &stasis_image::ProcessRecord| -> Vec<_> {
+            p.mm.vmas.iter().map(|v| (v.start, v.end, v.prot, v.flags)).collect()
+        };
+        assert_eq!(vmas(bpf), vmas(injected), "{name}: mappings");
+        assert!(!bpf.sigactions.is_empty() || name != "signals");
+        fixture.finish();
+    }
+}
