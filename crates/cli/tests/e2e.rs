@@ -752,14 +752,24 @@ fn dump_of_stasis_itself_or_a_tree_containing_it_is_refused() {
     }
 }
 
-/// What BPF reads of a frozen process (dispositions, break, XSAVE permissions, each
-/// thread's clear_child_tid and alternate stack, the mappings' flags) is what injected
-/// calls and smaps read of the same process: two dumps that leave it running, one
+/// What BPF reads of a frozen process (dispositions, break, XSAVE permissions, resource
+/// limits, personality, each thread's clear_child_tid and alternate stack, the mappings'
+/// flags) is what injected
+/// calls, smaps and /proc read of the same process: two dumps that leave it running, one
 /// with STASIS_NO_BPF=1, give the same records.
 #[test]
 fn bpf_reads_what_injected_calls_read() {
-    for name in ["signals", "threads", "protmap", "growth", "onstack", "regs"] {
-        let fixture = Fixture::start(name, &[]);
+    let fixtures: [(&str, &[&str]); 7] = [
+        ("signals", &[]),
+        ("threads", &[]),
+        ("protmap", &[]),
+        ("growth", &[]),
+        ("onstack", &[]),
+        ("regs", &[]),
+        ("procstate", &[DIR_ARG]),
+    ];
+    for (name, args) in fixtures {
+        let fixture = Fixture::start(name, args);
         let images: Vec<stasis_image::Image> = [false, true]
             .iter()
             .map(|&no_bpf| {
@@ -782,6 +792,8 @@ fn bpf_reads_what_injected_calls_read() {
         assert_eq!(bpf.sigactions, injected.sigactions, "{name}: dispositions");
         assert_eq!(bpf.mm.brk, injected.mm.brk, "{name}: brk");
         assert_eq!(bpf.mm.xcomp_perm, injected.mm.xcomp_perm, "{name}: XSAVE permissions");
+        assert_eq!(bpf.rlimits, injected.rlimits, "{name}: resource limits");
+        assert_eq!(bpf.personality, injected.personality, "{name}: personality");
         let threads = |p: &stasis_image::ProcessRecord| -> Vec<_> {
             p.threads.iter().map(|t| (t.tid, t.clear_child_tid, t.altstack, t.robust_list, t.sigmask)).collect()
         };

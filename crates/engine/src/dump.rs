@@ -934,7 +934,8 @@ fn proc_part(
     t: &TreeInfo,
 ) -> Result<(ProcessRecord, files::DumpedFds, Option<mm::MmPlan>)> {
     let (stat, status) = &*inj.proc;
-    let ts = task::dump(pid, stat, status, &inj.threads[0].comm)?;
+    let known = t.facts.as_ref().and_then(|f| f.procs.get(&pid.0));
+    let ts = task::dump(pid, stat, status, &inj.threads[0].comm, known)?;
     // Sessions: a leader, or the session of its parent inside the tree; only the root may
     // belong to an outside session, and then only with --shell-job.
     if pid == t.root {

@@ -18,6 +18,8 @@ use stasis_sys::btf::{Btf, BtfError};
 use std::collections::HashMap;
 
 const NSIG: usize = 64;
+/// Resource limits (RLIM_NLIMITS), each a `struct rlimit` of two longs.
+const NLIMITS: usize = 16;
 /// Bytes of one `struct k_sigaction` on x86-64: handler, flags, restorer, mask.
 const ACTION_LEN: usize = 32;
 /// Disposition flags rt_sigaction reports (kernel/signal.c UAPI_SA_FLAGS on x86-64).
@@ -53,12 +55,15 @@ impl ThreadFacts {
     }
 }
 
-/// A process's program break, XSAVE permissions and dispositions (those not default).
+/// A process's program break, XSAVE permissions, dispositions (those not default),
+/// resource limits (resource, soft, hard) and execution domain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcFacts {
     pub brk: u64,
     pub xcomp_perm: u64,
     pub actions: Vec<SigAction>,
+    pub limits: Vec<(u32, u64, u64)>,
+    pub personality: u32,
 }
 
 /// One mapping: its range and VM flags (include/linux/mm.h VM_*).
@@ -133,6 +138,10 @@ struct Layout {
     sas_ss_flags: i16,
     sighand: i16,
     mm: i16,
+    signal: i16,
+    personality: i16,
+    /// Of signal_struct's 16 resource limits.
+    rlim: i16,
     /// Of the group permissions of XSAVE features, from the task pointer.
     xcomp_perm: i32,
     action: i32,
@@ -177,6 +186,9 @@ impl Layout {
             sas_ss_flags: off(btf, "task_struct", "sas_ss_flags", 4)?,
             sighand: off(btf, "task_struct", "sighand", 8)?,
             mm: off(btf, "task_struct", "mm", 8)?,
+            signal: off(btf, "task_struct", "signal", 8)?,
+            personality: off(btf, "task_struct", "personality", 4)?,
+            rlim: off(btf, "signal_struct", "rlim", (NLIMITS * 16) as u32)?,
             xcomp_perm: (fpu + perm) as i32,
             action: action.offset as i32,
             brk: off(btf, "mm_struct", "brk", 8)?,
@@ -188,7 +200,7 @@ impl Layout {
 }
 
 /// Bytes of a task record's header, written at fp - HDR_AT (under the pointer slot).
-const TASK_HDR: i16 = 64;
+const TASK_HDR: i16 = 72;
 const HDR_AT: i16 = TASK_HDR + PTR_SLOT;
 /// The dispositions go out 256 bytes at a time from fp-320.
 const CHUNK: i32 = 256;
@@ -235,14 +247,14 @@ fn probe_read(a: &mut Asm, at: i16, len: i32, src: u8, off: i32) {
     a.push(bpf::call(bpf::FUNC_PROBE_READ_KERNEL));
 }
 
-/// Per task: a 64-byte header (tid, tgid, clear_child_tid, sas_ss_sp, sas_ss_size,
-/// sas_ss_flags, whether the process part follows, brk, XSAVE permissions, sighand),
-/// then for a group leader with signal handlers the 64 dispositions.
+/// Per task: a 72-byte header (tid, tgid, clear_child_tid, sas_ss_sp, sas_ss_size,
+/// sas_ss_flags, whether the process part follows, brk, XSAVE permissions, sighand,
+/// personality), then for a group leader the process part: its 16 resource limits, and
+/// the 64 dispositions if it has signal handlers.
 fn task_prog(l: &Layout, us: i32) -> Vec<Insn> {
     let mut a = Asm::default();
     let out = a.label();
     let thread_only = a.label();
-    let no_mm = a.label();
     a.push(bpf::ldx(8, R6, R1, 0)).push(bpf::ldx(8, R7, R1, 8));
     a.jump(bpf::jeq_imm(R7, 0, 0), out);
     a.push(bpf::ldx(8, R6, R6, l.meta_seq));
@@ -253,23 +265,28 @@ fn task_prog(l: &Layout, us: i32) -> Vec<Insn> {
     for (field, at, len) in [(l.pid, 0, 4), (l.clear_child_tid, 8, 8), (l.sas_ss_sp, 16, 8), (l.sas_ss_size, 24, 8), (l.sas_ss_flags, 32, 4)] {
         probe_read(&mut a, HDR_AT - at, len, R7, field as i32);
     }
-    a.push(bpf::st(8, R10, h + 48, 0)).push(bpf::st(8, R10, h + 56, 0));
+    a.push(bpf::st(8, R10, h + 48, 0)).push(bpf::st(8, R10, h + 56, 0)).push(bpf::st(8, R10, h + 64, 0));
     a.push(bpf::ldx(4, R2, R10, h)).push(bpf::ldx(4, R3, R10, h + 4));
     a.jump(bpf::jne32(R2, R3, 0), thread_only);
-    a.push(bpf::st(4, R10, h + 36, 1));
+    // A leader without an address space (it exited before the other threads) gives no
+    // process part: its break is gone with it, and injected calls read it instead.
     load_ptr(&mut a, R8, R7, l.mm as i32);
-    a.jump(bpf::jeq_imm(R8, 0, 0), no_mm);
+    a.jump(bpf::jeq_imm(R8, 0, 0), thread_only);
+    a.push(bpf::st(4, R10, h + 36, 1));
     probe_read(&mut a, HDR_AT - 40, 8, R8, l.brk as i32);
-    a.place(no_mm);
     probe_read(&mut a, HDR_AT - 48, 8, R7, l.xcomp_perm);
     probe_read(&mut a, HDR_AT - 56, 8, R7, l.sighand as i32);
+    probe_read(&mut a, HDR_AT - 64, 4, R7, l.personality as i32);
     a.place(thread_only);
     seq_write(&mut a, HDR_AT, TASK_HDR as i32);
     a.push(bpf::ldx(4, R2, R10, h + 36));
     a.jump(bpf::jeq_imm(R2, 0, 0), out);
+    let buf = HDR_AT + CHUNK as i16;
+    load_ptr(&mut a, R8, R7, l.signal as i32);
+    probe_read(&mut a, buf, (NLIMITS * 16) as i32, R8, l.rlim as i32);
+    seq_write(&mut a, buf, (NLIMITS * 16) as i32);
     a.push(bpf::ldx(8, R8, R10, h + 56));
     a.jump(bpf::jeq_imm(R8, 0, 0), out);
-    let buf = HDR_AT + CHUNK as i16;
     for i in 0..(NSIG * ACTION_LEN) as i32 / CHUNK {
         probe_read(&mut a, buf, CHUNK, R8, l.action + i * CHUNK);
         seq_write(&mut a, buf, CHUNK);
@@ -337,6 +354,9 @@ fn parse_tasks(out: &[u8], facts: &mut Facts) -> Result<(), String> {
         if u32_at(h, 36) == 0 {
             continue;
         }
+        let raw = out.get(at..at + NLIMITS * 16).ok_or("a task's limits are cut short")?;
+        at += NLIMITS * 16;
+        let limits = (0..NLIMITS).map(|r| (r as u32, u64_at(raw, r * 16), u64_at(raw, r * 16 + 8))).collect();
         let actions = match u64_at(h, 56) {
             0 => Vec::new(),
             _ => {
@@ -345,7 +365,13 @@ fn parse_tasks(out: &[u8], facts: &mut Facts) -> Result<(), String> {
                 actions(raw)
             }
         };
-        facts.procs.insert(tgid, ProcFacts { brk: u64_at(h, 40), xcomp_perm: u64_at(h, 48) & XFEATURES_USER, actions });
+        facts.procs.insert(tgid, ProcFacts {
+                brk: u64_at(h, 40),
+                xcomp_perm: u64_at(h, 48) & XFEATURES_USER,
+                actions,
+                limits,
+                personality: u32_at(h, 64),
+            });
     }
     Ok(())
 }
@@ -388,6 +414,12 @@ fn check_self(facts: &Facts) -> Result<(), String> {
         Ok(perm) if perm != p.xcomp_perm => return Err(format!("XSAVE permissions {:#x}, not {perm:#x}", p.xcomp_perm)),
         _ => {}
     }
+    if p.personality != sp::own_personality() {
+        return Err(format!("personality {:#x}, not {:#x}", p.personality, sp::own_personality()));
+    }
+    if p.limits != crate::task::own_limits() {
+        return Err(format!("limits {:?}, not {:?}", p.limits, crate::task::own_limits()));
+    }
     let mut own = Vec::new();
     for sig in (1..=NSIG as i32).filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP) {
         let k = sp::own_sigaction(sig).map_err(e("rt_sigaction"))?;
@@ -404,7 +436,7 @@ fn check_self(facts: &Facts) -> Result<(), String> {
 /// Where the layout found in the kernel's BTF is kept until the next boot (reading and
 /// parsing 5 MiB of BTF takes about 10 ms, more than the rest of this module's work for
 /// a hundred processes). Keyed by the boot ID: a new boot may run another kernel.
-const LAYOUT_CACHE: &str = "/run/stasis/btf-layout-v1";
+const LAYOUT_CACHE: &str = "/run/stasis/btf-layout-v2";
 
 impl Layout {
     fn to_words(self) -> Vec<i64> {
@@ -415,7 +447,7 @@ impl Layout {
                 [l.meta_seq, l.pid, l.tgid, l.parent, l.clear_child_tid, l.sas_ss_sp, l.sas_ss_size, l.sas_ss_flags]
                     .map(i64::from),
             )
-            .chain([l.sighand, l.mm, l.brk, l.vm_start, l.vm_end, l.vm_flags].map(i64::from))
+            .chain([l.sighand, l.mm, l.brk, l.vm_start, l.vm_end, l.vm_flags, l.signal, l.personality, l.rlim].map(i64::from))
             .collect()
     }
 
@@ -424,7 +456,7 @@ impl Layout {
         let (Some(&t), Some(&tv), Some(&perm), Some(&act)) = (w.first(), w.get(1), w.get(2), w.get(3)) else {
             return None;
         };
-        (w.len() == 18).then_some(())?;
+        (w.len() == 21).then_some(())?;
         Some(Layout {
             iter_task: u32::try_from(t).ok()?,
             iter_task_vma: u32::try_from(tv).ok()?,
@@ -444,6 +476,9 @@ impl Layout {
             vm_start: s(15)?,
             vm_end: s(16)?,
             vm_flags: s(17)?,
+            signal: s(18)?,
+            personality: s(19)?,
+            rlim: s(20)?,
         })
     }
 }

@@ -39,14 +39,28 @@ fn link(pid: Pid, name: &str) -> Result<Vec<u8>> {
 }
 
 /// `stat` and `status` were read with the process frozen; `comm` is its main thread's.
-pub fn dump(pid: Pid, stat: &procfs::Stat, status: &procfs::Status, comm: &str) -> Result<TaskState> {
+/// `known`: its personality and resource limits if BPF read them (see [`crate::kfacts`]),
+/// else they come from /proc.
+pub fn dump(
+    pid: Pid,
+    stat: &procfs::Stat,
+    status: &procfs::Status,
+    comm: &str,
+    known: Option<&crate::kfacts::ProcFacts>,
+) -> Result<TaskState> {
     if status.seccomp != 0 {
         return Err(Error::Unsupported { pid, what: format!("seccomp mode {}", status.seccomp) });
     }
-    let (path, text) = procfs::read_text(pid, "personality")?;
-    let personality = u32::from_str_radix(text.trim(), 16).map_err(|_| Error::ProcParse { pid, path, what: text.clone() })?;
-    let (path, text) = procfs::read_text(pid, "limits")?;
-    let limits = procfs::parse_limits(&text).map_err(|what| Error::ProcParse { pid, path, what })?;
+    let (personality, limits) = match known {
+        Some(k) => (k.personality, k.limits.clone()),
+        None => {
+            let (path, text) = procfs::read_text(pid, "personality")?;
+            let personality =
+                u32::from_str_radix(text.trim(), 16).map_err(|_| Error::ProcParse { pid, path, what: text.clone() })?;
+            let (path, text) = procfs::read_text(pid, "limits")?;
+            (personality, procfs::parse_limits(&text).map_err(|what| Error::ProcParse { pid, path, what })?)
+        }
+    };
     Ok(TaskState {
         ppid: stat.ppid,
         pgid: stat.pgrp,

@@ -304,6 +304,11 @@ pub fn gettid() -> Pid {
     Pid(unsafe { libc::syscall(libc::SYS_gettid) } as i32)
 }
 
+/// The calling process's execution domain (`personality(0xffffffff)`).
+pub fn own_personality() -> u32 {
+    syscall6(libc::SYS_personality, [0xffff_ffff, 0, 0, 0, 0, 0]).map_or(0, |p| p as u32)
+}
+
 /// `personality(persona)`.
 pub fn set_personality(persona: u32) -> SysResult<()> {
     syscall6(libc::SYS_personality, [persona as u64, 0, 0, 0, 0, 0]).map(drop)
