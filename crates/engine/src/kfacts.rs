@@ -532,7 +532,11 @@ pub fn read() -> Result<Facts, String> {
     if std::env::var_os("STASIS_NO_BPF").is_some_and(|v| v == "1") {
         return Err("STASIS_NO_BPF=1".into());
     }
-    let l = layout()?;
+    read_with(layout()?)
+}
+
+/// [`read`] with the field offsets `l`.
+fn read_with(l: Layout) -> Result<Facts, String> {
     let us = stasis_sys::proc::getpid().0;
     let load = |name: &str, prog: &[Insn], func| bpf::load_iter(name, prog, func).map_err(|e| format!("loading {name}: {e}"));
     let tasks = load("stasis_tasks", &task_prog(&l, us), l.iter_task)?;
@@ -554,6 +558,30 @@ mod tests {
         match read() {
             Ok(f) => assert!(f.procs.contains_key(&(std::process::id() as i32))),
             Err(e) => eprintln!("no BPF here ({e}): skipped"),
+        }
+    }
+
+    #[test]
+    fn a_wrong_offset_is_caught_by_the_self_check() {
+        let Ok(good) = layout() else { return };
+        if read_with(good).is_err() {
+            return eprintln!("no BPF here: skipped");
+        }
+        // Each field the task pass reads, moved by one word: the dumper's own values no
+        // longer match what its system calls say.
+        let wrong = [
+            Layout { clear_child_tid: good.clear_child_tid + 8, ..good },
+            Layout { sas_ss_sp: good.sas_ss_sp + 8, ..good },
+            Layout { brk: good.brk + 8, ..good },
+            Layout { xcomp_perm: good.xcomp_perm + 8, ..good },
+            Layout { action: good.action + 32, ..good },
+            Layout { rlim: good.rlim + 16, ..good },
+        ];
+        // (The personality is 0 here, as is the word after it: the self-check cannot
+        // tell those apart. bpf_reads_what_injected_calls_read compares a personality
+        // that is not 0 with /proc's.)
+        for l in wrong {
+            assert!(read_with(l).is_err(), "{l:?} passed the self-check");
         }
     }
 
