@@ -837,7 +837,8 @@ fn inject_part(
             None => mm::read_layout(pid)?,
         },
     };
-    let non_default = status.sig_caught | status.sig_ignored;
+    // SIGCHLD too: its default disposition's flags matter (SA_NOCLDWAIT, SA_NOCLDSTOP).
+    let non_default = status.sig_caught | status.sig_ignored | 1 << (libc::SIGCHLD - 1);
     // The chain below: a call per disposition, arch_prctl, and threads::queue's two.
     let chain = signals::queued_actions(non_default) + 3;
     let own_stack = (nthreads == 1 && !vm_shared).then_some(chain);

@@ -202,7 +202,7 @@ impl Layout {
 /// Bytes of a task record's header, written at fp - HDR_AT (under the pointer slot).
 const TASK_HDR: i16 = 72;
 const HDR_AT: i16 = TASK_HDR + PTR_SLOT;
-/// The dispositions go out 256 bytes at a time from fp-320.
+/// The limits and dispositions go out 256 bytes at a time from fp - (HDR_AT + CHUNK).
 const CHUNK: i32 = 256;
 
 /// Scratch slot on the stack for pointers read with [`probe_read`].
@@ -389,7 +389,8 @@ fn parse_vmas(out: &[u8], facts: &mut Facts) -> Result<(), String> {
 
 /// Compares what the programs read of this process and thread with what system calls
 /// say: a wrong offset shows up here before any of it goes into an image.
-fn check_self(facts: &Facts) -> Result<(), String> {
+/// `brk_before`: this process's break just before the task pass.
+fn check_self(facts: &Facts, brk_before: u64) -> Result<(), String> {
     use stasis_sys::proc as sp;
     let (pid, tid) = (sp::getpid(), sp::gettid());
     let t = facts.threads.get(&tid.0).ok_or("this thread is not in the task records")?;
@@ -407,8 +408,10 @@ fn check_self(facts: &Facts) -> Result<(), String> {
     if (alt.sp, alt.flags, alt.size) != (ss_sp, ss_flags, ss_size) {
         return Err(format!("alternate stack {alt:?}, not ({ss_sp:#x}, {ss_flags}, {ss_size})"));
     }
-    if p.brk != sp::own_brk() {
-        return Err(format!("brk {:#x}, not {:#x}", p.brk, sp::own_brk()));
+    // Other threads of this process may move the break while the programs run: compared
+    // only when it stood still around the pass.
+    if brk_before == sp::own_brk() && p.brk != brk_before {
+        return Err(format!("brk {:#x}, not {:#x}", p.brk, brk_before));
     }
     match sp::own_xcomp_perm() {
         Ok(perm) if perm != p.xcomp_perm => return Err(format!("XSAVE permissions {:#x}, not {perm:#x}", p.xcomp_perm)),
@@ -532,6 +535,12 @@ pub fn read() -> Result<Facts, String> {
     if std::env::var_os("STASIS_NO_BPF").is_some_and(|v| v == "1") {
         return Err("STASIS_NO_BPF=1".into());
     }
+    // The programs see PIDs as the initial PID namespace numbers them, which are ours
+    // only there (PROC_PID_INIT_INO).
+    match std::fs::read_link("/proc/self/ns/pid") {
+        Ok(ns) if ns.as_os_str() == "pid:[4026531836]" => {}
+        _ => return Err("this dumper is not in the initial PID namespace".into()),
+    }
     read_with(layout()?)
 }
 
@@ -543,8 +552,9 @@ fn read_with(l: Layout) -> Result<Facts, String> {
     let vmas = load("stasis_vmas", &vma_prog(&l, us), l.iter_task_vma)?;
     let mut facts = Facts::default();
     let run = |p| bpf::run_iter(p).map_err(|e| format!("reading a BPF iterator: {e}"));
+    let brk_before = stasis_sys::proc::own_brk();
     parse_tasks(&run(&tasks)?, &mut facts)?;
-    check_self(&facts)?;
+    check_self(&facts, brk_before)?;
     parse_vmas(&run(&vmas)?, &mut facts)?;
     Ok(facts)
 }
@@ -601,7 +611,7 @@ mod tests {
         let maps: Vec<_> = advice
             .iter()
             .map(|&adv| {
-                let m = stasis_sys::mem::LocalMapping::anonymous(len).unwrap();
+                let mut m = stasis_sys::mem::LocalMapping::anonymous(len).unwrap();
                 m.advise(adv).unwrap();
                 m
             })

@@ -277,6 +277,12 @@ impl Btf {
             };
             let bit = if bitfields { m_off & 0xff_ffff } else { m_off };
             if m_name == 0 {
+                // An anonymous structure or union is searched; anything else unnamed (a
+                // padding bit field) holds no member.
+                let inner_kind = Self::kind(self.header(self.resolve(m_type)?)?.1);
+                if inner_kind != KIND_STRUCT && inner_kind != KIND_UNION {
+                    continue;
+                }
                 if let Some((inner, t)) = self.member(m_type, name)? {
                     return Ok(Some((bit + inner, t)));
                 }

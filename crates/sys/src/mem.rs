@@ -104,11 +104,12 @@ impl LocalMapping {
         Ok(LocalMapping { ptr: p as *mut u8, len })
     }
 
-    /// `madvise(advice)` over the whole mapping.
-    pub fn advise(&self, advice: i32) -> SysResult<()> {
-        // SAFETY: the range is this mapping, which lives as long as `self`; no advice
-        // changes what a Rust reference into it may see but MADV_DONTNEED-like ones, which
-        // zero-fill, and the mapping's bytes are plain data.
+    /// `madvise(advice)` over the whole mapping. `&mut self`: advice such as
+    /// MADV_DONTNEED changes the bytes, so no slice of them may be alive.
+    pub fn advise(&mut self, advice: i32) -> SysResult<()> {
+        // SAFETY: the range is this mapping, which lives as long as `self`, and no
+        // reference into it is alive (exclusive borrow); any advice that later makes an
+        // access fault (guard pages, poison) is the caller's to know of, as with mprotect.
         cvt(unsafe { libc::madvise(self.ptr.cast(), self.len, advice) } as libc::c_long).map(drop)
     }
 
