@@ -1,8 +1,9 @@
 //! Signal state: dispositions (per process), blocked masks, pending signals and the
 //! alternate signal stack (per thread).
 //!
-//! Dump reads dispositions and the alternate stack by injected calls (the kernel offers no
-//! other way) and pending signals with PTRACE_PEEKSIGINFO, which does not dequeue them.
+//! Dump reads dispositions and the alternate stack from the kernel's structures by BPF
+//! (see [`crate::kfacts`]), else by injected calls (no system call reads another process's
+//! dispositions), and pending signals with PTRACE_PEEKSIGINFO, which does not dequeue them.
 //! Restore sets dispositions in the child before it stops, with every signal blocked so
 //! that no handler can run before its code exists; pending signals are queued again by
 //! injected calls at the end, and the blocked mask goes in last.
